@@ -1,0 +1,128 @@
+"""The step plan: which tensors are updated together, built once and cached.
+
+A step touches ~150 tensors for GPT-2; looking up roles, norms, shapes and state for each
+of them every step would put a Python loop in the hot path. The plan does that work once,
+groups tensors so every later stage is one batched call per bucket, and is rebuilt only
+when the set of tensors with gradients, the state objects or a structural setting changes.
+
+    Plan
+    └── ElementwiseBucket   same param group, device and compute dtype: one moments pass
+        └── NormBucket      same norm and (for matrix norms) same matrix shape: one
+                            normalization call (a batched NS, a batched row norm, ...)
+                            and one apply pass
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import config
+from .reference import compute_dtype, shape_factor
+
+# Group settings that change the plan's structure; everything else is read every step.
+STRUCTURAL_KEYS = ("role", "norm", "head_dim", "preconditioner", "beta_offset", "ns_dtype", "shape_scale")
+
+
+@dataclass
+class Slot:
+    """One parameter that has a gradient this step, with everything resolved about it."""
+
+    param: torch.Tensor
+    name: str
+    group_index: int
+    role: str
+    norm: str
+    state: dict
+
+
+@dataclass
+class NormBucket:
+    """Tensors normalized by one batched call: same norm, and for matrix norms the same shape."""
+
+    norm: str
+    slots: list  # indices into the ElementwiseBucket's slot list
+    shape: tuple  # parameter shape for matrix norms, None for elementwise norms
+    block_shape: tuple = None  # (rows, cols) of each NS / row-norm block; head blocks for splits
+    shape_factor: float = 1.0
+    cache: dict = field(default_factory=dict)  # backend-specific data (e.g. Triton tables)
+
+
+@dataclass
+class ElementwiseBucket:
+    group_index: int
+    device: torch.device
+    dtype: torch.dtype  # compute / state dtype
+    slots: list  # Slot objects
+    norm_buckets: list
+    cache: dict = field(default_factory=dict)
+
+    def column(self, key):
+        """Per-slot state tensors (e.g. all "exp_avg"), in slot order."""
+        return [s.state[key] for s in self.slots]
+
+
+@dataclass
+class Plan:
+    key: tuple
+    buckets: list
+    cache: dict = field(default_factory=dict)
+
+
+def _block_shape(param: torch.Tensor, norm: str, head_dim):
+    rows = param.shape[0]
+    cols = math.prod(param.shape[1:]) if param.dim() > 1 else 1
+    if norm == "ns":
+        return (rows, cols)
+    if norm == "ns_split":
+        return (head_dim, cols)
+    if norm == "l2_col":
+        return (rows, cols)
+    if norm == "l2_split":
+        return (rows // head_dim, head_dim * cols)
+    return None
+
+
+def build_plan(key, groups, slots_by_group) -> Plan:
+    """Bucket the active slots; `slots_by_group[i]` lists the Slot objects of param group i."""
+    buckets = []
+    for gi, slots in enumerate(slots_by_group):
+        group = groups[gi]
+        by_dev_dtype: dict = {}
+        for slot in slots:
+            k = (slot.param.device, compute_dtype(slot.param))
+            by_dev_dtype.setdefault(k, []).append(slot)
+        for (device, dtype), eslots in by_dev_dtype.items():
+            nbs: dict = {}
+            for i, slot in enumerate(eslots):
+                matrix = slot.norm in ("ns", "ns_split", "l2_col", "l2_split")
+                shape = tuple(slot.param.shape) if matrix else None
+                if shape is not None and slot.param.numel() == 0:
+                    continue  # nothing to normalize or update; its step count still advances
+                nb = nbs.get((slot.norm, shape))
+                if nb is None:
+                    nb = NormBucket(
+                        norm=slot.norm,
+                        slots=[],
+                        shape=shape,
+                        block_shape=_block_shape(slot.param, slot.norm, group["head_dim"]) if matrix else None,
+                        shape_factor=shape_factor(slot.norm, tuple(slot.param.shape), group["head_dim"], group["shape_scale"])
+                        if matrix
+                        else 1.0,
+                    )
+                    nbs[(slot.norm, shape)] = nb
+                nb.slots.append(i)
+            buckets.append(ElementwiseBucket(gi, device, dtype, eslots, list(nbs.values())))
+    return Plan(key=key, buckets=buckets)
+
+
+def structural_key(group) -> tuple:
+    return tuple(repr(group[k]) for k in STRUCTURAL_KEYS)
+
+
+def resolve_slot_settings(group, param, name):
+    role = config.resolve_role(group, param)
+    norm = config.resolve_norm(group, role)
+    return role, norm

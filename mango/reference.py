@@ -1,0 +1,224 @@
+"""The reference implementation: one tensor at a time, plain PyTorch, written to be read.
+
+This is the oracle every other backend is tested against (SPEC §7). It follows SPEC §2
+line by line and runs in float64 when given float64 tensors. Nothing here is fused,
+batched or clever; if a fast path disagrees with this file, the fast path is wrong.
+
+Update for a tensor W with gradient g (settings come from the param group):
+
+    precondition  v ← β2·v + (1−β2)·g²        u ← g / (√v + ε)        (laprop)
+    momentum      m ← β1·m + c·u               d ← β1·m + c·u (Nesterov) or d ← m
+                  (c = 1−β1 with ema_momentum, else 1 as in the report)
+    normalize     Δ ← N_norm(d)                k ← shape factor (NS norms) × ‖W‖ (trust ratio)
+    scale         s ← lr·k·Δ
+    offset        O ← β_off·O + (1−β_off)·s
+    apply         W ← W − (s + O) − lr·λ·W
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .config import NS_NORMS, normalize_ns_coefficients
+
+__all__ = [
+    "compute_dtype",
+    "newton_schulz",
+    "normalize",
+    "shape_factor",
+    "init_state",
+    "update",
+]
+
+
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """State and arithmetic dtype for a parameter: float64 stays float64, the rest is float32."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------
+# Newton–Schulz
+# ----------------------------------------------------------------------------------------
+
+
+def spectral_norm(X: torch.Tensor) -> torch.Tensor:
+    """Largest singular value of each matrix in a (..., r, c) batch (exact, via SVD)."""
+    return torch.linalg.matrix_norm(X.to(torch.float64) if X.dtype in (torch.bfloat16, torch.float16) else X, ord=2).to(X.dtype)
+
+
+def newton_schulz(
+    X: torch.Tensor,
+    coefficients: "Sequence[tuple[float, float, float]]",
+    prescale: str = "frobenius",
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Apply the Newton–Schulz polynomial to each (r, c) matrix of a (..., r, c) batch.
+
+    The matrix is used transposed when r > c so the Gram matrix is the small one; it is
+    first divided by max(‖X‖, eps) (Frobenius, or spectral) so its singular values lie in
+    [0, 1], then each step computes A = X·Xᵀ, B = b·A + c·A·A, X ← a·X + B·X.
+    `coefficients` holds one (a, b, c) triple per step (see config.normalize_ns_coefficients).
+    Runs in X's dtype: float64 in, float64 evaluation out.
+    """
+    transposed = X.shape[-2] > X.shape[-1]
+    if transposed:
+        X = X.mT
+    if prescale == "frobenius":
+        scale = torch.linalg.matrix_norm(X, ord="fro", keepdim=True)
+    elif prescale == "spectral":
+        scale = spectral_norm(X)[..., None, None]
+    else:
+        raise ValueError(f"mango: invalid ns_prescale={prescale!r}")
+    X = X / scale.clamp_min(eps)
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if transposed else X
+
+
+def _ns_coefficient_list(settings) -> tuple:
+    return normalize_ns_coefficients(settings["ns_coefficients"], settings["ns_steps"])
+
+
+# ----------------------------------------------------------------------------------------
+# Normalizations
+# ----------------------------------------------------------------------------------------
+
+
+def _unit_l2(x: torch.Tensor, dim) -> torch.Tensor:
+    """x / ‖x‖ over `dim`; blocks whose norm is zero stay zero."""
+    n = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    return torch.where(n > 0, x / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(x))
+
+
+def shape_factor(norm: str, shape, head_dim, shape_scale) -> float:
+    """k_role: Muon's learning-rate adjustment for NS updates, 1 for every other norm."""
+    if norm not in NS_NORMS or shape_scale is None:
+        return 1.0
+    rows = head_dim if norm == "ns_split" else shape[0]
+    cols = math.prod(shape[1:])
+    if shape_scale == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if shape_scale == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"mango: invalid shape_scale={shape_scale!r}")
+
+
+def normalize(d: torch.Tensor, norm: str, settings: dict) -> torch.Tensor:
+    """Δ = argmax_{‖Δ‖=1} ⟨Δ, d⟩ for the chosen norm (NS approximates the spectral case)."""
+    if d.numel() == 0 or norm == "none":
+        return d
+    if norm == "sign":
+        return torch.sign(d)
+    if norm == "l2":
+        return _unit_l2(d, dim=None)
+    rows = d.shape[0]
+    if norm == "l2_col":  # one unit vector per row (per output neuron / per token embedding)
+        return _unit_l2(d.reshape(rows, -1), dim=1).reshape(d.shape)
+    if norm == "l2_split":  # one unit vector per head block of head_dim rows
+        hd = settings["head_dim"]
+        return _unit_l2(d.reshape(rows // hd, -1), dim=1).reshape(d.shape)
+    if norm in ("ns", "ns_split"):
+        M = d.reshape(rows, -1)
+        if norm == "ns_split":
+            hd = settings["head_dim"]
+            M = M.reshape(rows // hd, hd, M.shape[1])
+        ns_dtype = settings.get("ns_dtype", "auto")
+        work = M if ns_dtype == "auto" else M.to(ns_dtype)
+        out = newton_schulz(work, _ns_coefficient_list(settings), settings["ns_prescale"], settings["ns_eps"])
+        return out.to(d.dtype).reshape(d.shape)
+    raise ValueError(f"mango: invalid norm={norm!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# The per-tensor update
+# ----------------------------------------------------------------------------------------
+
+
+def init_state(param: torch.Tensor, settings: dict) -> dict:
+    """Fresh state with the layout every backend shares (see module docstring of mango.optimizer)."""
+    dt = compute_dtype(param)
+    state = {
+        "step": torch.tensor(0.0, dtype=torch.float32),
+        "exp_avg": torch.zeros(param.shape, dtype=dt, device=param.device),
+    }
+    pre = settings["preconditioner"]
+    if pre in ("laprop", "adam"):
+        state["exp_avg_sq"] = torch.zeros(param.shape, dtype=dt, device=param.device)
+    elif pre == "novograd":
+        state["exp_avg_sq"] = torch.zeros((), dtype=dt, device=param.device)
+    if settings["beta_offset"]:
+        state["offset"] = torch.zeros(param.shape, dtype=dt, device=param.device)
+    return state
+
+
+def update(param: torch.Tensor, grad: torch.Tensor, state: dict, settings: dict) -> None:
+    """One MANGO step for one tensor, in place on `param` and `state`.
+
+    `settings` is the param group with "role" and "norm" already resolved for this tensor.
+    """
+    dt = compute_dtype(param)
+    g = grad.to(dt)
+    if settings["maximize"]:
+        g = -g
+    W = param.detach().to(dt)
+    state["step"] += 1
+    t = float(state["step"])
+    lr, b1, b2, eps = settings["lr"], settings["beta1"], settings["beta2"], settings["eps"]
+    wd, pre = settings["weight_decay"], settings["preconditioner"]
+    ema_v = settings["second_moment"] == "ema"
+    m = state["exp_avg"]
+
+    # precondition + momentum -> direction d
+    if pre == "adam":
+        v = state["exp_avg_sq"]
+        v.mul_(b2).add_((1 - b2) * g * g if ema_v else g * g)
+        m.mul_(b1).add_((1 - b1) * g)
+        num = b1 * m + (1 - b1) * g if settings["nesterov"] else m
+        d = (num / (1 - b1**t)) / (torch.sqrt(v / (1 - b2**t)) + eps)
+    else:
+        if pre is None:
+            u = g
+        elif pre == "laprop":
+            v = state["exp_avg_sq"]
+            v.mul_(b2).add_((1 - b2) * g * g if ema_v else g * g)
+            v_hat = v / (1 - b2**t) if settings["bias_correction"] else v
+            u = g / (torch.sqrt(v_hat) + eps)
+        elif pre == "novograd":
+            v = state["exp_avg_sq"]
+            sq = torch.sum(g * g)
+            if t == 1:  # NovoGrad's first-step initialization v₁ = ‖g₁‖²
+                v.copy_(sq)
+            else:
+                v.mul_(b2).add_((1 - b2) * sq if ema_v else sq)
+            u = g / (torch.sqrt(v) + eps) + wd * W
+        else:
+            raise ValueError(f"mango: invalid preconditioner={pre!r}")
+        c = (1 - b1) if settings["ema_momentum"] else 1.0
+        m.mul_(b1).add_(c * u)
+        d = b1 * m + c * u if settings["nesterov"] else m.clone()
+        if settings["bias_correction"] and settings["ema_momentum"]:
+            d = d / (1 - b1**t)
+
+    # normalize and scale
+    norm = settings["norm"]
+    delta = normalize(d, norm, settings)
+    k = shape_factor(norm, tuple(param.shape), settings.get("head_dim"), settings["shape_scale"])
+    if settings["trust_ratio"]:
+        w_norm = float(torch.linalg.vector_norm(W))
+        k *= w_norm if w_norm > 0 else 1.0
+    s = (lr * k) * delta
+
+    # offset momentum, decoupled weight decay (NovoGrad has its decay inside u), apply
+    if "offset" in state:
+        O = state["offset"]
+        bo = settings["beta_offset"]
+        O.mul_(bo).add_((1 - bo) * s)
+        s = s + O
+    decay = 0.0 if pre == "novograd" else lr * wd
+    W_new = W - s - decay * W
+    param.data.copy_(W_new.to(param.dtype))

@@ -1,0 +1,18 @@
+from setuptools import setup
+
+setup(
+    name="mango",
+    version="0.1.0",
+    description="MANGO, Muon, LAMB, LaProp and NovoGrad for PyTorch from one engine with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=["mango", "mango.backends", "mango_kernels"],
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        # triton: the GPU kernels, and on CPU the interpreter the kernel tests run under
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "pytest-xdist", "triton>=3.0"],
+        "bench": ["matplotlib"],
+    },
+)
