@@ -144,7 +144,7 @@ class TorchBackend:
             torch._foreach_add_(den, eps)
             U = torch._foreach_div(G, den)
         elif pre == "novograd":
-            sq = torch.stack(torch._foreach_norm(G)).to(bucket.dtype) ** 2
+            sq = self.tensor_norms(G).to(bucket.dtype) ** 2
             v = torch.stack(V)
             first = torch.stack(steps) == 1
             new_v = torch.where(first, sq, b2 * v + ((1 - b2) * sq if ema_v else sq))
@@ -179,25 +179,38 @@ class TorchBackend:
         elif norm == "sign":
             delta = torch._foreach_sign(d)
         elif norm == "l2":
-            n = torch.stack(torch._foreach_norm(d))
+            n = self.tensor_norms(d)
             scale = torch.where(n > 0, 1.0 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
             delta = d
+        elif norm in ("l2_col", "l2_split"):
+            delta = self.unit_rows(nb, d)
         else:
-            blocks = nb.block_shape
-            X = torch.stack(d).view(-1, *blocks)
-            if norm in ("l2_col", "l2_split"):
-                out = _unit_rows(X)
-            else:
-                coeffs = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
-                ns_dtype = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype)
-                out = batched_newton_schulz(X.to(ns_dtype), coeffs, group["ns_prescale"], group["ns_eps"])
-                if out.dtype != bucket.dtype:
-                    out = out.to(bucket.dtype)
-            delta = list(out.reshape(len(d), *nb.shape).unbind(0))
+            delta = self.orthogonalize(group, bucket, nb, d)
         if group["trust_ratio"]:
-            wn = torch.stack(torch._foreach_norm(W))
+            wn = self.tensor_norms(W)
             tr = torch.where(wn > 0, wn, torch.ones_like(wn))
             scale = tr if scale is None else scale * tr
         if scale is not None and nb.shape_factor != 1.0:
             scale = scale * nb.shape_factor
         return delta, scale
+
+    # ------------------------------------------------------------------------------------
+    # Stages that need whole tensors. A sharded (distributed) backend overrides these three
+    # with collectives; everything else in this class is elementwise and shard-local.
+    # ------------------------------------------------------------------------------------
+    def tensor_norms(self, tensors) -> torch.Tensor:
+        """l2 norm of each tensor, as one 1-D tensor."""
+        return torch.stack(torch._foreach_norm(tensors))
+
+    def unit_rows(self, nb, d):
+        """l2_col / l2_split: every row block (nb.block_shape) scaled to unit l2 norm."""
+        out = _unit_rows(torch.stack(d).view(-1, *nb.block_shape))
+        return list(out.reshape(len(d), *nb.shape).unbind(0))
+
+    def orthogonalize(self, group, bucket, nb, d):
+        """ns / ns_split: one batched Newton–Schulz over the bucket's stacked (head) blocks."""
+        X = torch.stack(d).view(-1, *nb.block_shape)
+        coeffs = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+        ns_dtype = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype)
+        out = batched_newton_schulz(X.to(ns_dtype), coeffs, group["ns_prescale"], group["ns_eps"])
+        return list(out.to(bucket.dtype).reshape(len(d), *nb.shape).unbind(0))
