@@ -1,10 +1,21 @@
 """The batched pure-PyTorch backend (default on CPU, and on GPUs without Triton).
 
-Same math as `mango.reference`, organised by the plan so each stage is one call per bucket:
-`torch._foreach_*` for the elementwise stages across all tensors of a bucket, and one stacked
-`torch.baddbmm` Newton–Schulz per same-shape matrix bucket (fused-QKV head blocks are a view
-of the stack, not a copy). No Python loop over parameters runs per step beyond collecting
-gradients.
+Same math as `mango.reference`, organised so that the cost of a step does not grow with the
+number of tensors:
+
+* **Flat state.** For each elementwise bucket of the plan, m, v, O and the step counters live
+  in one flat buffer; the per-parameter state entries are views into it (so `state_dict`, the
+  reference and the triton backend see the usual per-tensor layout). Moments, offset and
+  scaling are then a handful of whole-buffer ops instead of a `foreach` per tensor (on CPU
+  `foreach` is a per-tensor loop).
+* **Norm buckets are contiguous.** The flat layout orders tensors by norm bucket, so the
+  stack of same-shape matrices that Newton–Schulz needs is a zero-copy view of the direction
+  buffer, and fused-QKV head blocks are a reshape of that view.
+* Gradients come in with one `_foreach_copy_` (casting bf16/fp16 to the state dtype) and the
+  update goes out with one `_foreach_sub_` (rounding to each parameter's own dtype).
+
+The three stages that need whole tensors (`tensor_norms`, `unit_rows`, `orthogonalize`) are
+methods so a sharded backend can override them with collectives.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from ..config import normalize_ns_coefficients
 from ..reference import spectral_norm
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "offset")
 
 
 def ns_work_dtype(setting, device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -25,7 +37,7 @@ def ns_work_dtype(setting, device: torch.device, dtype: torch.dtype) -> torch.dt
 
 
 def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: float) -> torch.Tensor:
-    """Newton–Schulz on a (B, r, c) stack, in place on a fresh buffer; returns (B, r, c).
+    """Newton–Schulz on a (B, r, c) stack; returns a new (B, r, c) tensor.
 
     Uses the transposed view when r > c, baddbmm for B = b·A + c·A·A and X ← a·X + B·X.
     """
@@ -33,7 +45,8 @@ def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: flo
     if transposed:
         X = X.mT
     if prescale == "frobenius":
-        scale = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32 if X.dtype in _LOW_PRECISION else None)
+        low = X.dtype in _LOW_PRECISION
+        scale = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32 if low else None)
     else:
         scale = spectral_norm(X)[..., None, None]
     X = X / scale.clamp_min(eps).to(X.dtype)
@@ -47,8 +60,67 @@ def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: flo
 def _unit_rows(X: torch.Tensor) -> torch.Tensor:
     """Each row of a (B, r, c) stack divided by its l2 norm; zero rows stay zero."""
     n = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
-    inv = torch.where(n > 0, 1.0 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
-    return X * inv
+    return X * _safe_inverse(n)
+
+
+def _safe_inverse(n: torch.Tensor) -> torch.Tensor:
+    """1/n where n > 0, else 0 (a zero direction gives a zero step)."""
+    return torch.where(n > 0, 1.0 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
+
+
+class _FlatLayout:
+    """Flat buffers of one elementwise bucket and the per-tensor views into them."""
+
+    def __init__(self, bucket):
+        slots = bucket.slots
+        in_buckets = [i for nb in bucket.norm_buckets for i in nb.slots]
+        rest = sorted(set(range(len(slots))) - set(in_buckets))  # empty matrices: step count only
+        self.order = in_buckets + rest
+        numels = [slots[i].param.numel() for i in self.order]
+        self.numel = sum(numels)
+        self.lengths = torch.tensor(numels, dtype=torch.long, device=bucket.device)
+        offsets = [0]
+        for n in numels:
+            offsets.append(offsets[-1] + n)
+        self.offsets = offsets
+        # per norm bucket: its range in the flat layout and its positions in self.order
+        pos = {slot_index: k for k, slot_index in enumerate(self.order)}
+        self.ranges = []
+        for nb in bucket.norm_buckets:
+            ks = [pos[i] for i in nb.slots]
+            self.ranges.append((offsets[ks[0]], offsets[ks[-1] + 1], ks[0], ks[-1] + 1))
+        dev, dt = bucket.device, bucket.dtype
+        self.params = [slots[i].param for i in self.order]
+        self.grad_buf = torch.empty(self.numel, dtype=dt, device=dev)
+        self.grad_views = self.views(self.grad_buf)
+        self.upd_buf = torch.empty(self.numel, dtype=dt, device=dev)
+        self.upd_views = self.views(self.upd_buf)
+        self.state = {}
+        states = [slots[i].state for i in self.order]
+        for key in _STATE_KEYS:
+            if key not in states[0]:
+                continue
+            if states[0][key].dim() == 0 and key == "exp_avg_sq":  # NovoGrad: one scalar per tensor
+                buf = torch.stack([s[key] for s in states]).to(dt)
+                for k, s in enumerate(states):
+                    s[key] = buf[k]
+            else:
+                buf = torch.cat([s[key].reshape(-1) for s in states]).to(dt) if states else torch.empty(0, dtype=dt, device=dev)
+                for s, view in zip(states, self.views(buf)):
+                    s[key] = view
+            self.state[key] = buf
+        self.steps = torch.stack([s["step"] for s in states]).to(dtype=torch.float32, device=dev)
+        for k, s in enumerate(states):
+            s["step"] = self.steps[k]
+
+    def views(self, flat):
+        """Views of a flat buffer shaped like each parameter, in layout order."""
+        return [flat[a:b].view(p.shape) for p, a, b in zip(self.params, self.offsets, self.offsets[1:])]
+
+    def per_element(self, per_tensor: torch.Tensor, k0=0, k1=None) -> torch.Tensor:
+        """Expand one value per tensor (layout positions k0:k1) to one value per element."""
+        lengths = self.lengths[k0:k1]
+        return torch.repeat_interleave(per_tensor, lengths, output_size=self.offsets[k1 if k1 is not None else len(self.params)] - self.offsets[k0])
 
 
 class TorchBackend:
@@ -56,143 +128,120 @@ class TorchBackend:
 
     def step(self, opt, plan, grads_by_bucket) -> None:
         for bucket, grads in zip(plan.buckets, grads_by_bucket):
-            self._bucket_step(opt.param_groups[bucket.group_index], bucket, grads)
+            layout = bucket.cache.get("flat")
+            if layout is None:
+                layout = bucket.cache["flat"] = _FlatLayout(bucket)
+            self._bucket_step(opt.param_groups[bucket.group_index], bucket, layout, [grads[i] for i in layout.order])
 
     # ------------------------------------------------------------------------------------
-    def _work_lists(self, bucket, grads):
-        """fp32 working copies for bf16/fp16 params and grads (buffers cached in the plan)."""
-        cache = bucket.cache
-        if "low_idx" not in cache:
-            low = [i for i, s in enumerate(bucket.slots) if s.param.dtype != bucket.dtype]
-            cache["low_idx"] = low
-            cache["p_buf"] = [torch.empty(bucket.slots[i].param.shape, dtype=bucket.dtype, device=bucket.device) for i in low]
-            cache["g_buf"] = [torch.empty_like(b) for b in cache["p_buf"]]
-            cache["params"] = [s.param for s in bucket.slots]
-            cache["low_params"] = [bucket.slots[i].param for i in low]
-        low = cache["low_idx"]
-        params = list(cache["params"])
-        if not low:
-            return params, grads, None
-        grads = list(grads)
-        torch._foreach_copy_(cache["g_buf"], [grads[i] for i in low])
-        torch._foreach_copy_(cache["p_buf"], cache["low_params"])
-        for j, i in enumerate(low):
-            grads[i] = cache["g_buf"][j]
-            params[i] = cache["p_buf"][j]
-        return params, grads, (cache["low_params"], cache["p_buf"])
-
-    def _bucket_step(self, group, bucket, grads) -> None:
-        W, G, writeback = self._work_lists(bucket, grads)
+    def _bucket_step(self, group, bucket, L: _FlatLayout, grads) -> None:
+        torch._foreach_copy_(L.grad_views, grads)
+        G = L.grad_buf
         if group["maximize"]:
-            G = torch._foreach_neg(G)
-        steps = bucket.column("step")
-        torch._foreach_add_(steps, 1.0)
-        d = self._direction(group, bucket, W, G, steps)
+            G.neg_()
+        L.steps.add_(1.0)
+        d = self._direction(group, L, G)
         lr = group["lr"]
-        O = bucket.column("offset") if "offset" in bucket.slots[0].state else None
-        for nb in bucket.norm_buckets:
-            idx = nb.slots
-            delta, scale = self._normalize(group, bucket, nb, [d[i] for i in idx], [W[i] for i in idx])
-            s = torch._foreach_mul(delta, list((lr * scale).unbind(0))) if scale is not None else torch._foreach_mul(delta, lr * nb.shape_factor)
-            if O is not None:
-                bo = group["beta_offset"]
-                Ob = [O[i] for i in idx]
-                torch._foreach_mul_(Ob, bo)
-                torch._foreach_add_(Ob, s, alpha=1 - bo)
-                torch._foreach_add_(s, Ob)
-            Wb = [W[i] for i in idx]
-            decay = 0.0 if group["preconditioner"] == "novograd" else lr * group["weight_decay"]
-            if decay:
-                torch._foreach_add_(s, torch._foreach_mul(Wb, decay))
-            torch._foreach_sub_(Wb, s)
-        if writeback is not None:
-            torch._foreach_copy_(*writeback)
+        decay = 0.0 if group["preconditioner"] == "novograd" else lr * group["weight_decay"]
+        upd = L.upd_buf
+        for nb, (a, b, k0, k1) in zip(bucket.norm_buckets, L.ranges):
+            s = self._scaled_step(group, bucket, nb, L, d[a:b], k0, k1, lr)
+            if "offset" in L.state:
+                O = L.state["offset"][a:b]
+                O.lerp_(s, 1 - group["beta_offset"])  # O ← β_off·O + (1−β_off)·s
+                torch.add(s, O, out=upd[a:b])
+            else:
+                upd[a:b].copy_(s)
+        if decay:
+            W = torch.empty_like(upd)
+            torch._foreach_copy_(L.views(W), L.params)
+            upd.add_(W, alpha=decay)
+        torch._foreach_sub_(L.params, L.upd_views)
 
-    def _direction(self, group, bucket, W, G, steps):
-        """Preconditioner + momentum: returns the direction d for every slot."""
+    def _direction(self, group, L: _FlatLayout, G):
+        """Preconditioner + momentum over the flat buffers: returns the direction d (flat)."""
         b1, b2, eps, pre = group["beta1"], group["beta2"], group["eps"], group["preconditioner"]
         ema_v = group["second_moment"] == "ema"
-        M = bucket.column("exp_avg")
-        if pre in ("laprop", "adam", "novograd"):
-            V = bucket.column("exp_avg_sq")
+        M = L.state["exp_avg"]
         if pre == "adam":
-            torch._foreach_mul_(V, b2)
-            torch._foreach_addcmul_(V, G, G, value=(1 - b2) if ema_v else 1.0)
-            torch._foreach_mul_(M, b1)
-            torch._foreach_add_(M, G, alpha=1 - b1)
-            if group["nesterov"]:
-                num = torch._foreach_mul(M, b1)
-                torch._foreach_add_(num, G, alpha=1 - b1)
-            else:
-                num = M
-            den = torch._foreach_div(V, self._bias(steps, b2))
-            torch._foreach_sqrt_(den)
-            torch._foreach_add_(den, eps)
-            d = torch._foreach_div(num, self._bias(steps, b1))
-            torch._foreach_div_(d, den)
-            return d
+            V = L.state["exp_avg_sq"]
+            V.mul_(b2).addcmul_(G, G, value=(1 - b2) if ema_v else 1.0)
+            M.lerp_(G, 1 - b1)  # m ← β1·m + (1−β1)·g
+            num = torch.lerp(G, M, b1) if group["nesterov"] else M  # β1·m + (1−β1)·g
+            den = torch.div(V, self._bias(L, b2)).sqrt_().add_(eps)
+            return torch.div(num, self._bias(L, b1)).div_(den)
         if pre is None:
             U = G
         elif pre == "laprop":
-            torch._foreach_mul_(V, b2)
-            torch._foreach_addcmul_(V, G, G, value=(1 - b2) if ema_v else 1.0)
-            if group["bias_correction"]:
-                den = torch._foreach_div(V, self._bias(steps, b2))
-                torch._foreach_sqrt_(den)
-            else:
-                den = torch._foreach_sqrt(V)
-            torch._foreach_add_(den, eps)
-            U = torch._foreach_div(G, den)
+            V = L.state["exp_avg_sq"]
+            V.mul_(b2).addcmul_(G, G, value=(1 - b2) if ema_v else 1.0)
+            den = torch.div(V, self._bias(L, b2)) if group["bias_correction"] else V
+            U = torch.div(G, torch.sqrt(den).add_(eps))
         elif pre == "novograd":
-            sq = self.tensor_norms(G).to(bucket.dtype) ** 2
-            v = torch.stack(V)
-            first = torch.stack(steps) == 1
-            new_v = torch.where(first, sq, b2 * v + ((1 - b2) * sq if ema_v else sq))
-            torch._foreach_copy_(V, list(new_v.unbind(0)))
-            den = list((new_v.sqrt() + eps).unbind(0))
-            U = torch._foreach_div(G, den)
+            V = L.state["exp_avg_sq"]  # one scalar per tensor
+            sq = self.tensor_norms(L.grad_views).to(V.dtype) ** 2
+            new_v = torch.where(L.steps == 1, sq, b2 * V + ((1 - b2) * sq if ema_v else sq))
+            V.copy_(new_v)
+            U = torch.div(G, L.per_element(new_v.sqrt() + eps))
             if group["weight_decay"]:
-                torch._foreach_add_(U, W, alpha=group["weight_decay"])
+                W = torch.empty_like(U)
+                torch._foreach_copy_(L.views(W), L.params)
+                U.add_(W, alpha=group["weight_decay"])
         c = (1 - b1) if group["ema_momentum"] else 1.0
-        torch._foreach_mul_(M, b1)
-        torch._foreach_add_(M, U, alpha=c)
+        if c == 1.0:
+            torch.add(U, M, alpha=b1, out=M)  # m ← β1·m + u
+        else:
+            M.lerp_(U, c)  # m ← β1·m + (1−β1)·u
         correct = group["bias_correction"] and group["ema_momentum"]
-        if not group["nesterov"]:
-            return torch._foreach_div(M, self._bias(steps, b1)) if correct else M
-        d = torch._foreach_mul(M, b1)
-        torch._foreach_add_(d, U, alpha=c)
+        if group["nesterov"]:
+            d = torch.add(U, M, alpha=b1) if c == 1.0 else torch.lerp(U, M, b1)
+        else:
+            d = M.clone() if correct else M
         if correct:
-            torch._foreach_div_(d, self._bias(steps, b1))
+            d.div_(self._bias(L, b1))
         return d
 
     @staticmethod
-    def _bias(steps, beta) -> list:
-        """1 - beta**t per tensor, as Python floats (t may differ between tensors)."""
-        return (1 - beta ** torch.stack(steps).to(torch.float64)).tolist()
+    def _bias(L: _FlatLayout, beta):
+        """1 − βᵗ: a Python float when every tensor has taken the same number of steps, else per element."""
+        t = L.steps
+        if t.numel() == 0 or bool((t == t[0]).all()):
+            return 1 - beta ** float(t[0]) if t.numel() else 1.0
+        return L.per_element((1 - beta ** t.to(torch.float64)).to(L.grad_buf.dtype))
 
-    def _normalize(self, group, bucket, nb, d, W):
-        """Δ for one norm bucket and the per-tensor scale beyond lr (None: nb.shape_factor for all)."""
+    def _scaled_step(self, group, bucket, nb, L, d, k0, k1, lr):
+        """s = lr·k·Δ for one norm bucket (a flat slice of the layout)."""
         norm = nb.norm
-        scale = None
+        per_tensor = None  # extra factor per tensor (1/‖d‖, trust ratio)
         if norm == "none":
             delta = d
         elif norm == "sign":
-            delta = torch._foreach_sign(d)
+            delta = torch.sign(d)
         elif norm == "l2":
-            n = self.tensor_norms(d)
-            scale = torch.where(n > 0, 1.0 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
             delta = d
+            per_tensor = _safe_inverse(self.tensor_norms(self._segment_views(L, d, k0, k1)))
         elif norm in ("l2_col", "l2_split"):
-            delta = self.unit_rows(nb, d)
+            out = self.unit_rows(nb, self._segment_views(L, d, k0, k1), stacked=d.view(-1, *nb.block_shape))
+            delta = out.reshape(-1) if isinstance(out, torch.Tensor) else torch.cat([t.reshape(-1) for t in out])
         else:
-            delta = self.orthogonalize(group, bucket, nb, d)
+            out = self.orthogonalize(group, bucket, nb, self._segment_views(L, d, k0, k1), stacked=d.view(-1, *nb.block_shape))
+            delta = out.reshape(-1) if isinstance(out, torch.Tensor) else torch.cat([t.reshape(-1) for t in out])
         if group["trust_ratio"]:
-            wn = self.tensor_norms(W)
+            wn = self.tensor_norms(L.params[k0:k1])
             tr = torch.where(wn > 0, wn, torch.ones_like(wn))
-            scale = tr if scale is None else scale * tr
-        if scale is not None and nb.shape_factor != 1.0:
-            scale = scale * nb.shape_factor
-        return delta, scale
+            per_tensor = tr if per_tensor is None else per_tensor * tr
+        k = lr * nb.shape_factor
+        if per_tensor is None:
+            return delta * k
+        if nb.shape is not None:  # same-shape bucket: broadcast one factor per tensor
+            return (delta.view(k1 - k0, -1) * (k * per_tensor.to(delta.dtype))[:, None]).view(-1)
+        return delta * L.per_element((k * per_tensor).to(delta.dtype), k0, k1)
+
+    @staticmethod
+    def _segment_views(L, flat_slice, k0, k1):
+        """Views of a norm bucket's flat slice shaped like its tensors."""
+        base = L.offsets[k0]
+        return [flat_slice[a - base : b - base].view(p.shape) for p, a, b in zip(L.params[k0:k1], L.offsets[k0:k1], L.offsets[k0 + 1 : k1 + 1])]
 
     # ------------------------------------------------------------------------------------
     # Stages that need whole tensors. A sharded (distributed) backend overrides these three
@@ -202,15 +251,17 @@ class TorchBackend:
         """l2 norm of each tensor, as one 1-D tensor."""
         return torch.stack(torch._foreach_norm(tensors))
 
-    def unit_rows(self, nb, d):
+    def unit_rows(self, nb, d, stacked=None):
         """l2_col / l2_split: every row block (nb.block_shape) scaled to unit l2 norm."""
-        out = _unit_rows(torch.stack(d).view(-1, *nb.block_shape))
-        return list(out.reshape(len(d), *nb.shape).unbind(0))
+        X = stacked if stacked is not None else torch.stack(d).view(-1, *nb.block_shape)
+        return _unit_rows(X)
 
-    def orthogonalize(self, group, bucket, nb, d):
-        """ns / ns_split: one batched Newton–Schulz over the bucket's stacked (head) blocks."""
-        X = torch.stack(d).view(-1, *nb.block_shape)
+    def orthogonalize(self, group, bucket, nb, d, stacked=None):
+        """ns / ns_split: one batched Newton–Schulz over the bucket's stacked (head) blocks.
+
+        `stacked` is the zero-copy (blocks, r, c) view of the same data as the list `d`."""
+        X = stacked if stacked is not None else torch.stack(d).view(-1, *nb.block_shape)
         coeffs = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
         ns_dtype = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype)
         out = batched_newton_schulz(X.to(ns_dtype), coeffs, group["ns_prescale"], group["ns_eps"])
-        return list(out.to(bucket.dtype).reshape(len(d), *nb.shape).unbind(0))
+        return out.to(bucket.dtype)
