@@ -44,10 +44,20 @@ def test_float32_elementwise_within_spec(pre, norm, nesterov):
 def test_float32_newton_schulz_trajectory(pre, norm):
     """fp32 NS amplifies rounding by the polynomial's slope (~a^steps); 1e-4 holds with margin
     and is 200× tighter than the bf16 bound of SPEC §7."""
-    groups = make_groups([norm], dtype=torch.float32, **_settings(pre, True, True))
+    groups = make_groups([norm], dtype=torch.float32, ns_dtype=torch.float32, **_settings(pre, True, True))
     ref = run_trajectory(mango_opt(clone_groups(groups, torch.float64), "reference"), steps=10)
     out = run_trajectory(mango_opt(groups, "torch"), steps=10)
     assert rel_err(out, ref) <= 1e-4
+
+
+def test_ns_dtype_auto_picks_bf16_where_fast():
+    from mango.backends.torch_backend import cpu_has_fast_bf16, ns_work_dtype
+
+    cpu = torch.device("cpu")
+    assert ns_work_dtype("auto", cpu, torch.float64) == torch.float64
+    assert ns_work_dtype("auto", cpu, torch.float32) == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    assert ns_work_dtype("auto", torch.device("cuda"), torch.float32) == torch.bfloat16
+    assert ns_work_dtype(torch.float16, cpu, torch.float32) == torch.float16
 
 
 @pytest.mark.parametrize("norm", ["ns", "ns_split"])
@@ -91,7 +101,7 @@ def test_mixed_dtypes_in_one_group():
     dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
     params = [torch.nn.Parameter(torch.randn(6, 4, generator=gen).to(dt)) for dt in dtypes]
     ref_params = [torch.nn.Parameter(p.detach().double()) for p in params]
-    opt = mango_opt([{"params": params}], "torch")
+    opt = mango_opt([{"params": params}], "torch", ns_dtype=torch.float32)
     ref = mango_opt([{"params": ref_params}], "reference")
     for t in range(3):
         g = torch.randn(6, 4, generator=gen, dtype=torch.float64)

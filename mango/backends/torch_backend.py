@@ -29,11 +29,21 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "offset")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 NS is ~4× fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def ns_work_dtype(setting, device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """ns_dtype="auto": bf16 tensor-core math on CUDA; on CPU the compute dtype (bf16 matmul is slow there)."""
+    """ns_dtype="auto": bf16 operands (SPEC §6) on CUDA and on CPUs with native bf16 matmul,
+    else the state dtype; float64 state always runs NS in float64 (it is asked for exactness)."""
     if setting != "auto":
         return setting
-    return torch.bfloat16 if device.type == "cuda" and dtype != torch.float64 else dtype
+    if dtype == torch.float64:
+        return dtype
+    fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    return torch.bfloat16 if fast_bf16 else dtype
 
 
 def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: float) -> torch.Tensor:
