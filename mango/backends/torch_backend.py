@@ -103,8 +103,12 @@ class _FlatLayout:
         self.params = [slots[i].param for i in self.order]
         self.grad_buf = torch.empty(self.numel, dtype=dt, device=dev)
         self.grad_views = self.views(self.grad_buf)
-        self.upd_buf = torch.empty(self.numel, dtype=dt, device=dev)
+        self.upd_buf = torch.empty(self.numel, dtype=dt, device=dev)  # the step, subtracted from W
         self.upd_views = self.views(self.upd_buf)
+        self.dir_buf = torch.empty(self.numel, dtype=dt, device=dev)  # the direction d
+        self.dir_views = self.views(self.dir_buf)
+        self.work_buf = torch.empty(self.numel, dtype=dt, device=dev)  # u, √v, or W for weight decay
+        self.work_views = self.views(self.work_buf)
         self.state = {}
         states = [slots[i].state for i in self.order]
         for key in _STATE_KEYS:
@@ -144,6 +148,9 @@ class TorchBackend:
             self._bucket_step(opt.param_groups[bucket.group_index], bucket, layout, [grads[i] for i in layout.order])
 
     # ------------------------------------------------------------------------------------
+    # Every stage writes into the layout's preallocated flat buffers (grad, work, dir, upd):
+    # large per-step allocations cost page faults on CPU and allocator traffic on GPU.
+    # ------------------------------------------------------------------------------------
     def _bucket_step(self, group, bucket, L: _FlatLayout, grads) -> None:
         torch._foreach_copy_(L.grad_views, grads)
         G = L.grad_buf
@@ -152,19 +159,18 @@ class TorchBackend:
         L.steps.add_(1.0)
         d = self._direction(group, L, G)
         lr = group["lr"]
-        decay = 0.0 if group["preconditioner"] == "novograd" else lr * group["weight_decay"]
         upd = L.upd_buf
         for nb, (a, b, k0, k1) in zip(bucket.norm_buckets, L.ranges):
-            s = self._scaled_step(group, bucket, nb, L, d[a:b], k0, k1, lr)
+            s = upd[a:b]
+            self._scaled_step(group, bucket, nb, L, d[a:b], k0, k1, lr, out=s)
             if "offset" in L.state:
                 O = L.state["offset"][a:b]
                 O.lerp_(s, 1 - group["beta_offset"])  # O ← β_off·O + (1−β_off)·s
-                torch.add(s, O, out=upd[a:b])
-            else:
-                upd[a:b].copy_(s)
+                s.add_(O)
+        decay = 0.0 if group["preconditioner"] == "novograd" else lr * group["weight_decay"]
         if decay:
-            W = torch.empty_like(upd)
-            torch._foreach_copy_(L.views(W), L.params)
+            W = L.work_buf
+            torch._foreach_copy_(L.work_views, L.params)
             upd.add_(W, alpha=decay)
         torch._foreach_sub_(L.params, L.upd_views)
 
@@ -172,44 +178,50 @@ class TorchBackend:
         """Preconditioner + momentum over the flat buffers: returns the direction d (flat)."""
         b1, b2, eps, pre = group["beta1"], group["beta2"], group["eps"], group["preconditioner"]
         ema_v = group["second_moment"] == "ema"
-        M = L.state["exp_avg"]
+        M, D, U = L.state["exp_avg"], L.dir_buf, L.work_buf
         if pre == "adam":
             V = L.state["exp_avg_sq"]
             V.mul_(b2).addcmul_(G, G, value=(1 - b2) if ema_v else 1.0)
             M.lerp_(G, 1 - b1)  # m ← β1·m + (1−β1)·g
-            num = torch.lerp(G, M, b1) if group["nesterov"] else M  # β1·m + (1−β1)·g
-            den = torch.div(V, self._bias(L, b2)).sqrt_().add_(eps)
-            return torch.div(num, self._bias(L, b1)).div_(den)
+            if group["nesterov"]:
+                torch.lerp(G, M, b1, out=D)  # β1·m + (1−β1)·g
+            else:
+                D.copy_(M)
+            torch.div(V, self._bias(L, b2), out=U).sqrt_().add_(eps)
+            return D.div_(self._bias(L, b1)).div_(U)
         if pre is None:
             U = G
         elif pre == "laprop":
             V = L.state["exp_avg_sq"]
             V.mul_(b2).addcmul_(G, G, value=(1 - b2) if ema_v else 1.0)
-            den = torch.div(V, self._bias(L, b2)) if group["bias_correction"] else V
-            U = torch.div(G, torch.sqrt(den).add_(eps))
+            if group["bias_correction"]:
+                torch.div(V, self._bias(L, b2), out=U).sqrt_()
+            else:
+                torch.sqrt(V, out=U)
+            torch.div(G, U.add_(eps), out=U)
         elif pre == "novograd":
             V = L.state["exp_avg_sq"]  # one scalar per tensor
             sq = self.tensor_norms(L.grad_views).to(V.dtype) ** 2
-            new_v = torch.where(L.steps == 1, sq, b2 * V + ((1 - b2) * sq if ema_v else sq))
-            V.copy_(new_v)
-            U = torch.div(G, L.per_element(new_v.sqrt() + eps))
+            V.copy_(torch.where(L.steps == 1, sq, b2 * V + ((1 - b2) * sq if ema_v else sq)))
+            torch.div(G, L.per_element(V.sqrt() + eps), out=U)
             if group["weight_decay"]:
-                W = torch.empty_like(U)
-                torch._foreach_copy_(L.views(W), L.params)
-                U.add_(W, alpha=group["weight_decay"])
+                torch._foreach_copy_(L.dir_views, L.params)  # W, borrowed buffer
+                U.add_(D, alpha=group["weight_decay"])
         c = (1 - b1) if group["ema_momentum"] else 1.0
         if c == 1.0:
             torch.add(U, M, alpha=b1, out=M)  # m ← β1·m + u
         else:
             M.lerp_(U, c)  # m ← β1·m + (1−β1)·u
-        correct = group["bias_correction"] and group["ema_momentum"]
         if group["nesterov"]:
-            d = torch.add(U, M, alpha=b1) if c == 1.0 else torch.lerp(U, M, b1)
+            if c == 1.0:
+                torch.add(U, M, alpha=b1, out=D)
+            else:
+                torch.lerp(U, M, b1, out=D)
         else:
-            d = M.clone() if correct else M
-        if correct:
-            d.div_(self._bias(L, b1))
-        return d
+            D.copy_(M)
+        if group["bias_correction"] and group["ema_momentum"]:
+            D.div_(self._bias(L, b1))
+        return D
 
     @staticmethod
     def _bias(L: _FlatLayout, beta):
@@ -219,33 +231,37 @@ class TorchBackend:
             return 1 - beta ** float(t[0]) if t.numel() else 1.0
         return L.per_element((1 - beta ** t.to(torch.float64)).to(L.grad_buf.dtype))
 
-    def _scaled_step(self, group, bucket, nb, L, d, k0, k1, lr):
-        """s = lr·k·Δ for one norm bucket (a flat slice of the layout)."""
+    def _scaled_step(self, group, bucket, nb, L, d, k0, k1, lr, out):
+        """out = lr·k·Δ for one norm bucket (a flat slice of the layout)."""
         norm = nb.norm
         per_tensor = None  # extra factor per tensor (1/‖d‖, trust ratio)
-        if norm == "none":
-            delta = d
-        elif norm == "sign":
-            delta = torch.sign(d)
-        elif norm == "l2":
-            delta = d
-            per_tensor = _safe_inverse(self.tensor_norms(self._segment_views(L, d, k0, k1)))
-        elif norm in ("l2_col", "l2_split"):
-            out = self.unit_rows(nb, self._segment_views(L, d, k0, k1), stacked=d.view(-1, *nb.block_shape))
-            delta = out.reshape(-1) if isinstance(out, torch.Tensor) else torch.cat([t.reshape(-1) for t in out])
+        if norm == "sign":
+            torch.sign(d, out=out)
+        elif norm in ("none", "l2"):
+            out.copy_(d)
+            if norm == "l2":
+                per_tensor = _safe_inverse(self.tensor_norms(self._segment_views(L, d, k0, k1)))
         else:
-            out = self.orthogonalize(group, bucket, nb, self._segment_views(L, d, k0, k1), stacked=d.view(-1, *nb.block_shape))
-            delta = out.reshape(-1) if isinstance(out, torch.Tensor) else torch.cat([t.reshape(-1) for t in out])
+            views, stacked = self._segment_views(L, d, k0, k1), d.view(-1, *nb.block_shape)
+            if norm in ("l2_col", "l2_split"):
+                result = self.unit_rows(nb, views, stacked=stacked)
+            else:
+                result = self.orthogonalize(group, bucket, nb, views, stacked=stacked)
+            if isinstance(result, torch.Tensor):
+                out.view(result.shape).copy_(result)
+            else:
+                torch.cat([t.reshape(-1) for t in result], out=out)
         if group["trust_ratio"]:
             wn = self.tensor_norms(L.params[k0:k1])
             tr = torch.where(wn > 0, wn, torch.ones_like(wn))
             per_tensor = tr if per_tensor is None else per_tensor * tr
         k = lr * nb.shape_factor
         if per_tensor is None:
-            return delta * k
-        if nb.shape is not None:  # same-shape bucket: broadcast one factor per tensor
-            return (delta.view(k1 - k0, -1) * (k * per_tensor.to(delta.dtype))[:, None]).view(-1)
-        return delta * L.per_element((k * per_tensor).to(delta.dtype), k0, k1)
+            out.mul_(k)
+        elif nb.shape is not None:  # same-shape bucket: broadcast one factor per tensor
+            out.view(k1 - k0, -1).mul_((k * per_tensor.to(out.dtype))[:, None])
+        else:
+            out.mul_(L.per_element((k * per_tensor).to(out.dtype), k0, k1))
 
     @staticmethod
     def _segment_views(L, flat_slice, k0, k1):
