@@ -46,25 +46,29 @@ def ns_work_dtype(setting, device: torch.device, dtype: torch.dtype) -> torch.dt
     return torch.bfloat16 if fast_bf16 else dtype
 
 
-def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: float) -> torch.Tensor:
-    """Newton–Schulz on a (B, r, c) stack; returns a new (B, r, c) tensor.
+def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: float, dtype=None) -> torch.Tensor:
+    """Newton–Schulz on a (B, r, c) stack; returns a (B, r, c) result (possibly a transposed view).
 
-    Uses the transposed view when r > c, baddbmm for B = b·A + c·A·A and X ← a·X + B·X.
+    The pre-scale norm is taken on X as given (fp32 state: an accurate norm); the iteration runs
+    on one contiguous copy in `dtype` (default X.dtype), transposed when r > c so the Gram matrix
+    is the small one — cast, transpose and scale in two passes, and contiguous operands keep
+    bmm on its fast path. Each step: A = X·Xᵀ, B = b·A + c·A·A (baddbmm), X ← a·X + B·X.
     """
     transposed = X.shape[-2] > X.shape[-1]
-    if transposed:
-        X = X.mT
+    src = X.mT if transposed else X
     if prescale == "frobenius":
-        low = X.dtype in _LOW_PRECISION
-        scale = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32 if low else None)
+        wide = torch.float32 if src.dtype in _LOW_PRECISION else None
+        scale = torch.linalg.vector_norm(src, dim=(-2, -1), keepdim=True, dtype=wide)
     else:
-        scale = spectral_norm(X)[..., None, None]
-    X = X / scale.clamp_min(eps).to(X.dtype)
+        scale = spectral_norm(src)[..., None, None]
+    Y = torch.empty(src.shape, dtype=dtype or X.dtype, device=X.device)
+    Y.copy_(src)
+    Y.div_(scale.clamp_min(eps).to(Y.dtype))
     for a, b, c in coefficients:
-        A = torch.bmm(X, X.mT)
+        A = torch.bmm(Y, Y.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
-    return X.mT if transposed else X
+        Y = torch.baddbmm(Y, B, Y, beta=a, alpha=1.0)
+    return Y.mT if transposed else Y
 
 
 def _unit_rows(X: torch.Tensor) -> torch.Tensor:
@@ -289,5 +293,4 @@ class TorchBackend:
         X = stacked if stacked is not None else torch.stack(d).view(-1, *nb.block_shape)
         coeffs = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
         ns_dtype = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype)
-        out = batched_newton_schulz(X.to(ns_dtype), coeffs, group["ns_prescale"], group["ns_eps"])
-        return out.to(bucket.dtype)
+        return batched_newton_schulz(X, coeffs, group["ns_prescale"], group["ns_eps"], dtype=ns_dtype)
