@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from . import config
+from . import config, distributed
 from .backends import make_backend
 from .plan import Slot, build_plan, structural_key
 from .reference import compute_dtype, init_state
@@ -112,6 +112,7 @@ class Mango(Optimizer):
             if merged["norm"] is not None and norm not in config.ROLE_NORMS[role]:
                 raise ValueError(f"mango: parameter {name}: norm={norm!r} is not available for role {role!r}")
             config.check_param_for_norm(name, p, role, norm, merged["head_dim"])
+            distributed.check_param(name, p)  # DTensor placements mango cannot handle
         param_group = dict(param_group, params=params, param_names=names)
         super().add_param_group(param_group)
         self._plan = None
@@ -141,18 +142,20 @@ class Mango(Optimizer):
                     st = self.state[p]
                     for key, value in saved[index].items():
                         if isinstance(value, torch.Tensor):
-                            dtype = torch.float32 if key == "step" else compute_dtype(p)
-                            st[key] = value.to(device=p.device, dtype=dtype, copy=True)
+                            if key == "step":  # host-side counter, as in torch.optim
+                                st[key] = value.to(device="cpu", dtype=torch.float32, copy=True)
+                            else:
+                                st[key] = value.to(device=p.device, dtype=compute_dtype(p), copy=True)
                 index += 1
         self._plan = None
 
     # ------------------------------------------------------------------------------------
     # the step
     # ------------------------------------------------------------------------------------
-    def _backend_for(self, device: torch.device):
-        key = (self.backend_name, device.type)
+    def _backend_for(self, device: torch.device, sharded: bool = False):
+        key = (self.backend_name, device.type, sharded)
         if key not in self._backends:
-            self._backends[key] = make_backend(self.backend_name, device)
+            self._backends[key] = make_backend(self.backend_name, device, sharded=sharded)
         return self._backends[key]
 
     def _collect(self):
@@ -190,7 +193,7 @@ class Mango(Optimizer):
                 role = config.resolve_role(group, p)
                 norm = config.resolve_norm(group, role)
                 state = self.state[p]
-                fresh = init_state(p, group)
+                fresh = distributed.init_state(p, group) if distributed.is_dtensor(p) else init_state(p, group)
                 for k, v in fresh.items():  # new params, or keys a changed setting now needs
                     state.setdefault(k, v)
                 if not group["beta_offset"]:
@@ -203,7 +206,7 @@ class Mango(Optimizer):
         """Names of params whose gradient has a NaN or Inf (one batched check, one host sync)."""
         flags = []
         for bucket, grads in zip(plan.buckets, grads_by_bucket):
-            backend = self._backend_for(bucket.device)
+            backend = self._backend_for(bucket.device, plan.sharded)
             if hasattr(backend, "nonfinite_flags"):
                 flags.append(backend.nonfinite_flags(bucket, grads))
             else:
@@ -243,10 +246,10 @@ class Mango(Optimizer):
         for i, bucket in enumerate(plan.buckets):
             by_backend.setdefault(bucket.device.type, []).append(i)
         for dev, idx in by_backend.items():
-            backend = self._backend_for(plan.buckets[idx[0]].device)
+            backend = self._backend_for(plan.buckets[idx[0]].device, plan.sharded)
             if len(by_backend) == 1:
                 backend.step(self, plan, grads_by_bucket)
             else:
-                sub = type(plan)(key=plan.key, buckets=[plan.buckets[i] for i in idx], cache=plan.cache.setdefault(dev, {}))
+                sub = type(plan)(key=plan.key, buckets=[plan.buckets[i] for i in idx], cache=plan.cache.setdefault(dev, {}), sharded=plan.sharded)
                 backend.step(self, sub, [grads_by_bucket[i] for i in idx])
         return loss

@@ -67,7 +67,7 @@ def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: flo
     for a, b, c in coefficients:
         A = torch.bmm(Y, Y.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        Y = torch.baddbmm(Y, B, Y, beta=a, alpha=1.0)
+        Y = torch.baddbmm(Y, B, Y, beta=a, alpha=1.0)  # a·X added in the fp32 accumulator
     return Y.mT if transposed else Y
 
 
@@ -127,7 +127,8 @@ class _FlatLayout:
                 for s, view in zip(states, self.views(buf)):
                     s[key] = view
             self.state[key] = buf
-        self.steps = torch.stack([s["step"] for s in states]).to(dtype=torch.float32, device=dev)
+        # step counters stay on the CPU (as in torch.optim): bias corrections are host scalars, no sync
+        self.steps = torch.stack([s["step"] for s in states]).to(dtype=torch.float32, device="cpu")
         for k, s in enumerate(states):
             s["step"] = self.steps[k]
 
@@ -206,7 +207,8 @@ class TorchBackend:
         elif pre == "novograd":
             V = L.state["exp_avg_sq"]  # one scalar per tensor
             sq = self.tensor_norms(L.grad_views).to(V.dtype) ** 2
-            V.copy_(torch.where(L.steps == 1, sq, b2 * V + ((1 - b2) * sq if ema_v else sq)))
+            first = (L.steps == 1).to(V.device)  # NovoGrad's v₁ = ‖g₁‖²
+            V.copy_(torch.where(first, sq, b2 * V + ((1 - b2) * sq if ema_v else sq)))
             torch.div(G, L.per_element(V.sqrt() + eps), out=U)
             if group["weight_decay"]:
                 torch._foreach_copy_(L.dir_views, L.params)  # W, borrowed buffer
