@@ -1,0 +1,386 @@
+"""The Triton backend: a MANGO step in a few multi-tensor kernel launches (SPEC §5–§6).
+
+It does the math of `mango.backends.torch_backend` stage by stage, but every stage covers all
+tensors of the step at once:
+
+    [novograd_prepass, segment_sums]    only with a novograd group
+    moments         v, m, d for every tensor (d straight into the bf16 NS stack when NS-bound)
+    segment_sums    ‖d‖² per tensor / head block / row, ‖W‖² for trust ratio
+    ns_small        all NS steps of every matrix with ≤ 128 rows (attention heads), one launch
+    ns_gram/poly/update × ns_steps   NS of the larger matrices, every shape in one grid
+    apply           Δ, lr·k, trust ratio, offset momentum, weight decay, write W
+
+so a GPT-2 step is 4 + 3·ns_steps launches (19 with the default 5 steps) plus one table copy,
+whatever the depth (see `mango_kernels.count_launches`).
+
+Everything that depends only on the plan (tile tables, segment tables, NS item and tile
+tables, work buffers) is built once into a `_LaunchGroup` cached in `plan.cache`; a step then
+refreshes the tensor table (addresses of params, grads and state, which may change between
+steps, and the group hyperparameters, which schedulers change) with one host→device copy.
+
+Torch is used, outside the hot path, for: float64 Newton–Schulz (float64 params with
+ns_dtype "auto", or ns_dtype=float64: `torch_backend.batched_newton_schulz`), the spectral
+pre-scale option (`reference.spectral_norm` fills the pre-scale slots), ns_steps=0 on large
+matrices, copies in/out of non-contiguous params and grads, and the step counters (0-d
+tensors, on the CPU unless a checkpoint put them on the device: then one foreach add). Every
+such device op is counted in the launch log. ns_dtype="auto" means bf16 NS here on any device
+(the kernels' design point); float64 params get float64 NS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import mango_kernels as mk
+from mango_kernels.tables import (
+    DTYPE_CODES,
+    FCOL,
+    FLAG_FIRST_STEP,
+    FLAG_OFFSET,
+    FLAG_TRUST,
+    ICOL,
+    NORM_NONE,
+    NORM_PRECOMPUTED,
+    NORM_SEGMENT_L2,
+    NF,
+    NORM_SIGN,
+    PRECONDITIONER_CODES,
+    ElementwiseLayout,
+    TensorLayout,
+    TensorTable,
+)
+
+from ..config import normalize_ns_coefficients
+from ..reference import spectral_norm
+from .torch_backend import batched_newton_schulz
+
+_NORM_KIND = {"none": NORM_NONE, "sign": NORM_SIGN, "l2": NORM_SEGMENT_L2, "l2_split": NORM_SEGMENT_L2, "l2_col": NORM_SEGMENT_L2}
+
+
+def ns_kernel_dtype(setting, compute_dtype: torch.dtype):
+    """The NS operand dtype: "auto" is bf16 (float64 params: float64, done by torch)."""
+    if setting == "auto":
+        return torch.float64 if compute_dtype == torch.float64 else torch.bfloat16
+    return setting
+
+
+class _Entry:
+    """One tensor of a launch group: its slot, norm bucket, and where its d and Δ live."""
+
+    def __init__(self, bucket_pos, bucket, nb, slot_index):
+        self.bucket_pos = bucket_pos  # index of the bucket within the launch group
+        self.bucket = bucket
+        self.nb = nb
+        self.slot = bucket.slots[slot_index]
+        self.slot_index = slot_index
+        self.numel = self.slot.param.numel()
+        self.ns_dtype = None  # set for NS-bound entries
+        self.ns_kernel = False  # NS by the Triton kernels (else by torch, in the work buffer)
+        self.spec = None  # index into the NS batch of its dtype
+        self.work_offset = None  # offset in the direction work buffer (non-kernel-NS entries)
+        self.param_copy = None  # contiguous stand-in for a non-contiguous param
+        self.row = None  # row in the tensor table
+
+
+class _LaunchGroup:
+    """All buckets of one (device, compute dtype): one table, one launch per stage."""
+
+    def __init__(self, buckets, groups, device, compute_dtype, ns_config, block):
+        self.buckets = buckets
+        self.device = device
+        self.dtype = compute_dtype
+        self.entries = []
+        for pos, bucket in enumerate(buckets):
+            group = groups[bucket.group_index]
+            for nb in bucket.norm_buckets:
+                for i in nb.slots:
+                    e = _Entry(pos, bucket, nb, i)
+                    if nb.norm in ("ns", "ns_split"):
+                        e.ns_dtype = ns_kernel_dtype(group["ns_dtype"], compute_dtype)
+                        e.ns_kernel = e.ns_dtype in mk.NS_DTYPES
+                    if not e.slot.param.is_contiguous():
+                        e.param_copy = torch.empty(e.slot.param.shape, dtype=e.slot.param.dtype, device=device)
+                    e.row = len(self.entries)
+                    self.entries.append(e)
+        self._build_layout(groups, block)
+        self._build_ns(groups, ns_config)
+        self.table = TensorTable(len(self.entries), device)
+        self._init_static_columns(groups)
+
+    # -- plan-time structure ---------------------------------------------------------------
+    def _segment_len(self, e) -> int:
+        norm = e.nb.norm
+        if e.numel == 0:
+            return 0
+        if norm == "l2":
+            return e.numel
+        if norm in ("l2_split", "l2_col"):
+            return e.nb.block_shape[1]
+        if norm in ("ns", "ns_split") and e.ns_kernel:
+            return e.nb.block_shape[0] * e.nb.block_shape[1]
+        return 0
+
+    def _build_layout(self, groups, block) -> None:
+        specs = []
+        for e in self.entries:
+            group = groups[e.bucket.group_index]
+            specs.append(
+                TensorLayout(
+                    numel=e.numel,
+                    segment_len=self._segment_len(e),
+                    trust_ratio=bool(group["trust_ratio"]) and e.numel > 0,
+                    novograd=group["preconditioner"] == "novograd" and e.numel > 0,
+                )
+            )
+        self.layout = ElementwiseLayout(specs, block, self.device)
+        self.ws = self.layout.workspaces(self.dtype)
+        self.has_novograd = self.layout.n_pre_segments > 0
+        # direction work buffer for every tensor not written into an NS stack
+        offset = 0
+        for e in self.entries:
+            if not e.ns_kernel:
+                e.work_offset = offset
+                offset += -(-e.numel // 16) * 16  # 16-element aligned, for vector loads
+        self.work = torch.empty(max(offset, 1), dtype=self.dtype, device=self.device)
+
+    def _build_ns(self, groups, ns_config) -> None:
+        self.ns_batches = {}
+        by_dtype: dict = {}
+        for e in self.entries:
+            if e.ns_kernel:
+                by_dtype.setdefault(e.ns_dtype, []).append(e)
+        for dtype, entries in by_dtype.items():
+            specs = []
+            for n, e in enumerate(entries):
+                rows, cols = e.nb.block_shape
+                specs.append(mk.NSSpec(rows, cols, e.numel // (rows * cols)))
+                e.spec = n
+            self.ns_batches[dtype] = (mk.NSBatch(specs, dtype, self.device, ns_config), entries)
+
+    def _init_static_columns(self, groups) -> None:
+        t = self.table
+        ints = t.ints
+        for row, e in enumerate(self.entries):
+            group = groups[e.bucket.group_index]
+            ints[row, ICOL.NUMEL] = e.numel
+            ints[row, ICOL.PRECONDITIONER] = PRECONDITIONER_CODES[group["preconditioner"]]
+            ints[row, ICOL.W_SEGMENT] = int(self.layout.w_segment[row])
+            ints[row, ICOL.G_SEGMENT] = int(self.layout.g_segment[row])
+            if e.ns_kernel:
+                batch = self.ns_batches[e.ns_dtype][0]
+                ints[row, ICOL.DIRECTION] = batch.input_view(e.spec).data_ptr()
+                ints[row, ICOL.DIRECTION_DTYPE] = DTYPE_CODES[e.ns_dtype]
+                ints[row, ICOL.DELTA_DTYPE] = DTYPE_CODES[e.ns_dtype]
+                ints[row, ICOL.NORM_KIND] = NORM_PRECOMPUTED
+            else:
+                addr = self.work[e.work_offset :].data_ptr()
+                ints[row, ICOL.DIRECTION] = ints[row, ICOL.DELTA] = addr
+                ints[row, ICOL.DIRECTION_DTYPE] = ints[row, ICOL.DELTA_DTYPE] = DTYPE_CODES[self.dtype]
+                ints[row, ICOL.NORM_KIND] = NORM_PRECOMPUTED if e.ns_dtype is not None else _NORM_KIND[e.nb.norm]
+        self.bucket_of_entry = torch.tensor([e.bucket_pos for e in self.entries], dtype=torch.long)
+        self.shape_factor = torch.tensor([e.nb.shape_factor for e in self.entries], dtype=torch.float64)
+        self.has_offset = torch.tensor(["offset" in e.slot.state for e in self.entries], dtype=torch.bool)
+        self.params = [e.slot.param for e in self.entries]
+        self.states = [e.slot.state for e in self.entries]
+
+    # -- per-step tables ---------------------------------------------------------------------
+    def _bucket_floats(self, group) -> list:
+        """The float columns shared by a bucket's tensors, from its group's current settings."""
+        pre = group["preconditioner"]
+        b1, eps, lr, wd = group["beta1"], group["eps"], group["lr"], group["weight_decay"]
+        b2 = group["beta2"] if pre is not None else 0.0  # not validated (may be None) without a preconditioner
+        c = (1 - b1) if (pre == "adam" or group["ema_momentum"]) else 1.0
+        bo = group["beta_offset"] or 0.0
+        row = [0.0] * NF
+        row[FCOL.BETA1], row[FCOL.BETA2], row[FCOL.EPS] = b1, b2, eps
+        row[FCOL.V_COEF] = (1 - b2) if group["second_moment"] == "ema" else 1.0
+        row[FCOL.M_COEF] = c
+        row[FCOL.NESTEROV_M], row[FCOL.NESTEROV_X] = (b1, c) if group["nesterov"] else (1.0, 0.0)
+        row[FCOL.BIAS1] = row[FCOL.BIAS2] = 1.0
+        row[FCOL.GRAD_SIGN] = -1.0 if group["maximize"] else 1.0
+        row[FCOL.WEIGHT_DECAY_U] = wd if pre == "novograd" else 0.0
+        row[FCOL.LR_K] = lr
+        row[FCOL.BETA_OFFSET], row[FCOL.ONE_MINUS_BETA_OFFSET] = bo, 1 - bo
+        row[FCOL.DECAY] = 0.0 if pre == "novograd" else lr * wd
+        return row
+
+    @staticmethod
+    def _bias_masks(group):
+        """Which bias corrections apply: (1−β1^t on d, 1−β2^t on v, novograd first-step init)."""
+        pre = group["preconditioner"]
+        if pre == "adam":
+            return True, True, False
+        correct = pre == "laprop" and group["bias_correction"]
+        return correct and group["ema_momentum"], correct, pre == "novograd"
+
+    def _fill_floats(self, groups) -> None:
+        bucket_groups = [groups[b.group_index] for b in self.buckets]
+        base = torch.tensor([self._bucket_floats(g) for g in bucket_groups], dtype=torch.float64)
+        floats = base[self.bucket_of_entry]
+        floats[:, FCOL.LR_K] *= self.shape_factor
+        masks = torch.tensor([self._bias_masks(g) for g in bucket_groups], dtype=torch.bool)[self.bucket_of_entry]
+        flags = torch.where(self.has_offset, FLAG_OFFSET, 0)
+        trust = torch.tensor([bool(g["trust_ratio"]) for g in bucket_groups], dtype=torch.bool)[self.bucket_of_entry]
+        flags = flags | torch.where(trust, FLAG_TRUST, 0)
+        if bool(masks.any()):  # needs the step counts on the host (a sync if they live on a GPU)
+            t = torch.stack([s["step"] for s in self.states]).to(device="cpu", dtype=torch.float64).reshape(-1)
+            floats[:, FCOL.BIAS1] = torch.where(masks[:, 0], 1 - floats[:, FCOL.BETA1] ** t, 1.0)
+            floats[:, FCOL.BIAS2] = torch.where(masks[:, 1], 1 - floats[:, FCOL.BETA2] ** t, 1.0)
+            flags = flags | torch.where(masks[:, 2] & (t == 1), FLAG_FIRST_STEP, 0)
+        self.table.floats[:] = floats
+        self.table.ints[:, ICOL.FLAGS] = flags
+
+    def _fill_addresses(self, grads) -> list:
+        """Addresses of params, grads and state; returns the grads the kernels read (kept alive)."""
+        ints = self.table.ints
+        gs = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        ints[:, ICOL.GRAD] = torch.tensor([g.data_ptr() for g in gs], dtype=torch.int64)
+        ints[:, ICOL.GRAD_DTYPE] = torch.tensor([DTYPE_CODES[g.dtype] for g in gs], dtype=torch.int64)
+        ints[:, ICOL.PARAM] = torch.tensor(
+            [(e.param_copy if e.param_copy is not None else p).data_ptr() for e, p in zip(self.entries, self.params)], dtype=torch.int64
+        )
+        ints[:, ICOL.PARAM_DTYPE] = torch.tensor([DTYPE_CODES[p.dtype] for p in self.params], dtype=torch.int64)
+        ints[:, ICOL.EXP_AVG] = torch.tensor([s["exp_avg"].data_ptr() for s in self.states], dtype=torch.int64)
+        ints[:, ICOL.EXP_AVG_SQ] = torch.tensor([s["exp_avg_sq"].data_ptr() if "exp_avg_sq" in s else 0 for s in self.states], dtype=torch.int64)
+        ints[:, ICOL.OFFSET] = torch.tensor([s["offset"].data_ptr() if "offset" in s else 0 for s in self.states], dtype=torch.int64)
+        for batch, entries in self.ns_batches.values():
+            for e in entries:  # where the NS result is depends on the parity of ns_steps
+                ints[e.row, ICOL.DELTA] = batch.output_view(e.spec).data_ptr()
+        if any(e.numel and not s["exp_avg"].is_contiguous() for e, s in zip(self.entries, self.states)):
+            raise RuntimeError("mango: triton backend needs contiguous optimizer state tensors")
+        return gs
+
+    def _set_ns_schedules(self, groups) -> None:
+        for batch, entries in self.ns_batches.values():
+            segments, steps, coefficients, eps = [], [], [], []
+            for e in entries:
+                group = groups[e.bucket.group_index]
+                co = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+                segments.append(int(self.layout.d_segment_base[e.row]))
+                steps.append(group["ns_steps"])
+                coefficients.append(co)
+                eps.append(group["ns_eps"])
+            batch.set_schedule(segments, steps, coefficients, eps)
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self, groups, grads) -> None:
+        steps = [s.state["step"] for b in self.buckets for s in b.slots]
+        torch._foreach_add_(steps, 1.0)
+        if steps[0].device.type != "cpu":
+            mk.record("step_counters")
+        self._set_ns_schedules(groups)
+        self._fill_floats(groups)
+        live_grads = self._fill_addresses(grads)
+        self._copy_params_in()
+        aligned = self.table.addresses_aligned()
+        tables = self.table.upload()
+        layout, ws, dtype = self.layout, self.ws, self.dtype
+        if self.has_novograd:
+            mk.launch_novograd_prepass(tables, layout, ws, dtype, aligned)
+        mk.launch_moments(tables, layout, ws, dtype, aligned)
+        if layout.n_post_segments:
+            mk.launch_segment_sums(layout.post_segments, ws["partials"], ws["sums"], 0, dtype)
+        self._newton_schulz(groups)
+        mk.launch_apply(tables, layout, ws, dtype, aligned)
+        self._copy_params_out()
+        del live_grads
+
+    def _newton_schulz(self, groups) -> None:
+        sums = self.ws["sums"]
+        for batch, entries in self.ns_batches.values():
+            for e in entries:
+                group = groups[e.bucket.group_index]
+                if group["ns_prescale"] == "spectral":  # option, not the hot path: torch fills the slots
+                    base = int(self.layout.d_segment_base[e.row])
+                    X = batch.input_view(e.spec)
+                    sums[base : base + X.shape[0]] = spectral_norm(X.float()).to(sums.dtype).square()
+                    mk.record("spectral_norm")
+            batch.run(sums)
+            for e in entries:  # ns_steps=0 on the tiled path: the pre-scale alone, by torch
+                if batch.spec_is_large[e.spec] and batch.specs[e.spec].steps == 0:
+                    base = int(self.layout.d_segment_base[e.row])
+                    X = batch.input_view(e.spec)
+                    scale = sums[base : base + X.shape[0]].sqrt().clamp_min(batch.specs[e.spec].eps)
+                    X.copy_((X.float() / scale[:, None, None].float()).to(X.dtype))
+                    mk.record("ns_zero_steps")
+        for e in self.entries:  # float64 NS: torch, on the direction work buffer
+            if e.ns_dtype is not None and not e.ns_kernel:
+                group = groups[e.bucket.group_index]
+                rows, cols = e.nb.block_shape
+                X = self.work[e.work_offset : e.work_offset + e.numel].view(-1, rows, cols)
+                co = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+                out = batched_newton_schulz(X.to(e.ns_dtype), co, group["ns_prescale"], group["ns_eps"])
+                X.copy_(out)
+                mk.record("torch_newton_schulz")
+
+    def _copy_params_in(self) -> None:
+        for e in self.entries:
+            if e.param_copy is not None:
+                e.param_copy.copy_(e.slot.param.detach())
+                mk.record("param_copy")
+
+    def _copy_params_out(self) -> None:
+        for e in self.entries:
+            if e.param_copy is not None:
+                e.slot.param.detach().copy_(e.param_copy)
+                mk.record("param_copy")
+
+    def nonfinite_in_last_step(self) -> list:
+        """Names of tensors whose gradient had a NaN/Inf in the last moments pass (host sync)."""
+        n = self.layout.n_tiles
+        if n == 0:
+            return []
+        tile_tensor = self.layout.tiles_host[:, 0]
+        bad = torch.zeros(len(self.entries), dtype=torch.int64)
+        bad.index_reduce_(0, tile_tensor, self.ws["tile_flags"][:n].cpu().to(torch.int64), "amax")
+        return [e.slot.name for e, b in zip(self.entries, bad.tolist()) if b]
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, ns_config: "mk.NSConfig" = None, block: int = None):
+        self.ns_config = ns_config or mk.NSConfig()
+        self.block = block or mk.DEFAULT_BLOCK
+
+    def _program(self, opt, plan) -> list:
+        """The plan's launch groups, built on first use; rebuilt if a setting that shapes the
+        tables (trust_ratio, which adds ‖W‖ segments) changes without a plan rebuild."""
+        key = tuple(bool(g["trust_ratio"]) for g in opt.param_groups)
+        cached = plan.cache.get("triton")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        by_key: dict = {}
+        for bucket in plan.buckets:
+            by_key.setdefault((bucket.device, bucket.dtype), []).append(bucket)
+        launch_groups = []
+        for (device, dtype), buckets in by_key.items():
+            lg = _LaunchGroup(buckets, opt.param_groups, device, dtype, self.ns_config, self.block)
+            launch_groups.append(lg)
+        plan.cache["triton"] = (key, launch_groups)
+        return launch_groups
+
+    def step(self, opt, plan, grads_by_bucket) -> None:
+        grads_of = {id(b): g for b, g in zip(plan.buckets, grads_by_bucket)}
+        for lg in self._program(opt, plan):
+            grads = []
+            for e in lg.entries:
+                grads.append(grads_of[id(e.bucket)][e.slot_index])
+            if lg.device.type == "cuda":
+                with torch.cuda.device(lg.device):
+                    lg.step(opt.param_groups, grads)
+            else:
+                lg.step(opt.param_groups, grads)
+
+    def nonfinite_flags(self, bucket, grads) -> torch.Tensor:
+        """Per-slot NaN/Inf flags for the optimizer's nonfinite policy: one kernel launch."""
+        gs = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        layout = bucket.cache.get("triton_nonfinite")
+        if layout is None:
+            layout = bucket.cache["triton_nonfinite"] = mk.nonfinite_layout(gs, self.block)
+        return mk.nonfinite_flags(gs, layout)
+
+    def last_step_nonfinite(self, plan) -> list:
+        """Names of params whose gradient was non-finite in the last step (from the moments pass)."""
+        cached = plan.cache.get("triton")
+        return [n for lg in (cached[1] if cached else []) for n in lg.nonfinite_in_last_step()]

@@ -1,0 +1,95 @@
+"""Launch plumbing shared by every kernel: interpreter detection and launch accounting.
+
+Every kernel launch and every device-side torch op the Triton backend issues goes through
+`record`, so tests and the benchmark can count what one optimizer step costs:
+
+    with mango_kernels.count_launches() as log:
+        opt.step()
+    log.count            # device launches (Triton kernels + torch ops + table copies)
+    log.by_name()        # {"moments": 1, "ns_gram": 5, ...}
+    with mango_kernels.count_launches(dry_run=True): ...   # count without running kernels
+
+`launch_count()` is the running total since import (cheap to diff around a block of code).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+
+# Read once, at import: under TRITON_INTERPRET=1 the kernels run in the Triton interpreter on
+# CPU tensors, whose tl.dot on bf16/fp16 operands multiplies bit patterns (SPEC §6). Kernels
+# get this as a constexpr and widen low-precision dot operands to fp32 (exact) when it is set.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_total = 0
+_active_logs: list = []
+
+
+def device_function(fn):
+    """Decorator for helpers called from kernels: `triton.jit` when compiled, the plain function
+    under the interpreter. The interpreter re-patches `triton.language` on every nested jit call
+    (~1.5 ms each); that was a third of the test suite's time. It patches the module globally,
+    so a plain function called from a running kernel sees the same `tl` as the kernel."""
+    if INTERPRET:
+        return fn
+    import triton
+
+    return triton.jit(fn)
+
+
+class LaunchLog:
+    """Names of the launches recorded while a `count_launches()` block was open."""
+
+    def __init__(self, dry_run: bool = False):
+        self.events: list[str] = []
+        self.dry_run = dry_run
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+    def by_name(self) -> dict:
+        return dict(collections.Counter(self.events))
+
+    def __repr__(self) -> str:
+        return f"LaunchLog(count={self.count}, {self.by_name()})"
+
+
+def record(name: str, n: int = 1) -> None:
+    """Count `n` device launches called `name` (a kernel, a torch fallback op, a table copy)."""
+    global _total
+    _total += n
+    for log in _active_logs:
+        log.events.extend([name] * n)
+
+
+def launch(name: str, kernel, grid, *args, **kwargs) -> None:
+    """Launch a Triton kernel and count it. Empty grids launch nothing and count nothing."""
+    if any(g == 0 for g in grid):
+        return
+    record(name)
+    if not any(log.dry_run for log in _active_logs):
+        kernel[grid](*args, **kwargs)
+
+
+def launch_count() -> int:
+    """Total launches recorded since import."""
+    return _total
+
+
+@contextlib.contextmanager
+def count_launches(dry_run: bool = False):
+    """Context manager yielding a `LaunchLog` of the launches made inside the block.
+
+    dry_run=True records the Triton launches without running them (the launch structure is
+    decided on the host), e.g. to count a deep model's step under the slow interpreter. The
+    step's results are then meaningless; torch fallback ops still run.
+    """
+    log = LaunchLog(dry_run)
+    _active_logs.append(log)
+    try:
+        yield log
+    finally:
+        _active_logs.remove(log)
