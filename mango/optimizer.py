@@ -202,6 +202,17 @@ class Mango(Optimizer):
             slots_by_group.append(slots)
         return build_plan(key, self.param_groups, slots_by_group)
 
+    @staticmethod
+    def _nonfinite_flags(grads) -> torch.Tensor:
+        """One bool per gradient: any NaN/Inf. The max-abs norm cannot overflow (unlike the l2 norm)
+        and propagates NaN; empty gradients (which _foreach_norm(inf) rejects) are finite."""
+        flags = torch.zeros(len(grads), dtype=torch.bool)
+        nonempty = [i for i, g in enumerate(grads) if g.numel()]
+        if nonempty:
+            norms = torch.stack(torch._foreach_norm([grads[i] for i in nonempty], float("inf")))
+            flags[nonempty] = ~torch.isfinite(norms).cpu()
+        return flags
+
     def _nonfinite_params(self, plan, grads_by_bucket) -> list[str]:
         """Names of params whose gradient has a NaN or Inf (one batched check, one host sync)."""
         flags = []
@@ -210,7 +221,7 @@ class Mango(Optimizer):
             if hasattr(backend, "nonfinite_flags"):
                 flags.append(backend.nonfinite_flags(bucket, grads))
             else:
-                flags.append(~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))))
+                flags.append(self._nonfinite_flags(grads))
         if not flags:
             return []
         bad = torch.cat([f.reshape(-1).cpu() for f in flags])

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import config
+from .distributed import is_dtensor
 from .reference import compute_dtype, shape_factor
 
 # Group settings that change the plan's structure; everything else is read every step.
@@ -69,6 +70,7 @@ class Plan:
     key: tuple
     buckets: list
     cache: dict = field(default_factory=dict)
+    sharded: bool = False  # some parameter is a DTensor (FSDP2): mango.distributed's backend runs the step
 
 
 def _block_shape(param: torch.Tensor, norm: str, head_dim):
@@ -115,7 +117,8 @@ def build_plan(key, groups, slots_by_group) -> Plan:
                     nbs[(slot.norm, shape)] = nb
                 nb.slots.append(i)
             buckets.append(ElementwiseBucket(gi, device, dtype, eslots, list(nbs.values())))
-    return Plan(key=key, buckets=buckets)
+    sharded = any(is_dtensor(s.param) for slots in slots_by_group for s in slots)
+    return Plan(key=key, buckets=buckets, sharded=sharded)
 
 
 def structural_key(group) -> tuple:

@@ -198,3 +198,17 @@ def test_deepcopy_and_pickle_of_optimizer():
     clone = copy.deepcopy(opt)
     run_trajectory(clone, steps=1)
     run_trajectory(opt, steps=1)
+
+
+def test_nonfinite_skip_with_empty_tensors():
+    """SPEC §9: empty tensors are fine in every mode, including the non-finite check."""
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    e = torch.nn.Parameter(torch.zeros(0, 3))
+    opt = mango.Mango([w, e], nonfinite="skip", backend="torch")
+    w.grad, e.grad = torch.randn(4, 4), torch.zeros(0, 3)
+    opt.step()
+    assert opt.skipped_steps == 0 and float(opt.state[w]["step"]) == 1.0
+    w.grad = torch.full((4, 4), math.inf)
+    before = w.detach().clone()
+    opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(w.detach(), before)

@@ -19,8 +19,18 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def make_backend(name: str, device: torch.device):
-    """Instantiate a backend by name; "auto" is triton on CUDA (when importable), torch elsewhere."""
+def make_backend(name: str, device: torch.device, sharded: bool = False):
+    """Instantiate a backend by name; "auto" is triton on CUDA (when importable), torch elsewhere.
+    sharded: the plan has DTensor (FSDP2) parameters, which only the torch backend's sharded variant runs."""
+    if sharded:
+        if name in ("auto", "torch"):
+            from ..distributed import ShardedTorchBackend
+
+            return ShardedTorchBackend()
+        raise ValueError(
+            f"mango: backend={name!r} does not support DTensor (FSDP2) parameters; use backend='torch' or "
+            f"'auto' (the torch backend runs the elementwise stages on local shards and Newton–Schulz on owner ranks)"
+        )
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_usable(device) else "torch"
     if name == "torch":

@@ -1,0 +1,636 @@
+"""Distributed checks for tests/test_distributed.py, run in WORLD processes (gloo, CPU).
+
+    python tests/dist_worker.py WORLD OUT.json [CHECK ...]
+
+The launcher imports torch once and forks WORLD ranks (cheaper than WORLD fresh interpreters
+on a 2-core CI box). The ranks rendezvous through a FileStore in a temporary directory (no TCP
+port; gloo talks over the loopback interface), run every requested check in order and write
+{check: "ok" | traceback} per rank to OUT.json. A check that fails on one rank makes the others
+fail at their next collective within the timeout instead of hanging.
+
+Every check compares the distributed run with a single-process run of `mango.Mango` (torch
+backend) computed in the same process from the same initial values and gradients.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import mango  # noqa: E402
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch < 2.6
+    from torch.distributed._composable.fsdp import fully_shard
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: E402
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # noqa: E402
+
+TIMEOUT = datetime.timedelta(seconds=90)
+
+# --------------------------------------------------------------------------------------------
+# a tiny GPT whose shapes exercise every sharding corner at 2 and 4 ranks:
+#   c_attn (45, 8), 3 heads of head_dim 5: 45 rows split 23/22 (2 ranks) or 12/12/12/9 (4 ranks),
+#       so shard boundaries cut heads and the split is uneven; c_attn.bias (45,) likewise
+#   c_fc (13, 8) tall, mlp.c_proj (8, 13) wide, attn.c_proj (8, 15): uneven splits
+#   gate (3, 8) and gate.bias (3,): fewer rows than ranks at 4 ranks (an empty shard)
+#   up (23, 2): more than ns_steps times taller than wide, so its NS runs row-sharded ("gram"
+#       mode: Gram matrices all-reduced) instead of on an owner rank
+#   two layers: same-shape matrices share one NS bucket spread over owner ranks
+# --------------------------------------------------------------------------------------------
+VOCAB, D, N_HEAD, HD, D_FF, T, TALL = 11, 8, 3, 5, 13, 6, 23
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_attn = nn.Linear(D, 3 * N_HEAD * HD)
+        self.c_proj = nn.Linear(N_HEAD * HD, D)
+        self.register_buffer("k_mix", torch.linspace(-1, 1, N_HEAD * HD * D).view(N_HEAD * HD, D))
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.c_attn(x).split(N_HEAD * HD, dim=-1)
+        q, k, v = (t.view(B, L, N_HEAD, HD).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # softmax ignores the key bias (its exact gradient is 0, and l2_split would blow rounding
+        # noise up to unit head blocks); a small direct use of k gives every head block a gradient
+        k_flat = k.transpose(1, 2).reshape(B, L, N_HEAD * HD)
+        return self.c_proj(y.transpose(1, 2).reshape(B, L, N_HEAD * HD)) + 0.01 * k_flat @ self.k_mix.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc = nn.Linear(D, D_FF)
+        self.c_proj = nn.Linear(D_FF, D)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(D)
+        self.attn = Attention()
+        self.ln_2 = nn.LayerNorm(D)
+        self.mlp = MLP()
+        self.up = nn.Linear(2, TALL, bias=False)
+        self.register_buffer("up_mix", torch.linspace(-1, 1, TALL * D).view(TALL, D))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + 0.1 * self.up(x[..., :2]) @ self.up_mix.to(x.dtype)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, n_layer=2):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, D)
+        self.h = nn.ModuleList(Block() for _ in range(n_layer))
+        self.gate = nn.Linear(D, 3)
+        self.ln_f = nn.LayerNorm(D)
+        self.lm_head = nn.Linear(D, VOCAB, bias=False)
+        self.register_buffer("gate_mix", torch.linspace(-1, 1, 3 * D).view(3, D))
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        for b in self.h:
+            x = b(x)
+        x = x + self.gate(x) @ self.gate_mix.to(x.dtype)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.reshape(-1, VOCAB), idx.roll(-1, dims=1).reshape(-1))
+
+
+QKV = {"h.*.attn.c_attn": N_HEAD}
+PRESETS = {
+    "mango": lambda m, backend="torch", **kw: mango.presets.mango(m, qkv_heads=QKV, lr=0.02, weight_decay=0.01, backend=backend, **kw),
+    "muon": lambda m, backend="torch", **kw: mango.presets.muon(m, qkv_heads=QKV, lr=0.02, adamw_lr=0.01, backend=backend, **kw),
+    "lamb": lambda m, backend="torch", **kw: mango.presets.lamb(m, qkv_heads=QKV, lr=0.01, weight_decay=0.01, backend=backend, **kw),
+    "novograd": lambda m, backend="torch", **kw: mango.presets.novograd(m, qkv_heads=QKV, backend=backend, **kw),
+}
+
+
+def make_model(seed=0, dtype=torch.float64, n_layer=2):
+    torch.manual_seed(seed)
+    model = TinyGPT(n_layer).to(dtype)
+    with torch.no_grad():  # nonzero biases and gains, so every norm sees real data
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def shard(model, mesh):
+    for block in model.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def local_part(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's piece of a whole tensor laid out like the DTensor `like`."""
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+
+
+def as_dtensor(full: torch.Tensor, like: DTensor) -> DTensor:
+    return DTensor.from_local(local_part(full, like).clone(), like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
+
+
+def synthetic_grads(named, step, seed=1234):
+    """Seeded whole gradients, the same on every rank and for every copy of the model."""
+    gen = torch.Generator().manual_seed(seed + 7919 * step)
+    return {n: torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for n, p in named}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
+    """‖a − b‖ / ‖scale‖ (scale: the whole single-process tensor, so shards of it are judged alike)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / scale.detach().double().norm().clamp_min(1e-300))
+
+
+def compare_runs(tag, model, opt, ref_model, ref_opt, tol):
+    """This rank's shards of params and optimizer state against the same rows of the single-process
+    run (no communication). Returns the worst error relative to each whole tensor's norm."""
+    ref_params = dict(ref_model.named_parameters())
+    worst = 0.0
+    for name, p in model.named_parameters():
+        q = ref_params[name]
+        pairs = [("param", p, q)]
+        st, rst = opt.state[p], ref_opt.state[q]
+        assert set(st) == set(rst), f"{tag}: {name}: state keys {sorted(st)} vs {sorted(rst)}"
+        for k in st:
+            if k != "step" and rst[k].dim() > 0 and isinstance(p, DTensor):  # sharded like the param (DCP)
+                assert isinstance(st[k], DTensor), f"{tag}: {name}: state {k!r} is {type(st[k]).__name__}, not a DTensor"
+                assert tuple(st[k].placements) == tuple(p.placements), f"{tag}: {name}: state {k!r} placed {st[k].placements}"
+            pairs.append((k, st[k], rst[k]))
+        for what, a, b in pairs:
+            if isinstance(a, DTensor):
+                a, part = a.to_local(), local_part(b, a)
+            else:
+                part = b
+            assert a.shape == part.shape, f"{tag}: {name} {what}: shape {tuple(a.shape)} vs {tuple(part.shape)}"
+            e = rel_err(a, part, b) if b.abs().max() > 0 else float((a.detach() - part).abs().max())
+            worst = max(worst, e)
+            assert e <= tol, f"{tag}: {name} {what}: error {e:.3g} > {tol} (relative to the whole tensor)"
+    return worst
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+# --------------------------------------------------------------------------------------------
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+@check
+def fsdp2_presets(ctx):
+    """FSDP2 params, synthetic DTensor gradients, 10 steps, float64: every preset equals the single-process
+    run (torch backend), and the mango preset equals the float64 reference oracle."""
+    out = {name: run_synthetic(ctx, PRESETS[name], tag=name) for name in ("mango", "muon", "lamb", "novograd")}
+    ref_model = make_model()
+    ref_opt = PRESETS["mango"](ref_model, backend="reference")
+    model = shard(make_model(), ctx["mesh"])
+    opt = PRESETS["mango"](model)
+    named, ref_named = list(model.named_parameters()), dict(ref_model.named_parameters())
+    for step in range(10):
+        g = synthetic_grads(named, step)
+        for n, p in named:
+            p.grad = as_dtensor(g[n], p)
+            ref_named[n].grad = g[n].clone()
+        opt.step()
+        ref_opt.step()
+    out["mango_vs_reference"] = compare_runs("mango vs reference", model, opt, ref_model, ref_opt, tol=1e-10)
+    return out
+
+
+def run_synthetic(ctx, make_opt, dtype=torch.float64, steps=10, tol=1e-10, tag=""):
+    """`steps` steps on seeded whole gradients, sharded (FSDP2 params) and single-process; compare."""
+    ref_model = make_model(dtype=dtype)
+    model = shard(make_model(dtype=dtype), ctx["mesh"])
+    ref_opt, opt = make_opt(ref_model), make_opt(model)
+    named, ref_named = list(model.named_parameters()), dict(ref_model.named_parameters())
+    for step in range(steps):
+        g = synthetic_grads(named, step)
+        for n, p in named:
+            p.grad = as_dtensor(g[n], p)
+            ref_named[n].grad = g[n].clone()
+        opt.step()
+        ref_opt.step()
+    return compare_runs(tag, model, opt, ref_model, ref_opt, tol=tol)
+
+
+@check
+def fsdp2_float32(ctx):
+    """Mango preset, 10 steps: float32 params with float32 NS within 1e-5; with bf16 NS operands
+    (ns_dtype="auto" on CUDA and on CPUs with bf16 matmul) and with bfloat16 params within SPEC §7's
+    bf16 NS bound 2e-2 (sums of squares and Gram matrices add up in another order than in one process)."""
+
+    def mango_with(ns_dtype):
+        return lambda model: PRESETS["mango"](model, ns_dtype=ns_dtype)
+
+    out = {"float32": run_synthetic(ctx, mango_with(torch.float32), torch.float32, tol=1e-5, tag="float32")}
+    out["bf16_ns"] = run_synthetic(ctx, mango_with(torch.bfloat16), torch.float32, tol=2e-2, tag="bf16 NS")
+    out["bfloat16"] = run_synthetic(ctx, mango_with(torch.bfloat16), torch.bfloat16, tol=2e-2, tag="bfloat16")
+    return out
+
+
+# every norm and the settings that take other code paths, on parameters of every sharding kind
+SETTINGS_OVERRIDES = {
+    "wte.weight": {"norm": "l2_col"},
+    "lm_head.weight": {"norm": "l2_col"},
+    "gate.weight": {"norm": "l2_col", "trust_ratio": True},  # 3 rows: an empty shard at 4 ranks
+    "gate.bias": {"norm": "sign"},
+    "h.0.attn.c_attn.weight": {"norm": "ns"},  # whole-matrix NS of a fused QKV
+    "h.1.attn.c_attn.bias": {"norm": "l2"},
+    "*.ln_1.weight": {"norm": "sign"},
+    "*.ln_2.weight": {"norm": "l2"},
+    "h.1.mlp.c_fc.weight": {"norm": "l2", "second_moment": "sum"},
+    "h.0.mlp.c_proj.weight": {"norm": "sign"},
+    "h.0.attn.c_proj.weight": {"trust_ratio": True, "preconditioner": "adam"},
+    "h.1.mlp.c_proj.weight": {"ns_prescale": "spectral", "trust_ratio": True},
+    "h.1.attn.c_proj.weight": {"maximize": True, "nesterov": False, "beta_offset": None},
+}
+
+
+@check
+def fsdp2_settings(ctx):
+    """All norms (l2_col with an empty shard, whole-QKV ns, l2 on matrices, sign), trust ratio on NS
+    buckets, adam, spectral prescale, maximize: 10 float64 steps equal to the single process."""
+
+    def make_opt(model):
+        groups = mango.param_groups(model, qkv_heads=QKV, overrides=SETTINGS_OVERRIDES)
+        return mango.Mango(groups, lr=0.02, weight_decay=0.01, backend="torch")
+
+    return run_synthetic(ctx, make_opt, tag="settings")
+
+
+def batch(step, rank, n=2):
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randint(0, VOCAB, (n, T), generator=gen)
+
+
+@check
+def fsdp2_training(ctx):
+    """Real fully_shard forward/backward (gradients reduce-scattered by FSDP2), mango preset, 6 steps:
+    equal to one process training on the union of the ranks' batches."""
+    world, rank = ctx["world"], ctx["rank"]
+    ref_model = make_model()
+    model = shard(make_model(), ctx["mesh"])
+    ref_opt, opt = PRESETS["mango"](ref_model), PRESETS["mango"](model)
+    for step in range(6):
+        model(batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+        loss = sum(ref_model(batch(step, r)) for r in range(world)) / world  # FSDP2 averages gradients
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return compare_runs("fsdp2 training", model, opt, ref_model, ref_opt, tol=1e-9)
+
+
+@check
+def hsdp(ctx):
+    """HSDP (fully_shard on a 2-D mesh: Replicate() across pairs, Shard(0) within): collectives run on
+    the shard groups only; equal to one process training on the union of the ranks' batches."""
+    world, rank = ctx["world"], ctx["rank"]
+    assert world % 2 == 0 and world >= 4, "hsdp needs an even number of ranks >= 4"
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    ref_model = make_model()
+    model = shard(make_model(), mesh)
+    placements = {tuple(p.placements) for p in model.parameters()}
+    assert placements == {(Replicate(), Shard(0))}, placements
+    ref_opt, opt = PRESETS["mango"](ref_model), PRESETS["mango"](model)
+    for step in range(4):
+        model(batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+        loss = sum(ref_model(batch(step, r)) for r in range(world)) / world
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return compare_runs("hsdp", model, opt, ref_model, ref_opt, tol=1e-9)
+
+
+@check
+def load_single_process_state(ctx):
+    """A single-process optimizer state_dict (whole tensors) loads into the FSDP2 optimizer: each rank
+    keeps its rows, and training continues exactly as the single process would."""
+    world, rank = ctx["world"], ctx["rank"]
+    ref_model = make_model()
+    ref_opt = PRESETS["mango"](ref_model)
+
+    def ref_step(step):
+        (sum(ref_model(batch(step, r)) for r in range(world)) / world).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+    for step in range(3):
+        ref_step(step)
+    saved_state = ref_opt.state_dict()
+    saved_params = {k: v.clone() for k, v in ref_model.state_dict().items()}
+    model = make_model()
+    model.load_state_dict(saved_params)
+    model = shard(model, ctx["mesh"])
+    opt = PRESETS["mango"](model)
+    opt.load_state_dict(saved_state)
+    for step in range(3, 6):
+        ref_step(step)
+        model(batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+    return compare_runs("single-process state", model, opt, ref_model, ref_opt, tol=1e-9)
+
+
+@check
+def ddp(ctx):
+    """DDP (whole params, gradients all-reduced by DDP): every rank ends with bit-identical params and
+    state, equal to one process training on the union of the ranks' batches."""
+    world, rank = ctx["world"], ctx["rank"]
+    ref_model = make_model()
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    ref_opt, opt = PRESETS["mango"](ref_model), PRESETS["mango"](model.module)
+    for step in range(6):
+        model(batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+        loss = sum(ref_model(batch(step, r)) for r in range(world)) / world
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    worst = compare_runs("ddp", model.module, opt, ref_model, ref_opt, tol=1e-9)
+    flat = torch.cat([t.reshape(-1) for p in model.module.parameters() for t in [p.detach(), *opt.state[p].values()]])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    for r in range(world):
+        assert torch.equal(gathered[r], flat), f"ddp: rank {r} differs from rank {rank}"
+    return worst
+
+
+def snapshot(model, opt):
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = local_of(p).clone()
+        for k, v in opt.state[p].items():
+            out[f"{name}:{k}"] = local_of(v).clone()
+    return out
+
+
+def local_of(t):
+    return t.to_local() if isinstance(t, DTensor) else t.detach()
+
+
+@check
+def checkpoint(ctx):
+    """torch.distributed.checkpoint: sharded save at step 3, load into a fresh model and optimizer,
+    3 more steps: bit-identical to training 6 steps without interruption."""
+    rank, mesh = ctx["rank"], ctx["mesh"]
+    path = os.path.join(ctx["tmp"], "ckpt")
+
+    def train(model, opt, steps):
+        for step in steps:
+            model(batch(step, rank)).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = shard(make_model(dtype=torch.float32), mesh)
+    opt = PRESETS["mango"](model)
+    train(model, opt, range(3))
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    train(model, opt, range(3, 6))
+    expected = snapshot(model, opt)
+
+    model2 = shard(make_model(seed=1, dtype=torch.float32), mesh)  # different init: the load must matter
+    opt2 = PRESETS["mango"](model2)
+    msd2, osd2 = get_state_dict(model2, opt2)
+    state = {"model": msd2, "optim": osd2}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for p in model2.parameters():
+        st = opt2.state[p]
+        assert isinstance(st["exp_avg"], DTensor) and float(st["step"]) == 3.0, "checkpoint: state not restored as sharded DTensors at step 3"
+    train(model2, opt2, range(3, 6))
+    got = snapshot(model2, opt2)
+    assert expected.keys() == got.keys()
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), f"checkpoint: {k} differs after resume (max |Δ| {float((expected[k] - got[k]).abs().max()):.3g})"
+    return len(expected)
+
+
+@check
+def collectives(ctx):
+    """Collectives per step do not grow with depth: 2 and 4 layers issue the same calls. Per round
+    (see mango.distributed) at most one all-reduce of sums of squares (l2, cut-head l2_split, the
+    tall matrices' pre-scaling) and one all_to_all pair; plus ns_steps all-reduces of the Gram
+    matrices of the tall `up` matrices (row-sharded NS)."""
+    counts = {}
+    for n_layer in (2, 4):
+        model = shard(make_model(n_layer=n_layer), ctx["mesh"])
+        opt = PRESETS["mango"](model)
+        named = list(model.named_parameters())
+        for step in range(2):
+            g = synthetic_grads(named, step)
+            for n, p in named:
+                p.grad = as_dtensor(g[n], p)
+            opt.step()
+        backend = opt._backend_for(named[0][1].device, True)
+        calls: dict = {}
+        for r in backend.comm.last_step:
+            calls[f"{r['op']}: {r['what']}"] = calls.get(f"{r['op']}: {r['what']}", 0) + 1
+        counts[n_layer] = calls
+    assert counts[2] == counts[4], f"collectives grow with depth: {counts}"
+    c = counts[2]
+    # round 1: l2 / l2_split sums; the round of the `up` bucket: its pre-scaling
+    assert c.get("all_reduce: sums of squares") == 2, c
+    assert c.get("all_reduce: NS Gram") == 5, c  # one per NS step
+    # matrix group: NS shapes c_proj 8x15, c_fc 13x8, mlp.c_proj 8x13, gate 3x8 -> at most 4 rounds
+    assert c.get("all_to_all: NS gather") == c.get("all_to_all: NS scatter") <= 4, c
+    # LAMB: ‖d‖ and the trust ratio's ‖W‖ of every tensor in a single all-reduce
+    model = shard(make_model(), ctx["mesh"])
+    opt = PRESETS["lamb"](model)
+    named = list(model.named_parameters())
+    g = synthetic_grads(named, 0)
+    for n, p in named:
+        p.grad = as_dtensor(g[n], p)
+    opt.step()
+    lamb = [r["what"] for r in opt._backend_for(named[0][1].device, True).comm.last_step]
+    assert lamb == ["sums of squares"], lamb
+    counts["lamb"] = len(lamb)
+    return counts
+
+
+@check
+def nonfinite_skip(ctx):
+    """A NaN in one rank's shard: with nonfinite='skip' every rank skips the step (nothing changes anywhere)."""
+    rank = ctx["rank"]
+    model = shard(make_model(), ctx["mesh"])
+    opt = PRESETS["mango"](model, nonfinite="skip")
+    named = list(model.named_parameters())
+    g = synthetic_grads(named, 0)
+    for n, p in named:
+        p.grad = as_dtensor(g[n], p)
+    opt.step()
+    before = snapshot(model, opt)
+    g = synthetic_grads(named, 1)
+    for n, p in named:
+        p.grad = as_dtensor(g[n], p)
+        if n == "h.0.mlp.c_fc.weight" and rank == 1:
+            p.grad.to_local()[0, 0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1, f"rank {rank} did not skip"
+    after = snapshot(model, opt)
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"nonfinite: {k} changed on rank {rank}"
+    return True
+
+
+@check
+def errors(ctx):
+    """Placements mango cannot handle, and backends that cannot run DTensor params: clear errors."""
+    mesh = ctx["mesh"]
+    w = torch.randn(4 * ctx["world"], 6, dtype=torch.float64)
+    cases = {
+        "Shard(1)": DTensor.from_local(w[:, :3].clone(), mesh, [Shard(1)], run_check=False),
+    }
+    from torch.distributed.tensor import Partial
+
+    cases["Partial"] = DTensor.from_local(w.clone(), mesh, [Partial()], run_check=False)
+    for what, t in cases.items():
+        p = nn.Parameter(t)
+        try:
+            mango.Mango([{"params": [p], "param_names": ["layer.weight"]}])
+        except ValueError as e:
+            msg = str(e)
+            assert "layer.weight" in msg and "Shard(0)" in msg, f"{what}: unclear error: {msg}"
+        else:
+            raise AssertionError(f"{what}: no error")
+    p = nn.Parameter(DTensor.from_local(w[:4].clone(), mesh, [Shard(0)], run_check=False))
+    for backend in ("reference", "triton"):
+        opt = mango.Mango([p], backend=backend)
+        p.grad = DTensor.from_local(torch.ones(4, 6, dtype=torch.float64), mesh, [Shard(0)], run_check=False)
+        try:
+            opt.step()
+        except ValueError as e:
+            assert "DTensor" in str(e) and backend in str(e), str(e)
+        else:
+            raise AssertionError(f"backend={backend} accepted DTensor params")
+    # a gradient that is not sharded like its parameter
+    opt = mango.Mango([{"params": [p], "param_names": ["layer.weight"]}], backend="torch")
+    p.grad = torch.ones(p.shape, dtype=torch.float64)
+    try:
+        opt.step()
+    except ValueError as e:
+        assert "layer.weight" in str(e) and "gradient" in str(e), str(e)
+    else:
+        raise AssertionError("a plain gradient for a DTensor parameter was accepted")
+    # Replicate() DTensors are whole on every rank: same result as plain tensors
+    rp = nn.Parameter(DTensor.from_local(w.clone(), mesh, [Replicate()], run_check=False))
+    q = nn.Parameter(w.clone())
+    o1, o2 = mango.Mango([rp], backend="torch"), mango.Mango([q], backend="torch")
+    for step in range(3):
+        g = torch.randn(w.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        rp.grad = DTensor.from_local(g.clone(), mesh, [Replicate()], run_check=False)
+        q.grad = g
+        o1.step()
+        o2.step()
+    assert torch.equal(rp.to_local(), q.detach()), "Replicate() DTensor differs from the plain tensor"
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# process management
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_main(rank, world, store_path, tmp, checks, out_path):
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=TIMEOUT)
+        mesh = init_device_mesh("cpu", (world,))
+        ctx = dict(rank=rank, world=world, mesh=mesh, tmp=tmp)
+        for name in checks:
+            t0 = time.perf_counter()
+            try:
+                value = CHECKS[name](ctx)
+                results[name] = dict(ok=True, value=value, seconds=time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 - reported to the test
+                results[name] = dict(ok=False, error=traceback.format_exc(), seconds=time.perf_counter() - t0)
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        results["_setup"] = dict(ok=False, error=traceback.format_exc())
+    with open(f"{out_path}.rank{rank}", "w") as f:
+        json.dump(results, f, default=str)
+
+
+def run(world: int, checks, out_path: str, timeout: float = 240.0) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="mango-dist-") as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_rank_main, args=(r, world, store_path, tmp, checks, out_path)) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for r in hung:
+            procs[r].kill()
+            procs[r].join()
+    merged = {}
+    for r in range(world):
+        try:
+            with open(f"{out_path}.rank{r}") as f:
+                merged[r] = json.load(f)
+            os.remove(f"{out_path}.rank{r}")
+        except FileNotFoundError:
+            why = f"exit code {procs[r].exitcode}" + (", killed after the timeout" if r in hung else "")
+            merged[r] = {"_setup": dict(ok=False, error=f"rank {r} wrote no result ({why})")}
+    with open(out_path, "w") as f:
+        json.dump(merged, f, indent=1, default=str)
+    return merged
+
+
+if __name__ == "__main__":
+    world = int(sys.argv[1])
+    out = sys.argv[2]
+    names = sys.argv[3:] or list(CHECKS)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        sys.exit(f"unknown checks {unknown}; known: {list(CHECKS)}")
+    t0 = time.perf_counter()
+    res = run(world, names, out)
+    bad = {r: {k: v for k, v in rr.items() if not v.get("ok")} for r, rr in res.items()}
+    for r, b in bad.items():
+        for k, v in b.items():
+            print(f"rank {r} {k}: FAILED\n{v['error']}")
+    print(f"{world} ranks, {len(names)} checks, {time.perf_counter() - t0:.1f}s: {'FAILED' if any(bad.values()) else 'ok'}")
+    sys.exit(1 if any(bad.values()) else 0)
