@@ -15,21 +15,15 @@ import torch
 
 import mango
 import mango_kernels as mk
-from helpers import ALL_NORMS, NORM_CASES, all_params, rel_err, state_snapshot
+from helpers import ALL_NORMS, all_params, make_groups, rel_err, state_snapshot
 
 PRECONDITIONERS = [None, "laprop", "adam", "novograd"]
 ELEMENTWISE_NORMS = ("l2", "l2_split", "l2_col", "sign", "none")
 
 
 def groups_on(device, norms=ALL_NORMS, dtype=torch.float32, seed=0, **settings):
-    """helpers.make_groups, on `device`."""
-    gen = torch.Generator().manual_seed(seed)
-    groups = []
-    for norm in norms:
-        role, head_dim, shapes = NORM_CASES[norm]
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)) for s in shapes]
-        groups.append(dict(params=params, role=role, norm=norm, head_dim=head_dim, **settings))
-    return groups
+    """helpers.make_groups in float32 by default, on `device`."""
+    return make_groups(norms, dtype=dtype, seed=seed, device=device, **settings)
 
 
 def reference_copy(groups):
