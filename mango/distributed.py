@@ -535,13 +535,12 @@ class ShardedTorchBackend(TorchBackend):
             out = X * _safe_inverse(total.sqrt())[:, info.block_index, None]
         return list(out.view(K, *info.local_shape).unbind(0))
 
-    def orthogonalize(self, group, bucket, nb, d, stacked=None):
+    def orthogonalize(self, group, bucket, nb, d, stacked=None, scale=1.0):
         info = nb.cache.get("mango.distributed")
         if info is None:
-            if stacked is not None:
-                return super().orthogonalize(group, bucket, nb, d, stacked)
-            return super().orthogonalize(group, bucket, nb, d)
-        return self._request("ns", (group, bucket, nb, list(d)))
+            return super().orthogonalize(group, bucket, nb, d, stacked, scale)
+        result = self._request("ns", (group, bucket, nb, list(d)))
+        return result if scale == 1.0 else [t * scale for t in result]
 
     def nonfinite_flags(self, bucket, grads) -> torch.Tensor:
         """Per-parameter NaN/Inf flags, reduced (max) over each shard group so every rank decides alike."""

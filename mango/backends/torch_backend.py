@@ -46,13 +46,15 @@ def ns_work_dtype(setting, device: torch.device, dtype: torch.dtype) -> torch.dt
     return torch.bfloat16 if fast_bf16 else dtype
 
 
-def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: float, dtype=None) -> torch.Tensor:
-    """Newton–Schulz on a (B, r, c) stack; returns a (B, r, c) result (possibly a transposed view).
+def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: float, dtype=None, out_scale: float = 1.0) -> torch.Tensor:
+    """Newton–Schulz on a (B, r, c) stack; returns out_scale × the result, (B, r, c), possibly a
+    transposed view.
 
     The pre-scale norm is taken on X as given (fp32 state: an accurate norm); the iteration runs
     on one contiguous copy in `dtype` (default X.dtype), transposed when r > c so the Gram matrix
-    is the small one — cast, transpose and scale in two passes, and contiguous operands keep
-    bmm on its fast path. Each step: A = X·Xᵀ, B = b·A + c·A·A (baddbmm), X ← a·X + B·X.
+    is the small one — cast, transpose and scale in one pass, and contiguous operands keep bmm on
+    its fast path. Each step: A = X·Xᵀ, B = b·A + c·A·A (baddbmm), X ← a·X + B·X; `out_scale`
+    (lr × shape factor) rides on the last step's baddbmm instead of costing a pass of its own.
     """
     transposed = X.shape[-2] > X.shape[-1]
     src = X.mT if transposed else X
@@ -62,12 +64,15 @@ def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: flo
     else:
         scale = spectral_norm(src)[..., None, None]
     Y = torch.empty(src.shape, dtype=dtype or X.dtype, device=X.device)
-    Y.copy_(src)
-    Y.div_(scale.clamp_min(eps).to(Y.dtype))
-    for a, b, c in coefficients:
+    torch.div(src, scale.clamp_min(eps).to(src.dtype), out=Y)
+    last = len(coefficients) - 1
+    for step, (a, b, c) in enumerate(coefficients):
+        k = out_scale if step == last else 1.0
         A = torch.bmm(Y, Y.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        Y = torch.baddbmm(Y, B, Y, beta=a, alpha=1.0)  # a·X added in the fp32 accumulator
+        Y = torch.baddbmm(Y, B, Y, beta=a * k, alpha=k)  # a·X added in the fp32 accumulator
+    if not coefficients and out_scale != 1.0:
+        Y.mul_(out_scale)
     return Y.mT if transposed else Y
 
 
@@ -241,6 +246,7 @@ class TorchBackend:
         """out = lr·k·Δ for one norm bucket (a flat slice of the layout)."""
         norm = nb.norm
         per_tensor = None  # extra factor per tensor (1/‖d‖, trust ratio)
+        scaled = False  # lr·k already applied
         if norm == "sign":
             torch.sign(d, out=out)
         elif norm in ("none", "l2"):
@@ -251,6 +257,9 @@ class TorchBackend:
             views, stacked = self._segment_views(L, d, k0, k1), d.view(-1, *nb.block_shape)
             if norm in ("l2_col", "l2_split"):
                 result = self.unit_rows(nb, views, stacked=stacked)
+            elif not group["trust_ratio"]:  # lr·k folded into the last NS step
+                result = self.orthogonalize(group, bucket, nb, views, stacked=stacked, scale=lr * nb.shape_factor)
+                scaled = True
             else:
                 result = self.orthogonalize(group, bucket, nb, views, stacked=stacked)
             if isinstance(result, torch.Tensor):
@@ -262,6 +271,8 @@ class TorchBackend:
             tr = torch.where(wn > 0, wn, torch.ones_like(wn))
             per_tensor = tr if per_tensor is None else per_tensor * tr
         k = lr * nb.shape_factor
+        if scaled:
+            return
         if per_tensor is None:
             out.mul_(k)
         elif nb.shape is not None:  # same-shape bucket: broadcast one factor per tensor
@@ -288,11 +299,11 @@ class TorchBackend:
         X = stacked if stacked is not None else torch.stack(d).view(-1, *nb.block_shape)
         return _unit_rows(X)
 
-    def orthogonalize(self, group, bucket, nb, d, stacked=None):
-        """ns / ns_split: one batched Newton–Schulz over the bucket's stacked (head) blocks.
+    def orthogonalize(self, group, bucket, nb, d, stacked=None, scale=1.0):
+        """ns / ns_split: scale × one batched Newton–Schulz over the bucket's stacked (head) blocks.
 
         `stacked` is the zero-copy (blocks, r, c) view of the same data as the list `d`."""
         X = stacked if stacked is not None else torch.stack(d).view(-1, *nb.block_shape)
         coeffs = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
         ns_dtype = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype)
-        return batched_newton_schulz(X, coeffs, group["ns_prescale"], group["ns_eps"], dtype=ns_dtype)
+        return batched_newton_schulz(X, coeffs, group["ns_prescale"], group["ns_eps"], dtype=ns_dtype, out_scale=scale)
