@@ -1,0 +1,227 @@
+"""The optimizers the step benchmark compares, each built on a fresh copy of a parameter set.
+
+    triton      mango.presets.mango(..., backend="triton")        the fused kernels (CUDA only)
+    torch       mango.presets.mango(..., backend="torch")         batched torch backend
+    torch_bf16  the same with ns_dtype=torch.bfloat16: what bf16 NS would give where the torch
+                backend's "auto" NS dtype is float32 (CPU); run by default only there
+    reference   mango.presets.mango(..., backend="reference")     the eager per-tensor oracle
+    compile     torch.compile of a loop of mango.reference.update over all parameters
+    muon_adamw  torch.optim.Muon (hidden matrices and QKV, 2-D) + torch.optim.AdamW (the rest):
+                Keller Jordan's recipe, doing less work than MANGO (no second moment, no
+                offset, whole-matrix NS for QKV); AdamW fused where the device supports it
+    adamw       torch.optim.AdamW on everything: an elementwise-only yardstick
+
+All MANGO contenders use the preset's defaults (LaProp, Nesterov, offset momentum, NS norms per role).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import mango
+from mango import config, reference
+
+from .params import ParamSet, mango_groups
+
+__all__ = ["CONTENDERS", "LABELS", "Runner", "Unavailable", "build", "kernel_launch_counter", "state_nbytes"]
+
+CONTENDERS = ("triton", "torch", "torch_bf16", "reference", "compile", "muon_adamw", "adamw")
+LABELS = {
+    "triton": "mango triton",
+    "torch": "mango torch",
+    "torch_bf16": "mango torch (bf16 NS)",
+    "reference": "mango reference (eager)",
+    "compile": "torch.compile(reference)",
+    "muon_adamw": "torch Muon + AdamW",
+    "adamw": "torch AdamW",
+}
+MUON_ROLES = ("matrix", "qkv_weight")
+
+
+class Unavailable(Exception):
+    """This contender cannot run here (reason in the message, shown as "n/a (<reason>)")."""
+
+
+@dataclass
+class Runner:
+    key: str
+    label: str
+    step: callable
+    state: callable  # () -> iterable of state tensors
+    optimizer: object = None  # the torch.optim.Optimizer, when there is one
+    info: dict = field(default_factory=dict)
+    launch_counter: callable = None  # () -> kernel launches so far (mango_kernels' counter)
+
+
+def state_nbytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _opt_state(*opts):
+    def tensors():
+        for opt in opts:
+            for st in opt.state.values():
+                yield from (v for v in st.values() if isinstance(v, torch.Tensor))
+
+    return tensors
+
+
+def kernel_launch_counter():
+    """A () -> int reading mango_kernels' launch counter, or None when there is none to read."""
+    try:
+        import mango_kernels
+    except Exception:
+        return None
+    for name in ("launch_count", "launches", "get_launch_count"):
+        fn = getattr(mango_kernels, name, None)
+        if callable(fn):
+            return lambda: int(fn())
+    counter = getattr(mango_kernels, "LAUNCHES", None) or getattr(mango_kernels, "launch_counter", None)
+    if counter is not None:
+        for attr in ("count", "value", "total"):
+            if hasattr(counter, attr):
+                return lambda: int(getattr(counter, attr))
+    return None
+
+
+def _mango(backend, pset, params, device) -> Runner:
+    if backend == "triton":
+        if torch.device(device).type != "cuda":
+            raise Unavailable("no CUDA")
+        try:
+            from mango.backends import make_backend
+
+            make_backend("triton", torch.device(device))
+        except Exception as e:  # no triton, or the backend is not there yet
+            raise Unavailable(f"triton backend: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    key = backend
+    kw = {}
+    if backend == "torch_bf16":
+        backend, kw = "torch", {"ns_dtype": torch.bfloat16}
+    opt = mango.presets.mango(mango_groups(pset, params), backend=backend, **kw)
+    counter = kernel_launch_counter() if backend == "triton" else None
+    return Runner(key, LABELS[key], opt.step, _opt_state(opt), opt, launch_counter=counter)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _compiled_reference(pset, params, device, compile_backend="inductor", timeout_s=None) -> Runner:
+    """torch.compile of `for each param: mango.reference.update(p, g, state, settings)`."""
+    import torch._dynamo
+
+    opt = mango.presets.mango(mango_groups(pset, params), backend="reference")
+    ps, gs, states, settings = [], [], [], []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            role = config.resolve_role(group, p)
+            # per-tensor settings exactly as mango/backends/reference_backend.py builds them
+            s = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            s.update(role=role, norm=config.resolve_norm(group, role))
+            ps.append(p)
+            gs.append(p.grad)
+            states.append(reference.init_state(p, group))
+            settings.append(s)
+
+    def reference_step(ps, gs, states, settings):
+        for p, g, st, s in zip(ps, gs, states, settings):
+            reference.update(p, g, st, s)
+
+    # float(state["step"]) is traced instead of breaking the graph; one graph, no silent fallback
+    patch = torch._dynamo.config.patch(
+        capture_scalar_outputs=True, recompile_limit=1024, accumulated_recompile_limit=100000
+    )
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = None
+
+    def step():
+        with patch:
+            compiled(ps, gs, states, settings)
+
+    info = {"compile_backend": compile_backend}
+    # compile now (first call), under a time limit where the platform allows one
+    use_alarm = timeout_s and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    timed_out = []
+    if use_alarm:
+
+        def on_alarm(signum, frame):
+            timed_out.append(True)
+            raise _Timeout()
+
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.alarm(int(timeout_s))
+    t0 = time.perf_counter()
+    try:
+        compiled = torch.compile(reference_step, backend=compile_backend)
+        step()  # this is one real step; state advances like any warm-up step
+    except Exception as e:  # (the timeout may arrive wrapped, e.g. in an InductorError)
+        torch._dynamo.reset()
+        if timed_out:
+            raise Unavailable(f"compile failed: no result within --compile-timeout {int(timeout_s)} s") from None
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise Unavailable(f"compile failed: {type(e).__name__}: {msg[:200]}") from e
+    finally:
+        if use_alarm:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    info["compile_s"] = time.perf_counter() - t0
+    counters = torch._dynamo.utils.counters
+    info["graph_breaks"] = sum(counters["graph_break"].values())
+    info["graphs"] = counters["stats"].get("unique_graphs", None)
+    return Runner("compile", LABELS["compile"], step, lambda: (t for st in states for t in st.values()), None, info)
+
+
+def _fused_adamw(params, device, **kw):
+    """AdamW(fused=True) where the device supports it, else foreach; says which in `impl`."""
+    probe = torch.nn.Parameter(torch.zeros(2, device=device))
+    probe.grad = torch.zeros_like(probe)
+    try:
+        torch.optim.AdamW([probe], fused=True).step()
+        return torch.optim.AdamW(params, fused=True, **kw), "fused"
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kw), "foreach"
+
+
+def _muon_adamw(pset: ParamSet, params, device) -> Runner:
+    mats = [p for spec, p in zip(pset.tensors, params) if spec.role in MUON_ROLES and p.dim() == 2]
+    ids = {id(p) for p in mats}
+    rest = [p for p in params if id(p) not in ids]
+    muon = torch.optim.Muon(mats, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, adjust_lr_fn="original")
+    adamw, impl = _fused_adamw(rest, device, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def step():
+        muon.step()
+        adamw.step()
+
+    info = {"adamw_impl": impl, "muon_tensors": len(mats), "adamw_tensors": len(rest)}
+    return Runner("muon_adamw", f"torch Muon + AdamW({impl})", step, _opt_state(muon, adamw), None, info)
+
+
+def _adamw(pset, params, device) -> Runner:
+    opt, impl = _fused_adamw(params, device, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    return Runner("adamw", f"torch AdamW({impl})", opt.step, _opt_state(opt), opt, {"adamw_impl": impl})
+
+
+def build(key: str, pset: ParamSet, params: list, device, compile_backend="inductor", compile_timeout_s=None) -> Runner:
+    """The Runner for contender `key` on `params` (a fresh ParamSet.build); raises Unavailable."""
+    if key in ("triton", "torch", "torch_bf16", "reference"):
+        return _mango(key, pset, params, device)
+    if key == "compile":
+        return _compiled_reference(pset, params, device, compile_backend, compile_timeout_s)
+    if key == "muon_adamw":
+        return _muon_adamw(pset, params, device)
+    if key == "adamw":
+        return _adamw(pset, params, device)
+    raise ValueError(f"unknown optimizer {key!r}; known: {', '.join(CONTENDERS)}")

@@ -1,0 +1,255 @@
+"""Output of bench.step: one JSON file per run, a markdown report, and a PNG bar chart.
+
+    python -m bench.report bench/results/step_cpu_<time>.json    # redraw .md/.png, print the report
+
+    step_<device>_<UTC time>.json   every figure of the run (device, versions, rates, per set and
+                                    optimizer: step times, floor multiples, launches, memory, NS
+                                    buckets, stages, targets)
+    step_<device>_<UTC time>.md     the markdown tables printed at the end of the run
+    step_<device>_<UTC time>.png    step time per optimizer and set, with the roofline floor
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+__all__ = ["write", "markdown", "plot", "REQUIRED_FIELDS", "OPTIMIZER_FIELDS"]
+
+# What every JSON result has (tests/test_bench.py checks these).
+REQUIRED_FIELDS = ("schema", "created", "command", "quick", "device", "versions", "rates", "timing", "settings", "sets", "targets")
+SET_FIELDS = ("set", "floor", "optimizers", "primary", "ns_buckets", "targets")
+OPTIMIZER_FIELDS = ("key", "label", "status")
+OK_FIELDS = ("median_s", "min_s", "steps", "times_s", "x_floor", "launches", "launches_source", "profiler",
+             "state_bytes", "peak_extra_bytes", "memory_source")  # fmt: skip
+
+
+def _stem(result) -> str:
+    t = result["created"].replace("-", "").replace(":", "").replace("+0000", "").replace("+00:00", "")
+    dev = result["device"]["type"]
+    return f"step_{dev}{'_quick' if result.get('quick') else ''}_{t}"
+
+
+def write(result: dict, out_dir: str, png: bool = True) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, _stem(result))
+    paths = {"json": stem + ".json", "md": stem + ".md"}
+    if png:
+        paths["png"] = stem + ".png"
+    result = dict(result, files={k: os.path.basename(v) for k, v in paths.items()})
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(result) + "\n")
+    if png:
+        plot(result, paths["png"])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------
+# markdown
+# ----------------------------------------------------------------------------------------
+
+
+def _ms(s) -> str:
+    if s is None:
+        return "-"
+    ms = s * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
+
+
+def _x(v, digits=2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}×"
+
+
+def _mb(b) -> str:
+    return "-" if b is None else f"{b / 1e6:.1f}"
+
+
+def _rate(v, unit=1e12, suffix=" TFLOP/s") -> str:
+    return "-" if not v else f"{v / unit:.3g}{suffix}"
+
+
+def _device_line(result) -> str:
+    d, v = result["device"], result["versions"]
+    th = d.get("threads", {})
+    extra = f", {th.get('threads')} threads" if d["type"] == "cpu" else ""
+    if th.get("reason"):
+        extra += f" ({th['reason']})"
+    return (f"**Device:** {d.get('name')} ({d['type']}{extra}) · torch {v.get('torch')} · triton {v.get('triton')} · "
+            f"python {v.get('python')} · {result['created']}")  # fmt: skip
+
+
+def markdown(result: dict) -> str:
+    r = result["rates"]
+    lines = []
+    title = "mango optimizer step benchmark" + (" (--quick: code-path check, no timing claims)" if result.get("quick") else "")
+    lines += [f"## {title}", "", _device_line(result), ""]
+    mm = ", ".join(f"{k} {_rate(v)}" for k, v in r["matmul_flops"].items() if isinstance(v, float))
+    lines += [f"Measured here: matmul {mm}; copy {r['copy_bytes_per_s'] / 1e9:.1f} GB/s. "
+              f"Floor = NS FLOPs (symmetric) / {r['peak_matmul_dtype']} matmul rate + state bytes / copy bandwidth. "
+              f"Command: `{result['command'].strip()}`", ""]  # fmt: skip
+    for s in result["sets"]:
+        lines += _set_markdown(result, s)
+    if result.get("targets"):
+        lines += ["### SPEC §8 CPU targets", "",
+                  "| set | figure | value | target | met | with bf16 NS (torch_bf16) | dominant stage of mango torch step |",
+                  "| --- | --- | ---: | ---: | :---: | ---: | --- |"]  # fmt: skip
+        for t in result["targets"]:
+            op = ">=" if t["better"] == "higher" else "<="
+            val = "-" if t["value"] is None else f"{t['value']:.2f}×"
+            met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+            dom = ""
+            if t.get("stage_fractions"):
+                dom = ", ".join(f"{k} {v:.0%}" for k, v in sorted(t["stage_fractions"].items(), key=lambda kv: -kv[1]))
+            bf = "-" if t.get("value_bf16_ns") is None else f"{t['value_bf16_ns']:.2f}×"
+            lines.append(f"| {t['set']} | {t['name']} | {val} | {op} {t['target']}× | {met} | {bf} | {dom} |")
+        lines.append("")
+    lines += [
+        "Step: median over timed steps after warm-up; gradients refreshed with random data before each step, outside "
+        "the timed span. × floor: step time / roofline floor of the set on this device. vs mango: step time / the mango "
+        "step (triton on CUDA, else torch) measured in the same run. Launches: mango_kernels' counter (triton), profiler "
+        "CUDA kernels (GPU), or top-level aten ops dispatched (CPU). Memory: state bytes; peak extra (CUDA only) = "
+        "max_memory_allocated minus the memory before the optimizer existed.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _set_markdown(result, s) -> list:
+    ps, fl = s["set"], s["floor"]
+    primary = s.get("primary")
+    plabel = {"triton": "mango triton", "torch": "mango torch"}.get(primary, "mango")
+    out = [f"### {ps['title']} — `{ps['name']}`", ""]
+    out.append(f"{ps['numel']:,} parameters in {ps['tensors']} tensors. NS {fl['ns_flops'] / 1e9:.3g} GFLOP "
+               f"({fl['ns_flops_symmetric'] / 1e9:.3g} with symmetry), state traffic {fl['state_bytes'] / 1e6:.1f} MB → "
+               f"floor **{_ms(fl['floor_s'])} ms** (NS {_ms(fl['ns_s'])} + state {_ms(fl['state_s'])}).")  # fmt: skip
+    if ps.get("note"):
+        out.append(f"Size: {ps['note']}.")
+    out += ["", f"| optimizer | step ms (median) | × floor | vs {plabel} | launches / step | state MB | peak extra MB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for o in s["optimizers"]:
+        if o["status"] != "ok":
+            reason = o.get("reason", "")
+            cell = {"failed": reason, "skipped": f"skipped ({reason})"}.get(o["status"], f"n/a ({reason})")
+            out.append(f"| {o['label']} | {cell} | - | - | - | - | - |")
+            continue
+        info = o.get("info") or {}
+        label = o["label"]
+        if "compile_s" in info:
+            label += f" (compiled in {info['compile_s']:.0f} s, {info.get('compile_backend')})"
+        out.append(f"| {label} | {_ms(o['median_s'])} | {_x(o['x_floor'], 1)} | {_x(o.get('vs_primary'))} | "
+                   f"{o['launches']} | {_mb(o['state_bytes'])} | {_mb(o.get('peak_extra_bytes'))} |")  # fmt: skip
+    tp = next((o["median_s"] for o in s["optimizers"] if o["key"] == primary and o.get("median_s")), None)
+    for name, b in (s.get("bare_ns") or {}).items():  # yardstick: the NS matmuls alone, same rounds
+        if b.get("median_s"):
+            vs = b["median_s"] / tp if tp else None
+            out.append(f"| *bare NS matmuls only ({name} bmm)* | {_ms(b['median_s'])} | {_x(b['median_s'] / fl['floor_s'], 1)} | "
+                       f"{_x(vs)} | - | - | - |")  # fmt: skip
+    out.append("")
+    nb = s.get("ns_buckets")
+    if nb and nb["buckets"]:
+        same = nb["same_dtype"]
+        cols = ["bfloat16"] + ([same] if same != "bfloat16" else [])
+        head = "| NS bucket | GFLOP | ours ms | ours TFLOP/s | " + " | ".join(f"bare bmm {c} ms | ours / bare {c}" for c in cols) + " |"
+        out += [f"NS per shape bucket — ours: {nb['ours']}; bare: torch.bmm/baddbmm NS only.", "", head,
+                "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in cols) + " |"]  # fmt: skip
+        for b in nb["buckets"]:
+            cells = []
+            for c in cols:
+                cells += [_ms(b.get(f"bare_{c}_s")), _x(b.get(f"ours_vs_bare_{c}"))]
+            out.append(f"| {b['bucket']} | {b['ns_flops'] / 1e9:.3g} | {_ms(b['ours_s'])} | {b['ours_tflops']:.3g} | " + " | ".join(cells) + " |")
+        out.append("")
+    torch_rec = next((o for o in s["optimizers"] if o["key"] == "torch" and o["status"] == "ok"), None)
+    st = (torch_rec or {}).get("stages") or {}
+    if st.get("step"):
+        gbs = lambda v: "-" if v is None else f"{v:.1f} GB/s"  # noqa: E731
+        out.append(f"mango torch stages (one step {_ms(st['step'])} ms): moments {_ms(st.get('moments'))} ms "
+                   f"({gbs(st.get('moments_gbs'))}), NS {_ms(st.get('ns'))} ms, other norms {_ms(st.get('other_norms'))} ms, "
+                   f"apply + rest {_ms(st.get('apply_and_rest'))} ms ({gbs(st.get('apply_gbs'))}); copy bandwidth "
+                   f"{st.get('copy_gbs', 0):.1f} GB/s.")  # fmt: skip
+        out.append("")
+    for o in s["optimizers"]:
+        ks = (o.get("kernels") or {}).get("kernels") or []
+        if o["status"] == "ok" and ks:
+            out += [f"{o['label']}: device time per kernel over one step (top {min(8, len(ks))} of {len(ks)}).", "",
+                    "| kernel | calls | ms | GB/s | of copy bandwidth |", "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+            for k in ks[:8]:
+                gb = "-" if k.get("gbs") is None else f"{k['gbs']:.0f}"
+                fr = "-" if k.get("frac_of_copy") is None else f"{k['frac_of_copy']:.0%}"
+                out.append(f"| `{k['kernel'][:60]}` | {k['calls']} | {_ms(k['s'])} | {gb} | {fr} |")
+            out.append("")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# PNG
+# ----------------------------------------------------------------------------------------
+
+
+def plot(result: dict, path: str) -> None:
+    """One panel per set: horizontal bars of median step time (log scale), floor as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = result["sets"]
+    n = max(1, len(sets))
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.2 + 0.45 * 6 * n), squeeze=False)
+    colors = {"triton": "#d62728", "torch": "#ff7f0e", "torch_bf16": "#ffbb78", "reference": "#9467bd", "compile": "#8c564b",
+              "muon_adamw": "#1f77b4", "adamw": "#7f7f7f"}  # fmt: skip
+    for ax, s in zip(axes[:, 0], sets):
+        opts = s["optimizers"]
+        labels = [o["label"] for o in opts]
+        vals = [o["median_s"] * 1e3 if o.get("median_s") else 0.0 for o in opts]
+        y = list(range(len(opts)))[::-1]
+        ok_vals = [v for v in vals if v > 0]
+        ax.barh(y, [v if v > 0 else float("nan") for v in vals], color=[colors.get(o["key"], "#333") for o in opts])
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_xscale("log")
+        fl = s["floor"]["floor_s"] * 1e3
+        lo = min(ok_vals + [fl]) / 2 if ok_vals else fl / 2
+        hi = max(ok_vals + [fl]) * 4
+        ax.set_xlim(lo, hi)
+        ax.axvline(fl, color="k", linestyle="--", linewidth=1)
+        ax.set_ylim(-1.0, len(opts) - 0.5)
+        ax.text(fl, -0.75, f" roofline floor {fl:.3g} ms", fontsize=7, va="center")
+        for yi, o, v in zip(y, opts, vals):
+            if v > 0:
+                txt = f" {v:.0f} ms" if v >= 100 else f" {v:.3g} ms"
+                txt += f"  ({o['x_floor']:.1f}× floor)" if o.get("x_floor") else ""
+                ax.text(v, yi, txt, va="center", fontsize=7)
+            else:
+                txt = o.get("reason", o["status"])
+                txt = {"failed": txt, "skipped": "skipped (not run by default)"}.get(o["status"], f"n/a ({txt})")
+                ax.text(lo * 1.05, yi, " " + txt[:70], va="center", fontsize=7, color="#555")
+        ax.set_title(f"{s['set']['title']} — {s['set']['numel'] / 1e6:.2f}M params", fontsize=9)
+        ax.set_xlabel("optimizer step time, ms (median, log scale)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    d = result["device"]
+    fig.suptitle(f"mango step benchmark on {d.get('name')} ({d['type']})" + (" [--quick]" if result.get("quick") else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.report", description="Redraw the markdown and PNG of a bench.step JSON result.")
+    p.add_argument("json", help="a step_*.json written by python -m bench.step")
+    args = p.parse_args(argv)
+    with open(args.json) as f:
+        result = json.load(f)
+    stem = args.json[: -len(".json")] if args.json.endswith(".json") else args.json
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(result) + "\n")
+    plot(result, stem + ".png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The hardware floor of one optimizer step: NS FLOPs over the matmul rate + state bytes over bandwidth.
+
+    floor = NS FLOPs (symmetric) / measured matmul rate  +  state bytes / measured copy bandwidth
+
+Both rates are measured on the device the benchmark runs on (`measure_device`), so every step
+time can be reported as a multiple of the floor of that same machine. SPEC §8 states the GPT-2
+124M figures this reproduces: 1.77 TFLOP of NS (1.28 TFLOP using symmetry), ~4.2 GiB of state
+traffic, ≈3 ms on an H100.
+
+NS FLOPs per step for one block X (r x c, used transposed so r <= c), per Newton–Schulz step:
+
+    A = X Xᵀ         2 r² c         symmetric: r (r+1) c     (one triangle)
+    B = b A + c A A  2 r³                      r² (r+1)      (symmetric result)
+    X = a X + B X    2 r² c                    2 r² c
+
+State bytes: the least traffic a step can do: read the gradient, read and write the parameter
+and every state tensor (m, v, offset for MANGO), once each. For fp32 MANGO that is 36 bytes per
+parameter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mango import config
+
+from .params import ParamSet
+
+__all__ = [
+    "NSBucket",
+    "ns_buckets",
+    "ns_flops",
+    "ns_step_flops",
+    "state_bytes",
+    "stage_bytes",
+    "measure_device",
+    "floor",
+]
+
+NS_STEPS = config.DEFAULTS["ns_steps"]
+
+
+@dataclass(frozen=True)
+class NSBucket:
+    """Same-shape NS blocks of one role: what the batched backends orthogonalize in one call."""
+
+    role: str
+    norm: str
+    param_shape: tuple  # shape of each parameter in the bucket
+    block: tuple  # (rows, cols) of each NS block
+    batch: int  # number of blocks (tensors x head blocks)
+    tensors: int
+
+    @property
+    def oriented(self) -> tuple:
+        """(r, c) with r <= c: the shape the NS iterates on."""
+        r, c = self.block
+        return (r, c) if r <= c else (c, r)
+
+    @property
+    def label(self) -> str:
+        r, c = self.block
+        return f"{self.role} {r}x{c} x{self.batch}"
+
+
+def ns_buckets(pset: ParamSet) -> list[NSBucket]:
+    """NS buckets of the MANGO preset on `pset`, in the order the plan meets them (role group, then shape)."""
+    out: dict = {}
+    for t in pset.tensors:
+        norm = config.ROLE_DEFAULT_NORM[t.role]
+        if norm not in config.NS_NORMS:
+            continue
+        rows, cols = t.shape[0], math.prod(t.shape[1:])
+        if norm == "ns_split":
+            block, per = (t.head_dim, cols), rows // t.head_dim
+        else:
+            block, per = (rows, cols), 1
+        key = (t.role, t.head_dim, norm, t.shape)
+        b = out.get(key)
+        out[key] = NSBucket(t.role, norm, t.shape, block, (b.batch if b else 0) + per, (b.tensors if b else 0) + 1)
+    # the plan orders buckets by param group (first appearance of the role), then by first shape
+    return list(out.values())
+
+
+def ns_step_flops(r: int, c: int, symmetric: bool = False) -> int:
+    """FLOPs of one NS step on one (r, c) block (oriented internally)."""
+    r, c = min(r, c), max(r, c)
+    if symmetric:
+        return r * (r + 1) * c + r * r * (r + 1) + 2 * r * r * c
+    return 4 * r * r * c + 2 * r**3
+
+
+def ns_flops(pset: ParamSet, steps: int = NS_STEPS, symmetric: bool = False) -> int:
+    return sum(b.batch * ns_step_flops(*b.block, symmetric=symmetric) for b in ns_buckets(pset)) * steps
+
+
+def state_bytes(pset: ParamSet, param_bytes: int = 4, grad_bytes: int = 4, state_bytes_per: int = 4, state_tensors: int = 3) -> int:
+    """Least traffic of one MANGO step: read g, read+write W and each of the `state_tensors` (m, v, O)."""
+    per = grad_bytes + 2 * param_bytes + 2 * state_tensors * state_bytes_per
+    return pset.numel * per
+
+
+def stage_bytes(numel: int, stage: str, word: int = 4) -> int:
+    """Least traffic of one elementwise stage over `numel` parameters (fp32 words).
+
+    moments: read g, m, v; write m, v and the direction d        (6 words)
+    apply:   read the normalized Δ, W, O; write O, W              (5 words)
+    """
+    words = {"moments": 6, "apply": 5}[stage]
+    return numel * words * word
+
+
+# ----------------------------------------------------------------------------------------
+# device rates
+# ----------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn, device, reps: int, inner: int = 1) -> float:
+    """Best wall time of `reps` repetitions of `inner` calls (seconds per call)."""
+    fn()
+    _sync(device)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
+def measure_matmul(device, dtype, n: int | None = None, reps: int = 5) -> float:
+    """Measured dense matmul rate (FLOP/s) for n x n x n in `dtype` (best of `reps`)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    inner = 10 if device.type == "cuda" else 2
+    t = _best_time(lambda: torch.mm(a, b, out=out), device, reps, inner)
+    return 2 * n**3 / t
+
+
+def measure_copy(device, nbytes: int | None = None, reps: int = 5) -> float:
+    """Measured copy bandwidth (bytes read + written per second) of a large fp32 tensor copy."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (128 << 20))
+    x = torch.empty(nbytes // 4, device=device)
+    x.fill_(1.0)
+    y = torch.empty_like(x)
+    inner = 10 if device.type == "cuda" else 2
+    t = _best_time(lambda: y.copy_(x), device, reps, inner)
+    return 2 * nbytes / t
+
+
+def measure_device(device, quick: bool = False) -> dict:
+    """Matmul rates (fp32 and bf16) and copy bandwidth of `device`; `peak_matmul` is the best of them."""
+    device = torch.device(device)
+    n = None
+    if quick:
+        n = 256 if device.type == "cpu" else 2048
+    reps = 2 if quick else 5
+    rates = {}
+    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        try:
+            rates[name] = measure_matmul(device, dt, n=n, reps=reps)
+        except RuntimeError as e:  # a dtype the device cannot multiply
+            rates[name] = None
+            rates[name + "_error"] = str(e).splitlines()[0]
+    bw = measure_copy(device, nbytes=(16 << 20) if quick else None, reps=reps)
+    measured = {k: v for k, v in rates.items() if isinstance(v, float)}
+    best_dtype = max(measured, key=measured.get) if measured else None
+    best = measured.get(best_dtype)
+    return {
+        "matmul_flops": rates,
+        "peak_matmul_flops": best,
+        "peak_matmul_dtype": best_dtype,
+        "copy_bytes_per_s": bw,
+        "matmul_size": n or (8192 if device.type == "cuda" else 1024),
+    }
+
+
+def floor(pset: ParamSet, rates: dict, steps: int = NS_STEPS) -> dict:
+    """The floor of one MANGO step on `pset` for the measured `rates` (see module docstring)."""
+    full, sym = ns_flops(pset, steps), ns_flops(pset, steps, symmetric=True)
+    nbytes = state_bytes(pset)
+    mm, bw = rates["peak_matmul_flops"], rates["copy_bytes_per_s"]
+    t_ns, t_state = sym / mm, nbytes / bw
+    return {
+        "ns_flops": full,
+        "ns_flops_symmetric": sym,
+        "state_bytes": nbytes,
+        "matmul_flops_used": mm,
+        "matmul_dtype_used": rates["peak_matmul_dtype"],
+        "copy_bytes_per_s_used": bw,
+        "ns_s": t_ns,
+        "ns_full_s": full / mm,
+        "state_s": t_state,
+        "floor_s": t_ns + t_state,
+        "floor_full_s": full / mm + t_state,
+    }

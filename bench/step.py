@@ -1,0 +1,460 @@
+"""`python -m bench.step`: optimizer step time of mango against its peers and the hardware floor.
+
+For every parameter set (real model shapes, see bench/params.py) and every optimizer (see
+bench/optimizers.py) it measures, in one run on one device:
+
+- step time: median of many steps after warm-up, gradients refreshed with random data before
+  every step (outside the timed span), CUDA events on GPU (bench/measure.py);
+- the multiple of the roofline floor of the set on this device (bench/roofline.py) and the ratio
+  to mango's own step measured in the same run;
+- launches per step: mango_kernels' counter for the Triton backend, the torch profiler's CUDA
+  kernel count on GPU, its count of dispatched aten ops on CPU;
+- state bytes, and on CUDA the peak memory the optimizer adds (max_memory_allocated);
+- per NS bucket: mango's batched NS vs the bare torch.bmm NS; the torch backend's stages (GB/s);
+- SPEC §8 CPU targets where the set carries them (24L d64: torch vs reference >= 3x;
+  12L d256: torch step <= 1.3x the bare NS matmuls).
+
+It writes step_<device>_<time>.json / .md / .png under --out (default bench/results/) and
+prints the markdown report. `--quick` runs every code path at tiny sizes (CI; no timing claims).
+
+    python -m bench.step                                  # CPU: gpt-cpu + the two CPU target sets
+    python -m bench.step --sets gpt2-124m,gpt2-350m       # GPU: GPT-2 shapes
+    python -m bench.step --cpu-targets --skip compile     # only the SPEC §8 CPU targets, fast
+    python -m bench.step --quick --out /tmp/b             # CI smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from . import kernels as K
+from . import optimizers as O
+from . import report as R
+from .measure import Memory, configure_threads, count_launches, summarize, sync, time_interleaved, time_steps
+from .params import SETS, TIED_ROLES, ParamSet, resolve_set
+from .roofline import floor, measure_device, ns_flops, state_bytes
+
+DEFAULT_SETS = {
+    "cpu": ("gpt-cpu", "gpt-24l-d64", "gpt-12l-d256"),
+    "cuda": ("gpt2-124m", "gpt2-350m"),
+}
+CPU_TARGET_SETS = ("gpt-24l-d64", "gpt-12l-d256")
+TARGETS = {
+    "overhead": dict(
+        name="torch backend vs reference speedup",
+        spec="SPEC §8: torch backend on CPU >= 3x faster than the reference where per-tensor overhead dominates (24 layers, d=64)",
+        target=3.0,
+        better="higher",
+    ),
+    "ns": dict(
+        name="torch step / bare NS matmuls",
+        spec="SPEC §8: torch backend on CPU <= 1.3x the bare NS matmul time where FLOPs dominate (12 layers, d=256)",
+        target=1.3,
+        better="lower",
+    ),
+}
+SCHEMA = 1
+
+
+def _timing_plan(args, device) -> dict:
+    if args.quick:
+        return dict(warmup=1, min_steps=2, max_steps=2, budget_s=0.0)
+    if device.type == "cuda":
+        plan = dict(warmup=5, min_steps=20, max_steps=200, budget_s=2.0)
+    else:
+        plan = dict(warmup=2, min_steps=5, max_steps=50, budget_s=2.0)
+    if args.budget is not None:
+        plan["budget_s"] = args.budget
+    if args.steps is not None:
+        plan["min_steps"] = args.steps
+    return plan
+
+
+def _device_info(device, threads) -> dict:
+    info = {"type": device.type, "threads": threads}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(name=torch.cuda.get_device_name(device), memory_bytes=p.total_memory, sm_count=p.multi_processor_count,
+                    capability=f"{p.major}.{p.minor}", cuda=torch.version.cuda)  # fmt: skip
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        info.update(name=name, cores=os.cpu_count())
+        try:
+            info["memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    return info
+
+
+def _versions() -> dict:
+    import mango
+
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "mango": getattr(mango, "__version__", None),
+         "platform": platform.platform()}  # fmt: skip
+    for mod in ("triton", "numpy", "matplotlib"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except Exception:
+            v[mod] = None
+    return v
+
+
+def _cleanup(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+class Contender:
+    """One optimizer on its own fresh copy of a parameter set, with its own gradient stream."""
+
+    def __init__(self, key, pset: ParamSet, device, args):
+        self.key, self.device = key, device
+        self.rec = {"key": key, "label": O.LABELS[key], "status": "ok"}
+        self.params = pset.build(device, seed=0)
+        self.grads = [p.grad for p in self.params]
+        # every optimizer sees the same gradient sequence
+        self.gen = torch.Generator(device=device).manual_seed(1234)
+        self.mem = Memory(device)
+        self.mem.start()
+        self.runner = None
+        try:
+            self.prepare()
+            self.runner = O.build(key, pset, self.params, device, compile_backend=args.compile_backend,
+                                  compile_timeout_s=args.compile_timeout)  # fmt: skip
+        except O.Unavailable as e:
+            reason = str(e)
+            self.rec.update(status="failed" if reason.startswith("compile failed") else "n/a", reason=reason)
+            self.close()
+            return
+        self.rec["label"] = self.runner.label
+        self.rec["info"] = dict(self.runner.info)
+
+    @property
+    def ok(self) -> bool:
+        return self.runner is not None
+
+    def prepare(self):
+        for g in self.grads:
+            g.normal_(generator=self.gen)
+
+    def record_timing(self, t: dict, floor_s: float):
+        rec = self.rec
+        rec.update(summarize(t["times_s"]))
+        rec["first_step_s"] = t["first_step_s"]
+        rec["times_s"] = t["times_s"]
+        rec["x_floor"] = rec["median_s"] / floor_s if rec["median_s"] and floor_s else None
+
+    def measure_rest(self, pset: ParamSet, args, extras: bool, own_memory: bool):
+        """Launch counts, state bytes, memory, stage breakdown and profiles (after timing)."""
+        rec, runner, device, key = self.rec, self.runner, self.device, self.key
+        self.prepare()
+        if runner.launch_counter is not None:  # the kernels' own counter (triton)
+            c0 = runner.launch_counter()
+            runner.step()
+            sync(device)
+            rec["launches_counter"] = runner.launch_counter() - c0
+            self.prepare()
+        rec["profiler"] = count_launches(runner.step, device)
+        if runner.launch_counter is not None:
+            rec["launches"], rec["launches_source"] = rec["launches_counter"], "mango_kernels counter"
+        elif device.type == "cuda":
+            rec["launches"], rec["launches_source"] = rec["profiler"]["kernels"], "profiler CUDA kernels"
+        else:
+            rec["launches"], rec["launches_source"] = rec["profiler"]["ops"], "profiler aten ops (top-level)"
+        rec["state_bytes"] = O.state_nbytes(runner.state())
+        rec["peak_extra_bytes"] = self.mem.peak_extra() if own_memory else None
+        if device.type == "cuda":
+            rec["memory_source"] = ("cuda max_memory_allocated - allocated before the optimizer was built" if own_memory
+                                    else "not measured (optimizers were interleaved); state_bytes only")  # fmt: skip
+        else:
+            rec["memory_source"] = "not measured on CPU; state_bytes only"
+        bw = args._rates["copy_bytes_per_s"]
+        if key == "torch":
+            self.prepare()
+            rec["stages"] = K.stage_breakdown(runner, self.prepare, device, pset.numel, bw, steps=1 if args.quick else 3)
+        if extras and key in ("torch", "reference", "triton"):
+            self.prepare()
+            rec["top_ops"] = K.top_ops(runner.step, device)
+        if device.type == "cuda" and key in ("triton", "torch"):
+            self.prepare()
+            rec["kernels"] = K.kernel_breakdown(runner.step, device, pset.numel, bw)
+
+    def close(self):
+        self.runner = None
+        self.params = self.grads = None
+        if self.key == "compile":
+            import torch._dynamo as dynamo
+
+            dynamo.reset()
+        _cleanup(self.device)
+
+
+def _print_rec(rec, wall=None):
+    if rec["status"] == "ok":
+        w = f", {wall:.1f} s wall" if wall is not None else ""
+        print(f"  {rec['label']:<32} {rec['median_s'] * 1e3:10.3f} ms  ({rec['steps']} steps{w})", flush=True)
+    else:
+        print(f"  {rec['label']:<32} {rec['status']}: {rec['reason']}", flush=True)
+
+
+def _interleave(args, device, pset: ParamSet) -> bool:
+    """Interleave the optimizers' timed steps (robust to load drift on shared CPUs) unless CUDA
+    (peak memory needs one optimizer at a time) or the copies would not fit comfortably in RAM."""
+    if args.interleave != "auto":
+        return args.interleave == "on"
+    if device.type == "cuda":
+        return False
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    need = len(args.optimizers) * pset.numel * 4 * 6  # W, g, m, v, O + temporaries, fp32
+    return need < 0.25 * ram
+
+
+def _targets(pset: ParamSet, by_key: dict, ns_bench: dict | None, bare_ns: dict, same: str) -> list:
+    """The SPEC §8 CPU targets `pset` carries; `same`: the torch backend's NS dtype here."""
+    out = []
+    torch_rec = by_key.get("torch", {})
+    t_torch = torch_rec.get("median_s")
+    stages = torch_rec.get("stages") or {}
+    for tname in pset.targets:
+        spec = TARGETS[tname]
+        rec = {"id": tname, "set": pset.name, **spec, "value": None, "met": None}
+        if tname == "overhead":
+            t_ref = by_key.get("reference", {}).get("median_s")
+            if t_torch and t_ref:
+                rec["value"] = t_ref / t_torch
+                rec["torch_s"], rec["reference_s"] = t_torch, t_ref
+            else:
+                rec["why_missing"] = "needs both mango torch and mango reference timings"
+        else:
+            bare = (bare_ns.get(same) or {}).get("median_s")
+            rec["bare_ns_source"] = "bare NS matmuls timed in the same rounds as the optimizers"
+            if bare is None and ns_bench:  # fall back to the per-bucket benchmark, timed separately
+                vals = [b.get(f"bare_{same}_s") for b in ns_bench["buckets"]]
+                bare = sum(vals) if vals and all(v is not None for v in vals) else None
+                rec["bare_ns_source"] = "sum of the per-bucket NS benchmark"
+            if t_torch and bare:
+                rec["value"] = t_torch / bare
+                rec["torch_s"], rec["bare_ns_s"], rec["bare_ns_dtype"] = t_torch, bare, same
+            else:
+                rec["why_missing"] = "needs mango torch timing and the bare NS timing"
+        t_bf = by_key.get("torch_bf16", {}).get("median_s")
+        if t_bf and tname == "overhead" and by_key.get("reference", {}).get("median_s"):
+            rec["value_bf16_ns"] = by_key["reference"]["median_s"] / t_bf
+        if t_bf and tname == "ns" and (bare_ns.get("bfloat16") or {}).get("median_s"):
+            rec["value_bf16_ns"] = t_bf / bare_ns["bfloat16"]["median_s"]
+        if rec["value"] is not None:
+            rec["met"] = rec["value"] >= spec["target"] if spec["better"] == "higher" else rec["value"] <= spec["target"]
+            if stages.get("step"):
+                parts = {k: stages.get(k) for k in ("moments", "ns", "other_norms", "apply_and_rest") if stages.get(k) is not None}
+                rec["stage_fractions"] = {k: v / stages["step"] for k, v in parts.items()}
+                rec["dominant_stage"] = max(parts, key=parts.get) if parts else None
+        out.append(rec)
+    return out
+
+
+def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
+    fl = floor(pset, rates)
+    res = {"set": pset.describe(), "floor": fl, "optimizers": []}
+    print(f"\n[{pset.name}] {pset.title}: {pset.numel:,} params in {len(pset.tensors)} tensors; "
+          f"NS {fl['ns_flops'] / 1e9:.2f} GFLOP ({fl['ns_flops_symmetric'] / 1e9:.2f} sym), "
+          f"state {fl['state_bytes'] / 1e6:.1f} MB -> floor {fl['floor_s'] * 1e3:.3f} ms", flush=True)  # fmt: skip
+    extras = bool(pset.targets) or args.quick or args.profile
+    interleave = _interleave(args, device, pset)
+    res["interleaved"] = interleave
+    keys = list(args.optimizers)
+    if not args.optimizers_given:
+        for key in [k for k in keys if k in pset.default_skip]:
+            keys.remove(key)
+            res["optimizers"].append({"key": key, "label": O.LABELS[key], "status": "skipped",
+                                      "reason": f"not run on this set by default; --optimizers ...,{key} runs it"})  # fmt: skip
+            _print_rec(res["optimizers"][-1])
+    # yardsticks timed like the optimizers: the bare NS matmuls of one step (the "ns" target)
+    yard = []
+    if "ns" in pset.targets:
+        dts = [None] + ([torch.bfloat16] if "torch_bf16" in keys else [])
+        for dt in dts:
+            name, fn = K.bare_ns_step(pset, device, dt)
+            if name not in [y[0] for y in yard]:
+                yard.append((name, fn))
+    res["bare_ns"] = {}
+    noop = lambda: None  # noqa: E731
+    if interleave:  # all optimizers alive at once, one timed step of each per round
+        cs = []
+        for key in keys:
+            cs.append(Contender(key, pset, device, args))
+            if not cs[-1].ok:
+                _print_rec(cs[-1].rec)
+        live = [c for c in cs if c.ok]
+        timings = time_interleaved([(c.runner.step, c.prepare) for c in live] + [(fn, noop) for _, fn in yard], device, **plan)
+        for (name, _), t in zip(yard, timings[len(live):]):
+            res["bare_ns"][name] = {**summarize(t["times_s"]), "times_s": t["times_s"]}
+        for c, t in zip(live, timings):
+            c.record_timing(t, fl["floor_s"])
+            c.measure_rest(pset, args, extras, own_memory=False)
+            _print_rec(c.rec)
+        for c in cs:
+            c.close()
+            res["optimizers"].append(c.rec)
+    else:  # one optimizer at a time (own peak memory)
+        for key in keys:
+            t0 = time.perf_counter()
+            c = Contender(key, pset, device, args)
+            if c.ok:
+                c.record_timing(time_steps(c.runner.step, c.prepare, device, **plan), fl["floor_s"])
+                c.measure_rest(pset, args, extras, own_memory=True)
+                c.close()
+            _print_rec(c.rec, time.perf_counter() - t0)
+            res["optimizers"].append(c.rec)
+        for name, fn in yard:
+            t = time_steps(fn, noop, device, **plan)
+            res["bare_ns"][name] = {**summarize(t["times_s"]), "times_s": t["times_s"]}
+    for name, b in res["bare_ns"].items():
+        print(f"  {'bare NS matmuls (' + name + ')':<32} {b['median_s'] * 1e3:10.3f} ms  ({b['steps']} steps)", flush=True)
+    order = {k: i for i, k in enumerate(O.CONTENDERS)}
+    res["optimizers"].sort(key=lambda r: order.get(r["key"], len(order)))
+    by_key = {r["key"]: r for r in res["optimizers"]}
+    primary = next((k for k in ("triton", "torch") if by_key.get(k, {}).get("status") == "ok"), None)
+    res["primary"] = primary
+    if primary:
+        tp = by_key[primary]["median_s"]
+        for r in res["optimizers"]:
+            if r.get("median_s"):
+                r["vs_primary"] = r["median_s"] / tp
+    res["ns_buckets"] = None
+    if not args.no_kernels:
+        try:
+            res["ns_buckets"] = K.ns_buckets_bench(pset, device, rates, budget_s=0.0 if args.quick else 0.3)
+        except Exception as e:  # report, do not lose the run
+            res["ns_buckets_error"] = f"{type(e).__name__}: {e}"
+    same = str(K._torch_ns_dtype(device)).replace("torch.", "")
+    res["targets"] = _targets(pset, by_key, res["ns_buckets"], res["bare_ns"], same)
+    for t in res["targets"]:
+        if t["value"] is not None:
+            print(f"  target {t['name']}: {t['value']:.2f} (target {'>=' if t['better'] == 'higher' else '<='} {t['target']}) "
+                  f"{'MET' if t['met'] else 'MISSED'}", flush=True)  # fmt: skip
+    return res
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--sets", help=f"comma-separated parameter sets ({', '.join(SETS)}); default: CPU {','.join(DEFAULT_SETS['cpu'])}, "
+                                  f"CUDA {','.join(DEFAULT_SETS['cuda'])}")  # fmt: skip
+    p.add_argument("--cpu-targets", action="store_true", help=f"only the SPEC §8 CPU target sets ({', '.join(CPU_TARGET_SETS)})")
+    p.add_argument("--optimizers", help=f"comma-separated, from {', '.join(O.CONTENDERS)} (default: all; torch_bf16 only "
+                                        "where the torch backend's NS is not bf16 already, i.e. CPU)")
+    p.add_argument("--skip", default="", help="comma-separated optimizers to leave out (e.g. compile)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), help="results folder")
+    p.add_argument("--quick", action="store_true", help="every code path at tiny sizes, in seconds (CI); no timing claims")
+    p.add_argument("--threads", default="auto", help="torch CPU threads: N or auto (default; fewer when other processes load the cores)")
+    p.add_argument("--tied-role", default="head", choices=TIED_ROLES, help="role of the tied wte/lm_head tensor (default head: NS, as SPEC §8 counts)")
+    p.add_argument("--budget", type=float, help="seconds of timed steps per optimizer (default 2)")
+    p.add_argument("--steps", type=int, help="minimum timed steps per optimizer")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --quick: aot_eager)")
+    p.add_argument("--compile-timeout", type=float, default=240.0, help="seconds before compiling the reference counts as failed")
+    p.add_argument("--cpu-budget", type=float, default=0.25, help="gpt-cpu: largest size whose estimated step is under this many seconds")
+    p.add_argument("--interleave", default="auto", choices=("auto", "on", "off"),
+                   help="time the optimizers in interleaved rounds (auto: on for CPU when the copies fit in RAM, "
+                        "off on CUDA where peak memory is measured per optimizer)")
+    p.add_argument("--no-kernels", action="store_true", help="skip the per-bucket NS benchmark")
+    p.add_argument("--profile", action="store_true", help="record the torch.profiler top ops of mango's step for every set")
+    p.add_argument("--no-png", action="store_true", help="do not draw the bar chart")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    skip = {s for s in args.skip.split(",") if s}
+    from mango.backends.torch_backend import ns_work_dtype
+
+    ns_dt = str(ns_work_dtype("auto", device, torch.float32)).replace("torch.", "")
+    args.optimizers_given = args.optimizers is not None
+    if args.optimizers is None:
+        args.optimizers = ",".join(k for k in O.CONTENDERS if k != "torch_bf16" or ns_dt != "bfloat16")
+    args.optimizers = [k for k in args.optimizers.split(",") if k and k not in skip]
+    for k in args.optimizers:
+        if k not in O.CONTENDERS:
+            raise SystemExit(f"unknown optimizer {k!r}; known: {', '.join(O.CONTENDERS)}")
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.quick else "inductor"
+    threads = configure_threads(args.threads)
+    started = time.perf_counter()
+    print(f"bench.step on {device} ({threads['threads']} threads"
+          f"{'; ' + threads['reason'] if threads.get('reason') else ''}); measuring the device ...", flush=True)  # fmt: skip
+    rates = measure_device(device, quick=args.quick)
+    args._rates = rates
+    print(f"  matmul: " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in rates["matmul_flops"].items() if isinstance(v, float))
+          + f"; copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)  # fmt: skip
+
+    if args.quick:
+        names = ["tiny"] if not args.sets else args.sets.split(",")
+    elif args.sets:
+        names = [s for s in args.sets.split(",") if s]
+    elif args.cpu_targets:
+        names = list(CPU_TARGET_SETS)
+    else:
+        names = list(DEFAULT_SETS["cuda" if device.type == "cuda" else "cpu"])
+
+    ns_rate = rates["matmul_flops"].get(ns_dt) or rates["peak_matmul_flops"]
+
+    def estimate(ps):  # mango torch backend: full NS FLOPs at its NS dtype + ~3x the least state traffic
+        return ns_flops(ps) / ns_rate + 3 * state_bytes(ps) / rates["copy_bytes_per_s"]
+
+    sets = [resolve_set(n, tied_role=args.tied_role, estimate_s=estimate, budget_s=args.cpu_budget) for n in names]
+    plan = _timing_plan(args, device)
+    result = {
+        "schema": SCHEMA,
+        "kind": "bench.step",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m bench.step " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "quick": args.quick,
+        "device": _device_info(device, threads),
+        "versions": _versions(),
+        "rates": rates,
+        "timing": {**plan, "method": "CUDA events, device idle at step start" if device.type == "cuda" else "perf_counter",
+                   "gradients": "refreshed with torch.randn before every step, outside the timed span",
+                   "statistic": "median of timed steps after warm-up"},  # fmt: skip
+        "settings": {"optimizers": args.optimizers, "skipped": sorted(skip), "tied_role": args.tied_role,
+                     "compile_backend": args.compile_backend, "compile_timeout_s": args.compile_timeout,
+                     "torch_backend_ns_dtype": ns_dt, "preset": "mango.presets.mango defaults (fp32 params and state)"},  # fmt: skip
+        "sets": [],
+    }
+    for ps in sets:
+        result["sets"].append(run_set(ps, device, args, rates, plan))
+    result["targets"] = [t for s in result["sets"] for t in s["targets"]]
+    result["wall_s"] = time.perf_counter() - started
+    paths = R.write(result, args.out, png=not args.no_png)
+    result["files"] = paths
+    print()
+    print(R.markdown(result))
+    print("wrote " + ", ".join(paths.values()))
+    return result
+
+
+if __name__ == "__main__":
+    main()
