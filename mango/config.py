@@ -23,7 +23,6 @@ ROLES = (
 NORMS = ("ns", "ns_split", "l2", "l2_split", "l2_col", "sign", "none")
 NS_NORMS = ("ns", "ns_split")
 SPLIT_NORMS = ("ns_split", "l2_split")
-MATRIX_NORMS = ("ns", "ns_split", "l2_col")  # need a tensor of at least 2 dims (l2_split: 1-D or more)
 PRECONDITIONERS = (None, "laprop", "adam", "novograd")
 NS_PRESCALES = ("frobenius", "spectral")
 SHAPE_SCALES = (None, "original", "match_rms_adamw")

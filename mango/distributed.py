@@ -47,6 +47,7 @@ import contextlib
 import math
 import sys
 import threading
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,9 @@ import torch.distributed as dist
 
 from .backends.torch_backend import TorchBackend, batched_newton_schulz, ns_work_dtype
 from .config import NS_NORMS, normalize_ns_coefficients
+
+if TYPE_CHECKING:  # plan imports this module (is_dtensor); the annotation only
+    from .plan import ElementwiseBucket
 from .reference import init_state as _plain_init_state
 
 __all__ = [

@@ -185,7 +185,6 @@ class Mango(Optimizer):
         return "<unnamed>"
 
     def _build_plan(self, active, key):
-        self._check_grads(active, [[p.grad for p in ps] for ps in active])
         slots_by_group = []
         for gi, (group, ps) in enumerate(zip(self.param_groups, active)):
             slots = []
@@ -237,10 +236,9 @@ class Mango(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         active, grads, key = self._collect()
+        self._check_grads(active, grads)
         if self._plan is None or self._plan.key != key:
             self._plan = self._build_plan(active, key)
-        else:
-            self._check_grads(active, grads)
         plan = self._plan
         grad_of = {id(p): g for ps, gs in zip(active, grads) for p, g in zip(ps, gs)}
         grads_by_bucket = [[grad_of[id(s.param)] for s in b.slots] for b in plan.buckets]

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import config
 from .distributed import is_dtensor
 from .reference import compute_dtype, shape_factor
 
@@ -124,8 +123,3 @@ def build_plan(key, groups, slots_by_group) -> Plan:
 def structural_key(group) -> tuple:
     return tuple(repr(group[k]) for k in STRUCTURAL_KEYS)
 
-
-def resolve_slot_settings(group, param, name):
-    role = config.resolve_role(group, param)
-    norm = config.resolve_norm(group, role)
-    return role, norm
