@@ -41,7 +41,7 @@ __all__ = [
     "floor",
 ]
 
-NS_STEPS = config.DEFAULTS["ns_steps"]
+NS_STEPS = config.DEFAULT_NS_STEPS
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ NS_NORMS = ("ns", "ns_split")
 SPLIT_NORMS = ("ns_split", "l2_split")
 PRECONDITIONERS = (None, "laprop", "adam", "novograd")
 NS_PRESCALES = ("frobenius", "spectral")
+NS_METHODS = ("auto", "textbook", "gram")
+ORIENTATIONS = ("out_in", "in_out")
 SHAPE_SCALES = (None, "original", "match_rms_adamw")
 SECOND_MOMENTS = ("ema", "sum")
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
@@ -54,6 +56,42 @@ ROLE_NORMS = {
 
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
+# Polar Express (Amsel, Persson, Musco, Gower 2025, "The Polar Express: Optimal Matrix Sign Methods
+# and Their Application to the Muon Algorithm", arXiv:2505.16932, Algorithm 1): per-step optimal
+# degree-5 polynomials for singular values in [1e-3, 1], each divided by the paper's safety factor
+# 1.01 (a/1.01, b/1.01³, c/1.01⁵) except the last, which later steps repeat.
+_POLAR_EXPRESS_RAW = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+POLAR_EXPRESS_COEFFICIENTS = tuple((a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]) + _POLAR_EXPRESS_RAW[-1:]
+
+
+def _polar_express(steps: int) -> tuple:
+    pe = POLAR_EXPRESS_COEFFICIENTS
+    return tuple(pe[:steps]) + (pe[-1],) * max(0, steps - len(pe))
+
+
+# Named coefficient schedules for `ns_coefficients` (SPEC §6: schedules are data). Each maps a
+# step count to one (a, b, c) per step; `steps` is the schedule's own length (None: any, default 5).
+NS_SCHEDULES = {
+    "muon": dict(steps=None, make=lambda n: (MUON_COEFFICIENTS,) * n,
+                 source="Keller Jordan's Muon quintic (3.4445, -4.7750, 2.0315), the same every step"),
+    "mango_jax": dict(steps=6, make=lambda n: (MUON_COEFFICIENTS,) * n,
+                      source="the MANGO authors' JAX code: 6 steps of Muon's quintic"),
+    "polar_express": dict(steps=None, make=_polar_express,
+                          source="Polar Express (Amsel et al. 2025, arXiv:2505.16932, Algorithm 1), first ns_steps polynomials"),
+    "polar_express_4": dict(steps=4, make=_polar_express, source="Polar Express, 4 steps"),
+    "polar_express_5": dict(steps=5, make=_polar_express, source="Polar Express, 5 steps"),
+}
+DEFAULT_NS_STEPS = 5
+
 # Defaults of every group setting (the MANGO report's values, SPEC §4 `mango`).
 DEFAULTS = dict(
     lr=0.01,
@@ -68,12 +106,15 @@ DEFAULTS = dict(
     role=None,  # None: inferred per tensor from ndim (>=2-D matrix, else vector_weight)
     norm=None,  # None: the role's default norm
     head_dim=None,
-    ns_steps=5,
+    ns_steps=None,  # None: the schedule's own length (5 for a single triple or "muon")
     ns_coefficients=MUON_COEFFICIENTS,
+    ns_method="auto",  # "textbook" X ← p(XXᵀ)X, "gram" (iterate on the Gram matrix), "auto": fewer FLOPs per shape
     ns_prescale="frobenius",
     ns_eps=1e-7,
     ns_dtype="auto",  # torch backend: bfloat16 on CUDA, float32 on CPU; reference: input dtype
     shape_scale="original",
+    orientation="out_in",  # how a matrix is stored: (out, in) like nn.Linear, or "in_out" (HF Conv1D)
+    experts=False,  # dim 0 indexes independent matrices (MoE experts): every norm is taken per expert
     trust_ratio=False,
     beta_offset=0.99,
     weight_decay=0.0,
@@ -104,16 +145,25 @@ def _check_choice(name, value, choices):
         raise _err(name, value, f"must be one of {choices}")
 
 
-def normalize_ns_coefficients(coeffs, ns_steps: int) -> tuple[tuple[float, float, float], ...]:
-    """Return one (a, b, c) triple per NS step from a triple or a per-step list of triples."""
+def normalize_ns_coefficients(coeffs, ns_steps) -> tuple[tuple[float, float, float], ...]:
+    """One (a, b, c) triple per NS step from a triple, a per-step list of triples, or a schedule
+    name (see NS_SCHEDULES). ns_steps=None means the schedule's own length (5 for a triple)."""
+    if isinstance(coeffs, str):
+        if coeffs not in NS_SCHEDULES:
+            raise _err("ns_coefficients", coeffs, f"unknown schedule; named schedules: {sorted(NS_SCHEDULES)}")
+        fixed = NS_SCHEDULES[coeffs]["steps"]
+        if fixed is not None and ns_steps is not None and ns_steps != fixed:
+            raise _err("ns_steps", ns_steps, f"schedule {coeffs!r} has {fixed} steps; leave ns_steps=None or set {fixed}")
+        steps = fixed if fixed is not None else (DEFAULT_NS_STEPS if ns_steps is None else ns_steps)
+        return tuple(tuple(float(c) for c in t) for t in NS_SCHEDULES[coeffs]["make"](steps))
     if not isinstance(coeffs, (list, tuple)) or len(coeffs) == 0:
-        raise _err("ns_coefficients", coeffs, "must be (a, b, c) or a list of ns_steps such triples")
+        raise _err("ns_coefficients", coeffs, "must be (a, b, c), a list of ns_steps such triples, or a schedule name")
     if all(isinstance(c, Real) and not isinstance(c, bool) for c in coeffs):
         if len(coeffs) != 3:
             raise _err("ns_coefficients", coeffs, "a single triple must have exactly 3 numbers (a, b, c)")
-        triples = [tuple(float(c) for c in coeffs)] * ns_steps
+        triples = [tuple(float(c) for c in coeffs)] * (DEFAULT_NS_STEPS if ns_steps is None else ns_steps)
     else:
-        if len(coeffs) != ns_steps:
+        if ns_steps is not None and len(coeffs) != ns_steps:
             raise _err("ns_coefficients", coeffs, f"a per-step list must have ns_steps={ns_steps} triples")
         triples = []
         for t in coeffs:
@@ -125,6 +175,11 @@ def normalize_ns_coefficients(coeffs, ns_steps: int) -> tuple[tuple[float, float
             if not math.isfinite(c):
                 raise _err("ns_coefficients", coeffs, "must be finite")
     return tuple(triples)
+
+
+def ns_schedule(group: dict) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of every NS step of a param group."""
+    return normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
 
 
 def validate_group(group: dict) -> None:
@@ -156,19 +211,32 @@ def validate_group(group: dict) -> None:
     hd = group["head_dim"]
     if hd is not None and (isinstance(hd, bool) or not isinstance(hd, int) or hd <= 0):
         raise _err("head_dim", hd, "must be a positive int")
-    if isinstance(group["ns_steps"], bool) or not isinstance(group["ns_steps"], int) or group["ns_steps"] < 0:
-        raise _err("ns_steps", group["ns_steps"], "must be an int >= 0")
+    steps = group["ns_steps"]
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise _err("ns_steps", steps, "must be None (the schedule's length) or an int >= 0")
     normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
     _check_choice("ns_prescale", group["ns_prescale"], NS_PRESCALES)
+    _check_choice("ns_method", group["ns_method"], NS_METHODS)
+    _check_choice("orientation", group["orientation"], ORIENTATIONS)
+    if not isinstance(group["experts"], bool):
+        raise _err("experts", group["experts"], "must be True or False")
     _check_real("ns_eps", group["ns_eps"], lo=0.0, lo_open=True)
     if group["ns_dtype"] != "auto":
         import torch
 
         if group["ns_dtype"] not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
             raise _err("ns_dtype", group["ns_dtype"], "must be 'auto' or a torch float dtype")
+    if group["ns_method"] == "gram" and group["ns_dtype"] is torch_bfloat16():
+        raise _err("ns_method", "gram", "bfloat16 cannot hold the Gram iterates (~4% error); use ns_dtype=torch.float16, float32 or 'auto'")
     _check_choice("shape_scale", group["shape_scale"], SHAPE_SCALES)
     _check_real("beta_offset", group["beta_offset"], lo=0.0, hi=1.0, hi_open=True, allow_none=True)
     _check_real("weight_decay", group["weight_decay"], lo=0.0)
+
+
+def torch_bfloat16():
+    import torch
+
+    return torch.bfloat16
 
 
 def resolve_role(group: dict, param) -> str:

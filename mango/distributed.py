@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import threading
 from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
@@ -55,8 +54,9 @@ import torch.distributed as dist
 
 from .backends.torch_backend import TorchBackend, batched_newton_schulz, ns_work_dtype
 from .config import NS_NORMS, normalize_ns_coefficients
+from .dtensor import is_dtensor, local_tensor
 
-if TYPE_CHECKING:  # plan imports this module (is_dtensor); the annotation only
+if TYPE_CHECKING:  # the annotation only
     from .plan import ElementwiseBucket
 from .reference import init_state as _plain_init_state
 
@@ -78,17 +78,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------
 # DTensor helpers (torch.distributed.tensor is imported lazily: it costs ~1 s)
 # ----------------------------------------------------------------------------------------
-
-
-def is_dtensor(t) -> bool:
-    """True for a `torch.distributed.tensor.DTensor` (without importing DTensor when unused)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The rank-local data of a DTensor (shares storage: in-place ops update the DTensor); t itself otherwise."""
-    return t._local_tensor if is_dtensor(t) else t
 
 
 def _placement_error(name, p, why) -> ValueError:

@@ -53,10 +53,13 @@ class Mango(Optimizer):
         head_dim=None,
         ns_steps: int = config.DEFAULTS["ns_steps"],
         ns_coefficients=config.DEFAULTS["ns_coefficients"],
+        ns_method: str = config.DEFAULTS["ns_method"],
         ns_prescale: str = config.DEFAULTS["ns_prescale"],
         ns_eps: float = config.DEFAULTS["ns_eps"],
         ns_dtype="auto",
         shape_scale=config.DEFAULTS["shape_scale"],
+        orientation: str = config.DEFAULTS["orientation"],
+        experts: bool = config.DEFAULTS["experts"],
         trust_ratio: bool = False,
         beta_offset=config.DEFAULTS["beta_offset"],
         weight_decay: float = 0.0,
@@ -74,7 +77,8 @@ class Mango(Optimizer):
             second_moment=second_moment, nesterov=nesterov, ema_momentum=ema_momentum,
             bias_correction=bias_correction, role=role,
             norm=norm, head_dim=head_dim, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
-            ns_prescale=ns_prescale, ns_eps=ns_eps, ns_dtype=ns_dtype, shape_scale=shape_scale,
+            ns_method=ns_method, ns_prescale=ns_prescale, ns_eps=ns_eps, ns_dtype=ns_dtype, shape_scale=shape_scale,
+            orientation=orientation, experts=experts,
             trust_ratio=trust_ratio, beta_offset=beta_offset, weight_decay=weight_decay, maximize=maximize,
         )  # fmt: skip
         config.validate_group(defaults)

@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import is_dtensor
+from .dtensor import is_dtensor
+from .layout import block_shape
 from .reference import compute_dtype, shape_factor
 
 # Group settings that change the plan's structure; everything else is read every step.
-STRUCTURAL_KEYS = ("role", "norm", "head_dim", "preconditioner", "beta_offset", "ns_dtype", "shape_scale")
+STRUCTURAL_KEYS = (
+    "role", "norm", "head_dim", "preconditioner", "beta_offset", "ns_dtype", "shape_scale", "orientation", "experts", "ns_method",
+)  # fmt: skip
 
 
 @dataclass
@@ -40,14 +43,27 @@ class Slot:
 
 @dataclass
 class NormBucket:
-    """Tensors normalized by one batched call: same norm, and for matrix norms the same shape."""
+    """Tensors normalized by one batched call: same norm, and for matrix norms the same shape.
+
+    For matrix norms the blocks are those of `mango.layout.norm_blocks`: each tensor holds
+    `blocks_per_tensor` blocks of `block_shape` = (rows, cols) of the operator (per expert, in
+    (out, in) orientation, one head block for the split norms; (head_dim, 1) for a split bias)."""
 
     norm: str
     slots: list  # indices into the ElementwiseBucket's slot list
-    shape: tuple  # parameter shape for matrix norms, None for elementwise norms
-    block_shape: tuple = None  # (rows, cols) of each NS / row-norm block; head blocks for splits
+    shape: tuple  # parameter (storage) shape for matrix norms, None for elementwise norms
+    block_shape: tuple = None  # (rows, cols) of one block
     shape_factor: float = 1.0
+    head_dim: int = None
+    orientation: str = "out_in"
+    experts: bool = False
+    blocks_per_tensor: int = 1
     cache: dict = field(default_factory=dict)  # backend-specific data (e.g. Triton tables)
+
+    @property
+    def layout(self) -> dict:
+        """Keyword arguments of the mango.layout functions for this bucket's tensors."""
+        return dict(orientation=self.orientation, experts=self.experts)
 
 
 @dataclass
@@ -72,20 +88,6 @@ class Plan:
     sharded: bool = False  # some parameter is a DTensor (FSDP2): mango.distributed's backend runs the step
 
 
-def _block_shape(param: torch.Tensor, norm: str, head_dim):
-    rows = param.shape[0]
-    cols = math.prod(param.shape[1:]) if param.dim() > 1 else 1
-    if norm == "ns":
-        return (rows, cols)
-    if norm == "ns_split":
-        return (head_dim, cols)
-    if norm == "l2_col":
-        return (rows, cols)
-    if norm == "l2_split":
-        return (rows // head_dim, head_dim * cols)
-    return None
-
-
 def build_plan(key, groups, slots_by_group) -> Plan:
     """Bucket the active slots; `slots_by_group[i]` lists the Slot objects of param group i."""
     buckets = []
@@ -104,15 +106,13 @@ def build_plan(key, groups, slots_by_group) -> Plan:
                     continue  # nothing to normalize or update; its step count still advances
                 nb = nbs.get((slot.norm, shape))
                 if nb is None:
-                    nb = NormBucket(
-                        norm=slot.norm,
-                        slots=[],
-                        shape=shape,
-                        block_shape=_block_shape(slot.param, slot.norm, group["head_dim"]) if matrix else None,
-                        shape_factor=shape_factor(slot.norm, tuple(slot.param.shape), group["head_dim"], group["shape_scale"])
-                        if matrix
-                        else 1.0,
-                    )
+                    nb = NormBucket(norm=slot.norm, slots=[], shape=shape)
+                    if matrix:
+                        layout = dict(orientation=group["orientation"], experts=group["experts"])
+                        n, r, c = block_shape(shape, slot.norm, group["head_dim"], **layout)
+                        nb.block_shape, nb.blocks_per_tensor, nb.head_dim = (r, c), n, group["head_dim"]
+                        nb.orientation, nb.experts = layout["orientation"], layout["experts"]
+                        nb.shape_factor = shape_factor(slot.norm, shape, group["head_dim"], group["shape_scale"], **layout)
                     nbs[(slot.norm, shape)] = nb
                 nb.slots.append(i)
             buckets.append(ElementwiseBucket(gi, device, dtype, eslots, list(nbs.values())))

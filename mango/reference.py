@@ -22,7 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import NS_NORMS, normalize_ns_coefficients
+from . import newton_schulz as _ns
+from .config import NS_NORMS, ns_schedule
+from .layout import block_shape, norm_blocks, shape_factor_of
 
 __all__ = [
     "compute_dtype",
@@ -40,7 +42,7 @@ def compute_dtype(param: torch.Tensor) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------
-# Newton–Schulz
+# Newton–Schulz (the readable textbook and Gram forms live in mango.newton_schulz)
 # ----------------------------------------------------------------------------------------
 
 
@@ -54,34 +56,38 @@ def newton_schulz(
     coefficients: "Sequence[tuple[float, float, float]]",
     prescale: str = "frobenius",
     eps: float = 1e-7,
+    method: str = "textbook",
 ) -> torch.Tensor:
     """Apply the Newton–Schulz polynomial to each (r, c) matrix of a (..., r, c) batch.
 
     The matrix is used transposed when r > c so the Gram matrix is the small one; it is
     first divided by max(‖X‖, eps) (Frobenius, or spectral) so its singular values lie in
-    [0, 1], then each step computes A = X·Xᵀ, B = b·A + c·A·A, X ← a·X + B·X.
-    `coefficients` holds one (a, b, c) triple per step (see config.normalize_ns_coefficients).
-    Runs in X's dtype: float64 in, float64 evaluation out.
+    [0, 1], then each step computes A = X·Xᵀ, B = b·A + c·A·A, X ← a·X + B·X (method
+    "textbook"), or the same polynomial on the Gram matrix (method "gram", see
+    mango.newton_schulz). `coefficients` holds one (a, b, c) triple per step (see
+    config.ns_schedule). Runs in X's dtype: float64 in, float64 evaluation out.
     """
-    transposed = X.shape[-2] > X.shape[-1]
-    if transposed:
-        X = X.mT
-    if prescale == "frobenius":
-        scale = torch.linalg.matrix_norm(X, ord="fro", keepdim=True)
-    elif prescale == "spectral":
-        scale = spectral_norm(X)[..., None, None]
-    else:
-        raise ValueError(f"mango: invalid ns_prescale={prescale!r}")
-    X = X / scale.clamp_min(eps)
-    for a, b, c in coefficients:
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
-    return X.mT if transposed else X
+    return _ns.newton_schulz(X, coefficients, prescale, eps, method)
 
 
-def _ns_coefficient_list(settings) -> tuple:
-    return normalize_ns_coefficients(settings["ns_coefficients"], settings["ns_steps"])
+def ns_method_for(settings: dict, rows: int, cols: int, dtype: torch.dtype, device) -> str:
+    """The NS form a block of (rows, cols) gets under these settings (what every backend picks)."""
+    steps = len(ns_schedule(settings))
+    return _ns.choose_method(settings.get("ns_method", "auto"), rows, cols, steps, settings.get("ns_dtype", "auto"),
+                             torch.device(device), dtype, cpu_has_fast_bf16())  # fmt: skip
+
+
+def _detect_fast_bf16() -> bool:
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+_FAST_BF16 = _detect_fast_bf16()  # read once at import: a constant keeps torch.compile's graph whole
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 NS is ~4× fp32."""
+    return _FAST_BF16
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,43 +101,44 @@ def _unit_l2(x: torch.Tensor, dim) -> torch.Tensor:
     return torch.where(n > 0, x / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(x))
 
 
-def shape_factor(norm: str, shape, head_dim, shape_scale) -> float:
-    """k_role: Muon's learning-rate adjustment for NS updates, 1 for every other norm."""
+def _layout(settings: dict) -> dict:
+    return dict(orientation=settings.get("orientation", "out_in"), experts=settings.get("experts", False))
+
+
+def shape_factor(norm: str, shape, head_dim, shape_scale, orientation: str = "out_in", experts: bool = False) -> float:
+    """k_role: Muon's learning-rate adjustment for NS updates (from the operator block's
+    rows and cols: per head block for ns_split, per expert), 1 for every other norm."""
     if norm not in NS_NORMS or shape_scale is None:
         return 1.0
-    rows = head_dim if norm == "ns_split" else shape[0]
-    cols = math.prod(shape[1:])
-    if shape_scale == "original":
-        return math.sqrt(max(1.0, rows / cols))
-    if shape_scale == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(rows, cols))
-    raise ValueError(f"mango: invalid shape_scale={shape_scale!r}")
+    _, rows, cols = block_shape(shape, norm, head_dim, orientation, experts)
+    return shape_factor_of(rows, cols, shape_scale)
 
 
 def normalize(d: torch.Tensor, norm: str, settings: dict) -> torch.Tensor:
-    """Δ = argmax_{‖Δ‖=1} ⟨Δ, d⟩ for the chosen norm (NS approximates the spectral case)."""
+    """Δ = argmax_{‖Δ‖=1} ⟨Δ, d⟩ for the chosen norm (NS approximates the spectral case).
+
+    Matrix norms act on the operators of the tensor (mango.layout): per expert, on the (out, in)
+    orientation, per head block for the split norms."""
     if d.numel() == 0 or norm == "none":
         return d
     if norm == "sign":
         return torch.sign(d)
-    if norm == "l2":
-        return _unit_l2(d, dim=None)
-    rows = d.shape[0]
-    if norm == "l2_col":  # one unit vector per row (per output neuron / per token embedding)
-        return _unit_l2(d.reshape(rows, -1), dim=1).reshape(d.shape)
-    if norm == "l2_split":  # one unit vector per head block of head_dim rows
-        hd = settings["head_dim"]
-        return _unit_l2(d.reshape(rows // hd, -1), dim=1).reshape(d.shape)
-    if norm in ("ns", "ns_split"):
-        M = d.reshape(rows, -1)
-        if norm == "ns_split":
-            hd = settings["head_dim"]
-            M = M.reshape(rows // hd, hd, M.shape[1])
+    d = d.contiguous()
+    blocks = norm_blocks(d, d.shape, norm, settings.get("head_dim"), **_layout(settings))
+    if norm in ("l2", "l2_split"):  # one unit vector per operator / head block
+        out = _unit_l2(blocks, dim=(-2, -1))
+    elif norm == "l2_col":  # one unit vector per operator row (output neuron, token embedding)
+        out = _unit_l2(blocks, dim=-1)
+    elif norm in ("ns", "ns_split"):
         ns_dtype = settings.get("ns_dtype", "auto")
-        work = M if ns_dtype == "auto" else M.to(ns_dtype)
-        out = newton_schulz(work, _ns_coefficient_list(settings), settings["ns_prescale"], settings["ns_eps"])
-        return out.to(d.dtype).reshape(d.shape)
-    raise ValueError(f"mango: invalid norm={norm!r}")
+        work = blocks if ns_dtype == "auto" else blocks.to(ns_dtype)
+        method = ns_method_for(settings, blocks.shape[-2], blocks.shape[-1], work.dtype, d.device)
+        out = newton_schulz(work, ns_schedule(settings), settings["ns_prescale"], settings["ns_eps"], method)
+    else:
+        raise ValueError(f"mango: invalid norm={norm!r}")
+    result = torch.empty_like(d)
+    norm_blocks(result, d.shape, norm, settings.get("head_dim"), **_layout(settings)).copy_(out)
+    return result
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,7 +214,7 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: dict, settings: dict)
     # normalize and scale
     norm = settings["norm"]
     delta = normalize(d, norm, settings)
-    k = shape_factor(norm, tuple(param.shape), settings.get("head_dim"), settings["shape_scale"])
+    k = shape_factor(norm, tuple(param.shape), settings.get("head_dim"), settings["shape_scale"], **_layout(settings))
     if settings["trust_ratio"]:
         w_norm = float(torch.linalg.vector_norm(W))
         k *= w_norm if w_norm > 0 else 1.0

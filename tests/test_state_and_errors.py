@@ -76,7 +76,10 @@ BAD_SETTINGS = [
     ("ns_prescale", "nuclear"),
     ("ns_steps", -1),
     ("ns_coefficients", (1.0, 2.0)),
-    ("ns_coefficients", [(1.0, 2.0, 3.0)] * 2),  # per-step list of the wrong length (ns_steps=5)
+    ("ns_coefficients", "jordan"),  # not a named schedule
+    ("ns_method", "svd"),
+    ("orientation", "columns"),
+    ("experts", "yes"),
     ("shape_scale", "sqrt"),
     ("nesterov", "yes"),
     ("second_moment", "max"),
@@ -89,6 +92,17 @@ def test_bad_hyperparameters_name_the_setting(name, value):
     p = torch.nn.Parameter(torch.randn(4, 4))
     with pytest.raises(ValueError, match=name):
         mango.Mango([p], **{name: value})
+
+
+def test_ns_schedule_length_must_match_ns_steps():
+    """A per-step list or a fixed-length named schedule of another length than an explicit ns_steps."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="ns_coefficients"):
+        mango.Mango([p], ns_steps=5, ns_coefficients=[(1.0, 2.0, 3.0)] * 2)
+    with pytest.raises(ValueError, match="ns_steps"):
+        mango.Mango([p], ns_steps=5, ns_coefficients="polar_express_4")
+    with pytest.raises(ValueError, match="ns_method"):
+        mango.Mango([p], ns_method="gram", ns_dtype=torch.bfloat16)
 
 
 def test_bad_group_added_later_leaves_optimizer_unchanged():

@@ -1,85 +1,139 @@
-"""The batched pure-PyTorch backend (default on CPU, and on GPUs without Triton).
+"""The batched pure-PyTorch backend (default on CPU, on GPUs without Triton, and under FSDP2).
 
-Same math as `mango.reference`, organised so that the cost of a step does not grow with the
-number of tensors:
+Same math as `mango.reference`, organised so that neither the number of tensors nor their size
+drives the cost:
 
-* **Flat state.** For each elementwise bucket of the plan, m, v, O and the step counters live
-  in one flat buffer; the per-parameter state entries are views into it (so `state_dict`, the
-  reference and the triton backend see the usual per-tensor layout). Moments, offset and
-  scaling are then a handful of whole-buffer ops instead of a `foreach` per tensor (on CPU
-  `foreach` is a per-tensor loop).
-* **Norm buckets are contiguous.** The flat layout orders tensors by norm bucket, so the
-  stack of same-shape matrices that Newton–Schulz needs is a zero-copy view of the direction
-  buffer, and fused-QKV head blocks are a reshape of that view.
-* Gradients come in with one `_foreach_copy_` (casting bf16/fp16 to the state dtype) and the
-  update goes out with one `_foreach_sub_` (rounding to each parameter's own dtype).
+* **Flat state.** For each elementwise bucket of the plan, m, v and O live in one flat buffer; the
+  per-parameter state entries are views into it (so `state_dict`, the reference and the triton
+  backend see the usual per-tensor layout). Tensors are ordered by norm bucket ("unit").
+* **Bounded memory.** A step never holds a buffer of the whole parameter set. Each unit is swept
+  in *chunks* (≤ `CHUNK_ELEMENTS` elements, cut at tensor rows): gradients are gathered into a
+  chunk buffer, the direction d is computed there, and the update is applied chunk by chunk.
+  Newton–Schulz units write d straight into an NS-dtype buffer X of the unit; the iteration runs
+  between X and one more buffer Y of the same size; the chunk buffers of the other passes live in
+  whichever of the two is free. So the memory a step adds to the state is 2× the largest NS
+  bucket in its NS dtype (SPEC §8), or two chunks where no NS bucket is that large.
+* **Reductions without a copy of d.** Norms that need a whole tensor or row before anything can
+  be applied (l2, l2_col, l2_split) sum squares per segment in a first sweep and recompute d from
+  the updated moments in a second one, unless the unit fits in one chunk (then d stays put).
+* **Operators, not storage.** Matrix norms act on `mango.layout.norm_blocks` views: per expert,
+  on the (out, in) orientation of Conv1D weights, per head block — strided views of the buffers,
+  never copies.
+* **Newton–Schulz in either form**, batched over the unit's blocks: the textbook iteration or the
+  Gram form (`mango.newton_schulz`), picked per unit; lr·k rides on the last product.
 
-The three stages that need whole tensors (`tensor_norms`, `unit_rows`, `orthogonalize`) are
-methods so a sharded backend can override them with collectives.
+The whole-tensor stages are methods (`tensor_norms`, `finish_sums`, `orthogonalize`) so the
+sharded backend (mango.distributed) can replace them with collectives.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
 
-from ..config import normalize_ns_coefficients
-from ..reference import spectral_norm
+from .. import newton_schulz as _ns
+from ..config import ns_schedule
+from ..layout import block_shape, norm_blocks
+from ..reference import cpu_has_fast_bf16, ns_method_for, spectral_norm
 
+__all__ = ["TorchBackend", "batched_newton_schulz", "ns_work_dtype", "cpu_has_fast_bf16", "CHUNK_ELEMENTS"]
+
+CHUNK_ELEMENTS = 1 << 22  # elements per elementwise sweep (a 16 MB fp32 chunk buffer)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "offset")
+_REDUCE_NORMS = ("l2", "l2_col", "l2_split")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 NS is ~4× fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+def ns_work_dtype(setting, device: torch.device, dtype: torch.dtype, method: str = "textbook") -> torch.dtype:
+    """The NS operand dtype (see mango.newton_schulz.operand_dtype): "auto" is bf16 for the
+    textbook form where bf16 matmul is fast (CUDA, bf16 CPUs), fp16 for the Gram form on CUDA,
+    else the state dtype; float64 state always runs NS in float64."""
+    return _ns.operand_dtype(setting, method, torch.device(device), dtype, cpu_has_fast_bf16())
 
 
-def ns_work_dtype(setting, device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """ns_dtype="auto": bf16 operands (SPEC §6) on CUDA and on CPUs with native bf16 matmul,
-    else the state dtype; float64 state always runs NS in float64 (it is asked for exactness)."""
-    if setting != "auto":
-        return setting
-    if dtype == torch.float64:
-        return dtype
-    fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-    return torch.bfloat16 if fast_bf16 else dtype
+# ----------------------------------------------------------------------------------------
+# batched Newton–Schulz on preallocated buffers
+# ----------------------------------------------------------------------------------------
 
 
-def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: float, dtype=None, out_scale: float = 1.0) -> torch.Tensor:
-    """Newton–Schulz on a (B, r, c) stack; returns out_scale × the result, (B, r, c), possibly a
-    transposed view.
+def _frobenius(X: torch.Tensor) -> torch.Tensor:
+    wide = torch.float32 if X.dtype in _LOW_PRECISION else None
+    return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=wide)
 
-    The pre-scale norm is taken on X as given (fp32 state: an accurate norm); the iteration runs
-    on one contiguous copy in `dtype` (default X.dtype), transposed when r > c so the Gram matrix
-    is the small one — cast, transpose and scale in one pass, and contiguous operands keep bmm on
-    its fast path. Each step: A = X·Xᵀ, B = b·A + c·A·A (baddbmm), X ← a·X + B·X; `out_scale`
-    (lr × shape factor) rides on the last step's baddbmm instead of costing a pass of its own.
+
+def batched_newton_schulz(
+    X: torch.Tensor, coefficients, prescale: str, eps: float, dtype=None, out_scale: float = 1.0,
+    method: str = "textbook", buffers=None,
+) -> torch.Tensor:  # fmt: skip
+    """Newton–Schulz on every (r, c) matrix of a (..., r, c) batch (any strides); returns
+    out_scale × the result as a (..., r, c) tensor (possibly a transposed view).
+
+    The pre-scale norm is taken on X as given; the iteration runs on contiguous operands in `dtype`
+    (default X.dtype), transposed when r > c so the Gram matrix is the small one — cast, transpose
+    and scale in one pass. `buffers`: two tensors of at least X's size in `dtype` to iterate in
+    (ping-pong, nothing else of that size is allocated; X may live in the first); without them,
+    fresh ones. `method`: "textbook" (A = X·Xᵀ, B = b·A + c·A², X ← a·X + B·X) or "gram"
+    (mango.newton_schulz.gram).
     """
-    transposed = X.shape[-2] > X.shape[-1]
+    dtype = dtype or X.dtype
+    lead, (r, c) = X.shape[:-2], X.shape[-2:]
+    transposed = r > c
     src = X.mT if transposed else X
+    m, n = src.shape[-2:]
+    B = math.prod(lead)
     if prescale == "frobenius":
-        wide = torch.float32 if src.dtype in _LOW_PRECISION else None
-        scale = torch.linalg.vector_norm(src, dim=(-2, -1), keepdim=True, dtype=wide)
+        scale = _frobenius(src)
     else:
         scale = spectral_norm(src)[..., None, None]
-    Y = torch.empty(src.shape, dtype=dtype or X.dtype, device=X.device)
-    torch.div(src, scale.clamp_min(eps).to(src.dtype), out=Y)
+    scale = scale.clamp_min(eps)
+    if buffers is None:
+        buffers = (torch.empty(B * m * n, dtype=dtype, device=X.device), torch.empty(B * m * n, dtype=dtype, device=X.device))
+    cur, other = (buf.view(-1)[: B * m * n].view(B, m, n) for buf in (buffers[1], buffers[0]))
+    torch.div(src, scale, out=cur.view(*lead, m, n))  # X may be in buffers[0]: it is read here, once
+    if method == "gram":
+        Y = _gram_iterate(cur, other, coefficients, out_scale)
+    else:
+        Y = _textbook_iterate(cur, other, coefficients, out_scale)
+    Y = Y.view(*lead, m, n)
+    return Y.mT if transposed else Y
+
+
+def _textbook_iterate(Y, other, coefficients, out_scale):
     last = len(coefficients) - 1
     for step, (a, b, c) in enumerate(coefficients):
         k = out_scale if step == last else 1.0
         A = torch.bmm(Y, Y.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        Y = torch.baddbmm(Y, B, Y, beta=a * k, alpha=k)  # a·X added in the fp32 accumulator
+        Bm = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        torch.baddbmm(Y, Bm, Y, beta=a * k, alpha=k, out=other)  # a·X added in the fp32 accumulator
+        Y, other = other, Y
     if not coefficients and out_scale != 1.0:
         Y.mul_(out_scale)
-    return Y.mT if transposed else Y
+    return Y
 
 
-def _unit_rows(X: torch.Tensor) -> torch.Tensor:
-    """Each row of a (B, r, c) stack divided by its l2 norm; zero rows stay zero."""
-    n = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
-    return X * _safe_inverse(n)
+def _gram_iterate(Y, other, coefficients, out_scale):
+    """mango.newton_schulz.gram on a contiguous (B, m, n) stack, X-sized work in the two buffers only."""
+    steps = len(coefficients)
+    if steps == 0:
+        return Y.mul_(out_scale) if out_scale != 1.0 else Y
+    restarts = _ns.gram_restarts(steps)
+    R, Q = torch.bmm(Y, Y.mT), None
+    for k, (a, b, c) in enumerate(coefficients):
+        if k in restarts and Q is not None:
+            torch.bmm(Q, Y, out=other)
+            Y, other = other, Y
+            R, Q = torch.bmm(Y, Y.mT), None
+        P = torch.baddbmm(R, R, R, beta=b, alpha=c)  # Z = b·R + c·R²
+        P.diagonal(dim1=-2, dim2=-1).add_(a)  # P = a·I + Z
+        Q = P if Q is None else torch.bmm(Q, P)
+        if k + 1 < steps and k + 1 not in restarts:
+            R = torch.bmm(torch.bmm(P, R), P)
+    if out_scale != 1.0:
+        Q.mul_(out_scale)
+    torch.bmm(Q, Y, out=other)
+    return other
 
 
 def _safe_inverse(n: torch.Tensor) -> torch.Tensor:
@@ -87,37 +141,73 @@ def _safe_inverse(n: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, 1.0 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
 
 
-class _FlatLayout:
-    """Flat buffers of one elementwise bucket and the per-tensor views into them."""
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with at least one dimension, so a piece can be a range of its rows (dim 0)."""
+    return t if t.dim() else t.view(1)
 
-    def __init__(self, bucket):
+
+# ----------------------------------------------------------------------------------------
+# the layout of one elementwise bucket
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Piece:
+    """Rows [r0, r1) of tensor `k` (layout position) = flat elements [x0, x1) of the layout."""
+
+    k: int
+    r0: int
+    r1: int
+    x0: int
+    x1: int
+    seg: torch.Tensor = None  # reduce units: the segments (rows of `sums`) of this piece, in order
+
+
+@dataclass
+class _Unit:
+    """One norm bucket: tensors [k0, k1) of the layout = flat elements [a, b)."""
+
+    nb: object
+    kind: str  # "elementwise" (none, sign), "reduce" (l2, l2_col, l2_split) or "ns"
+    k0: int
+    k1: int
+    a: int
+    b: int
+    chunks: list = field(default_factory=list)  # lists of _Piece (the plan's chunk size)
+    n_segments: int = 0  # reduce units: entries of the per-segment sums
+    cache: dict = field(default_factory=dict)  # chunk lists by size limit
+
+    @property
+    def numel(self) -> int:
+        return self.b - self.a
+
+
+class _FlatLayout:
+    """Flat state of one elementwise bucket, per-tensor views into it, and its units and chunks."""
+
+    def __init__(self, bucket, chunk_elements: int):
         slots = bucket.slots
         in_buckets = [i for nb in bucket.norm_buckets for i in nb.slots]
         rest = sorted(set(range(len(slots))) - set(in_buckets))  # empty matrices: step count only
         self.order = in_buckets + rest
         numels = [slots[i].param.numel() for i in self.order]
         self.numel = sum(numels)
-        self.lengths = torch.tensor(numels, dtype=torch.long, device=bucket.device)
         offsets = [0]
         for n in numels:
             offsets.append(offsets[-1] + n)
         self.offsets = offsets
-        # per norm bucket: its range in the flat layout and its positions in self.order
+        self.params = [slots[i].param for i in self.order]
+        self.param_rows = [_rows(p) for p in self.params]
+        dev, dt = bucket.device, bucket.dtype
+        self.device, self.dtype = dev, dt
         pos = {slot_index: k for k, slot_index in enumerate(self.order)}
-        self.ranges = []
+        self.units = []
         for nb in bucket.norm_buckets:
             ks = [pos[i] for i in nb.slots]
-            self.ranges.append((offsets[ks[0]], offsets[ks[-1] + 1], ks[0], ks[-1] + 1))
-        dev, dt = bucket.device, bucket.dtype
-        self.params = [slots[i].param for i in self.order]
-        self.grad_buf = torch.empty(self.numel, dtype=dt, device=dev)
-        self.grad_views = self.views(self.grad_buf)
-        self.upd_buf = torch.empty(self.numel, dtype=dt, device=dev)  # the step, subtracted from W
-        self.upd_views = self.views(self.upd_buf)
-        self.dir_buf = torch.empty(self.numel, dtype=dt, device=dev)  # the direction d
-        self.dir_views = self.views(self.dir_buf)
-        self.work_buf = torch.empty(self.numel, dtype=dt, device=dev)  # u, √v, or W for weight decay
-        self.work_views = self.views(self.work_buf)
+            kind = "ns" if nb.norm in ("ns", "ns_split") else "reduce" if nb.norm in _REDUCE_NORMS else "elementwise"
+            unit = _Unit(nb, kind, ks[0], ks[-1] + 1, offsets[ks[0]], offsets[ks[-1] + 1])
+            unit.chunks = self.chunks(unit, chunk_elements)
+            self.units.append(unit)
         self.state = {}
         states = [slots[i].state for i in self.order]
         for key in _STATE_KEYS:
@@ -141,88 +231,301 @@ class _FlatLayout:
         """Views of a flat buffer shaped like each parameter, in layout order."""
         return [flat[a:b].view(p.shape) for p, a, b in zip(self.params, self.offsets, self.offsets[1:])]
 
-    def per_element(self, per_tensor: torch.Tensor, k0=0, k1=None) -> torch.Tensor:
-        """Expand one value per tensor (layout positions k0:k1) to one value per element."""
-        lengths = self.lengths[k0:k1]
-        return torch.repeat_interleave(per_tensor, lengths, output_size=self.offsets[k1 if k1 is not None else len(self.params)] - self.offsets[k0])
+    # -- chunks ------------------------------------------------------------------------------
+    def _align(self, unit, k) -> int:
+        """Rows of tensor k that must stay in one piece: a reduction segment (or, for the NS result,
+        a head block of storage rows) never spans two pieces."""
+        nb, p = unit.nb, self.params[k]
+        if unit.kind == "ns":
+            split_rows = nb.norm == "ns_split" and nb.orientation == "out_in" and not nb.experts
+            return nb.head_dim if split_rows else 1
+        if unit.kind != "reduce":
+            return 1
+        if nb.norm == "l2_split":
+            return nb.head_dim
+        if nb.norm == "l2_col" and nb.orientation == "in_out" and not nb.experts:
+            return max(1, p.shape[0])  # its operator rows are the storage columns: the whole tensor
+        return 1
+
+    def chunks(self, unit, limit: int) -> list:
+        """The unit cut into chunks of at most `limit` elements (more only where one aligned group
+        of rows is larger), at tensor rows; cached per limit."""
+        cached = unit.cache.get(limit)
+        if cached is not None:
+            return cached
+        out, chunk, used = [], [], 0
+        for k in range(unit.k0, unit.k1):
+            p, x = self.params[k], self.offsets[k]
+            if p.numel() == 0:
+                continue
+            rows = p.shape[0] if p.dim() else 1
+            row_len = p.numel() // rows
+            step = self._align(unit, k)
+            r = 0
+            while r < rows:
+                fit = ((limit - used) // row_len) // step * step
+                if fit == 0 and used:  # not even one aligned group fits: close the chunk
+                    out.append(chunk)
+                    chunk, used = [], 0
+                    continue
+                r1 = min(rows, r + max(step, fit))
+                chunk.append(_Piece(k, r, r1, x + r * row_len, x + r1 * row_len))
+                used += (r1 - r) * row_len
+                r = r1
+                if used >= limit:
+                    out.append(chunk)
+                    chunk, used = [], 0
+        if chunk:
+            out.append(chunk)
+        if unit.kind == "reduce":
+            self._segments(unit, out)
+        unit.cache[limit] = out
+        return out
+
+    def _segments(self, unit, chunks) -> None:
+        """Give every piece of a reduce unit the ids of its reduction segments (rows of `sums`)."""
+        nb, first, base = unit.nb, {}, 0
+        for k in range(unit.k0, unit.k1):
+            first[k] = base
+            base += _segment_count(nb, self.params[k].shape)
+        unit.n_segments = base
+        for chunk in chunks:
+            for pc in chunk:
+                shape = self.params[pc.k].shape
+                n, rows = _segment_count(nb, shape), (shape[0] if len(shape) else 1)
+                if nb.norm == "l2" and not nb.experts:
+                    ids = [first[pc.k]]  # one segment; pieces add partial sums
+                elif pc.r0 == 0 and pc.r1 == rows:
+                    ids = range(first[pc.k], first[pc.k] + n)  # a whole tensor (in_out l2_col, or it fits)
+                elif nb.norm == "l2_split":
+                    per = rows // n  # head_dim rows per segment
+                    ids = range(first[pc.k] + pc.r0 // per, first[pc.k] + pc.r1 // per)
+                else:
+                    per = n // rows  # segments per storage row: 1 (rows, experts) or operator rows per expert
+                    ids = range(first[pc.k] + pc.r0 * per, first[pc.k] + pc.r1 * per)
+                pc.seg = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+
+
+def _segment_count(nb, shape) -> int:
+    """Reduction segments of one tensor: one per block (l2, l2_split), one per operator row (l2_col)."""
+    n, r, c = _block_counts(nb, shape)
+    return n * r if nb.norm == "l2_col" else n
+
+
+def _block_counts(nb, shape):
+    """(blocks, rows, cols) of `norm_blocks` for a tensor of this shape in unit `nb`."""
+    return block_shape(tuple(shape), nb.norm, nb.head_dim, **nb.layout)
+
+
+def _piece_shape(p: torch.Tensor, pc: _Piece) -> tuple:
+    return (pc.r1 - pc.r0, *p.shape[1:]) if p.dim() else (1,)
+
+
+# ----------------------------------------------------------------------------------------
+# the backend
+# ----------------------------------------------------------------------------------------
 
 
 class TorchBackend:
     name = "torch"
 
+    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS):
+        self.chunk_elements = chunk_elements
+        self._workspace: dict = {}  # device -> uint8 buffer, grown to the largest need of any plan
+
     def step(self, opt, plan, grads_by_bucket) -> None:
         for bucket, grads in zip(plan.buckets, grads_by_bucket):
             layout = bucket.cache.get("flat")
             if layout is None:
-                layout = bucket.cache["flat"] = _FlatLayout(bucket)
-            self._bucket_step(opt.param_groups[bucket.group_index], bucket, layout, [grads[i] for i in layout.order])
+                layout = bucket.cache["flat"] = _FlatLayout(bucket, self.chunk_elements)
+            group = opt.param_groups[bucket.group_index]
+            self._bucket_step(group, bucket, layout, [grads[i] for i in layout.order])
 
-    # ------------------------------------------------------------------------------------
-    # Every stage writes into the layout's preallocated flat buffers (grad, work, dir, upd):
-    # large per-step allocations cost page faults on CPU and allocator traffic on GPU.
-    # ------------------------------------------------------------------------------------
+    # -- workspace -------------------------------------------------------------------------------
+    def workspace_bytes(self, group, bucket, L: _FlatLayout) -> int:
+        """Bytes of scratch one step of this bucket needs (see the module docstring)."""
+        need = 0
+        word = torch.finfo(L.dtype).bits // 8
+        for unit in L.units:
+            chunk = max((sum(pc.x1 - pc.x0 for pc in ch) for ch in unit.chunks), default=0)
+            if unit.kind == "ns":
+                item = torch.finfo(self._ns_dtype(group, bucket, unit)).bits // 8
+                x = unit.numel * item
+                need = max(need, x + max(x, 2 * chunk * word))
+            else:
+                need = max(need, 2 * chunk * word)
+        return need + 64  # the 16-byte alignment of up to three regions
+
+    def _scratch(self, device, nbytes: int) -> torch.Tensor:
+        buf = self._workspace.get(device)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._workspace[device] = None  # free the old one before allocating the new
+            buf = self._workspace[device] = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=device)
+        return buf
+
+    @staticmethod
+    def _typed(raw: torch.Tensor, start_bytes: int, n: int, dtype) -> torch.Tensor:
+        word = torch.finfo(dtype).bits // 8
+        start = -(-start_bytes // 16) * 16  # 16-byte aligned
+        return raw[start : start + n * word].view(dtype)
+
+    # -- one bucket --------------------------------------------------------------------------------
     def _bucket_step(self, group, bucket, L: _FlatLayout, grads) -> None:
-        torch._foreach_copy_(L.grad_views, grads)
-        G = L.grad_buf
+        L.steps.add_(1.0)
+        raw = self._scratch(L.device, self.workspace_bytes(group, bucket, L))
+        for unit in L.units:
+            if unit.kind == "ns":
+                self._ns_unit(group, bucket, L, unit, grads, raw)
+            elif unit.kind == "reduce":
+                self._reduce_unit(group, L, unit, grads, raw)
+            else:
+                self._elementwise_unit(group, L, unit, grads, raw)
+
+    def _chunk_buffers(self, raw, L, n: int, start_bytes: int = 0):
+        word = torch.finfo(L.dtype).bits // 8
+        G = self._typed(raw, start_bytes, n, L.dtype)
+        D = self._typed(raw, start_bytes + n * word + 16, n, L.dtype)
+        return G, D
+
+    def _unit_chunk_len(self, unit) -> int:
+        return max((sum(pc.x1 - pc.x0 for pc in ch) for ch in unit.chunks), default=0)
+
+    # -- the three kinds of units ---------------------------------------------------------------------
+    def _elementwise_unit(self, group, L, unit, grads, raw) -> None:
+        """none / sign: one sweep — direction, Δ, scale, offset, apply."""
+        n = self._unit_chunk_len(unit)
+        G, D = self._chunk_buffers(raw, L, n)
+        pre = self._pre_pass(group, L, unit, grads)
+        trust = self._trust(group, L, unit)
+        for chunk in unit.chunks:
+            d = self._direction(group, L, unit, chunk, grads, G, D, pre, update_state=True)
+            if unit.nb.norm == "sign":
+                d.sign_()
+            self._apply(group, L, unit, chunk, d, lr_k=group["lr"], trust=trust, raw_d=None)
+
+    def _reduce_unit(self, group, L, unit, grads, raw) -> None:
+        """l2 / l2_col / l2_split: sums of squares per segment, then Δ = d / ‖segment‖."""
+        nb = unit.nb
+        n = self._unit_chunk_len(unit)
+        G, D = self._chunk_buffers(raw, L, n)
+        pre = self._pre_pass(group, L, unit, grads)
+        sums = torch.zeros(unit.n_segments, dtype=L.dtype, device=L.device)
+        one_sweep = len(unit.chunks) == 1
+        for chunk in unit.chunks:
+            d = self._direction(group, L, unit, chunk, grads, G, D, pre, update_state=True)
+            self._add_segment_sums(L, unit, chunk, d, sums)
+        inv = _safe_inverse(self.finish_sums(unit, sums).sqrt())
+        trust = self._trust(group, L, unit)
+        for chunk in unit.chunks:
+            d = D[: sum(pc.x1 - pc.x0 for pc in chunk)] if one_sweep else self._direction(
+                group, L, unit, chunk, grads, G, D, pre, update_state=False)  # fmt: skip
+            raw_d = self._raw_copy(group, d, G) if trust is not None and nb.norm == "l2" else None
+            self._scale_segments(L, unit, chunk, d, inv)
+            self._apply(group, L, unit, chunk, d, lr_k=group["lr"], trust=trust, raw_d=raw_d)
+
+    def _ns_unit(self, group, bucket, L, unit, grads, raw) -> None:
+        """ns / ns_split: d into the unit's NS buffer X, NS between X and Y, then apply from the result."""
+        nb = unit.nb
+        ns_dtype = self._ns_dtype(group, bucket, unit)
+        item = torch.finfo(ns_dtype).bits // 8
+        K = unit.k1 - unit.k0
+        x_bytes = unit.numel * item
+        X = self._typed(raw, 0, unit.numel, ns_dtype)
+        Y = self._typed(raw, x_bytes + 16, unit.numel, ns_dtype)
+        n = self._unit_chunk_len(unit)
+        G, D = self._chunk_buffers(raw, L, n, start_bytes=x_bytes + 16)  # in Y's room until NS starts
+        pre = self._pre_pass(group, L, unit, grads)
+        for chunk in unit.chunks:
+            d = self._direction(group, L, unit, chunk, grads, G, D, pre, update_state=True)
+            X[chunk[0].x0 - unit.a : chunk[-1].x1 - unit.a].copy_(d)
+        trust = self._trust(group, L, unit)
+        scale = group["lr"] * nb.shape_factor
+        result = self.orthogonalize(group, bucket, unit, X.view(K, *nb.shape), scale=scale, buffers=(X, Y))
+        # the apply sweep's chunk buffer goes in whichever of X and Y the result is not in
+        word = torch.finfo(L.dtype).bits // 8
+        y_start = -(-(x_bytes + 16) // 16) * 16
+        start, room = (0, x_bytes) if _within(result, Y) else (y_start, raw.numel() - y_start)
+        chunks = L.chunks(unit, max(1, min(n, room // word)))
+        biggest = max(sum(pc.x1 - pc.x0 for pc in ch) for ch in chunks)
+        # one aligned group of rows larger than the free room (a tiny 1×n unit): a buffer of its own
+        T = self._typed(raw, start, biggest, L.dtype) if biggest * word <= room else torch.empty(biggest, dtype=L.dtype, device=L.device)
+        for chunk in chunks:
+            t = T[: sum(pc.x1 - pc.x0 for pc in chunk)]
+            pieces = self._piece_views(L, chunk, t)
+            dst = [norm_blocks(v, v.shape, nb.norm, nb.head_dim, **nb.layout) for v in pieces]
+            torch._foreach_copy_(dst, [_result_piece(result[pc.k - unit.k0], nb, pc) for pc in chunk])
+            self._apply(group, L, unit, chunk, t, lr_k=None, trust=trust, raw_d=None)
+
+    # -- stages ------------------------------------------------------------------------------------
+    def _piece_views(self, L, chunk, buf):
+        """Views of a chunk buffer shaped like the pieces (rows of tensors) of the chunk."""
+        base = chunk[0].x0
+        return [buf[pc.x0 - base : pc.x1 - base].view(_piece_shape(L.params[pc.k], pc)) for pc in chunk]
+
+    def _pre_pass(self, group, L, unit, grads):
+        """What a sweep needs before it starts: NovoGrad's per-tensor ‖g‖² → v (updated here, once)."""
+        if group["preconditioner"] != "novograd":
+            return None
+        b2 = group["beta2"]
+        ema_v = group["second_moment"] == "ema"
+        ks = range(unit.k0, unit.k1)
+        V = L.state["exp_avg_sq"][unit.k0 : unit.k1]  # one scalar per tensor
+        sq = self.tensor_norms([grads[k] for k in ks]).to(V.dtype) ** 2
+        first = (L.steps[unit.k0 : unit.k1] == 1).to(V.device)  # NovoGrad's v₁ = ‖g₁‖²
+        V.copy_(torch.where(first, sq, b2 * V + ((1 - b2) * sq if ema_v else sq)))
+        return list((V.sqrt() + group["eps"]).unbind(0))
+
+    def _direction(self, group, L, unit, chunk, grads, G, D, pre, update_state: bool):
+        """Preconditioner + momentum over one chunk: returns d (a view of D). With update_state the
+        moments are updated first; without, d is recomputed from the already-updated moments
+        (bit-identical to the first sweep: the same operations on the same values)."""
+        n = sum(pc.x1 - pc.x0 for pc in chunk)
+        x0, x1 = chunk[0].x0, chunk[-1].x1
+        G, D = G[:n], D[:n]
+        g_views = self._piece_views(L, chunk, G)
+        torch._foreach_copy_(g_views, [_rows(grads[pc.k])[pc.r0 : pc.r1] for pc in chunk])
         if group["maximize"]:
             G.neg_()
-        L.steps.add_(1.0)
-        d = self._direction(group, L, G)
-        lr = group["lr"]
-        upd = L.upd_buf
-        for nb, (a, b, k0, k1) in zip(bucket.norm_buckets, L.ranges):
-            s = upd[a:b]
-            self._scaled_step(group, bucket, nb, L, d[a:b], k0, k1, lr, out=s)
-            if "offset" in L.state:
-                O = L.state["offset"][a:b]
-                O.lerp_(s, 1 - group["beta_offset"])  # O ← β_off·O + (1−β_off)·s
-                s.add_(O)
-        decay = 0.0 if group["preconditioner"] == "novograd" else lr * group["weight_decay"]
-        if decay:
-            W = L.work_buf
-            torch._foreach_copy_(L.work_views, L.params)
-            upd.add_(W, alpha=decay)
-        torch._foreach_sub_(L.params, L.upd_views)
-
-    def _direction(self, group, L: _FlatLayout, G):
-        """Preconditioner + momentum over the flat buffers: returns the direction d (flat)."""
-        b1, b2, eps, pre = group["beta1"], group["beta2"], group["eps"], group["preconditioner"]
+        b1, b2, eps, p = group["beta1"], group["beta2"], group["eps"], group["preconditioner"]
         ema_v = group["second_moment"] == "ema"
-        M, D, U = L.state["exp_avg"], L.dir_buf, L.work_buf
-        if pre == "adam":
-            V = L.state["exp_avg_sq"]
-            V.mul_(b2).addcmul_(G, G, value=(1 - b2) if ema_v else 1.0)
-            M.lerp_(G, 1 - b1)  # m ← β1·m + (1−β1)·g
+        M = L.state["exp_avg"][x0:x1]
+        if p == "adam":
+            V = L.state["exp_avg_sq"][x0:x1]
+            if update_state:
+                V.mul_(b2).addcmul_(G, G, value=(1 - b2) if ema_v else 1.0)
+                M.lerp_(G, 1 - b1)  # m ← β1·m + (1−β1)·g
             if group["nesterov"]:
                 torch.lerp(G, M, b1, out=D)  # β1·m + (1−β1)·g
             else:
                 D.copy_(M)
-            torch.div(V, self._bias(L, b2), out=U).sqrt_().add_(eps)
-            return D.div_(self._bias(L, b1)).div_(U)
-        if pre is None:
+            self._bias_div(L, chunk, D, b1)
+            G.copy_(V)
+            self._bias_div(L, chunk, G, b2)
+            return D.div_(G.sqrt_().add_(eps))
+        if p is None:
             U = G
-        elif pre == "laprop":
-            V = L.state["exp_avg_sq"]
-            V.mul_(b2).addcmul_(G, G, value=(1 - b2) if ema_v else 1.0)
+        elif p == "laprop":
+            V = L.state["exp_avg_sq"][x0:x1]
+            if update_state:
+                V.mul_(b2).addcmul_(G, G, value=(1 - b2) if ema_v else 1.0)
+            D.copy_(V)
             if group["bias_correction"]:
-                torch.div(V, self._bias(L, b2), out=U).sqrt_()
-            else:
-                torch.sqrt(V, out=U)
-            torch.div(G, U.add_(eps), out=U)
-        elif pre == "novograd":
-            V = L.state["exp_avg_sq"]  # one scalar per tensor
-            sq = self.tensor_norms(L.grad_views).to(V.dtype) ** 2
-            first = (L.steps == 1).to(V.device)  # NovoGrad's v₁ = ‖g₁‖²
-            V.copy_(torch.where(first, sq, b2 * V + ((1 - b2) * sq if ema_v else sq)))
-            torch.div(G, L.per_element(V.sqrt() + eps), out=U)
+                self._bias_div(L, chunk, D, b2)
+            torch.div(G, D.sqrt_().add_(eps), out=D)
+            U = D
+        elif p == "novograd":
+            torch._foreach_div_(g_views, [pre[pc.k - unit.k0] for pc in chunk])
             if group["weight_decay"]:
-                torch._foreach_copy_(L.dir_views, L.params)  # W, borrowed buffer
-                U.add_(D, alpha=group["weight_decay"])
-        c = (1 - b1) if group["ema_momentum"] else 1.0
-        if c == 1.0:
-            torch.add(U, M, alpha=b1, out=M)  # m ← β1·m + u
+                torch._foreach_add_(g_views, [L.param_rows[pc.k][pc.r0 : pc.r1] for pc in chunk], alpha=group["weight_decay"])
+            U = G
         else:
-            M.lerp_(U, c)  # m ← β1·m + (1−β1)·u
+            raise ValueError(f"mango: invalid preconditioner={p!r}")
+        c = (1 - b1) if group["ema_momentum"] else 1.0
+        if update_state:
+            if c == 1.0:
+                torch.add(U, M, alpha=b1, out=M)  # m ← β1·m + u
+            else:
+                M.lerp_(U, c)  # m ← β1·m + (1−β1)·u
         if group["nesterov"]:
             if c == 1.0:
                 torch.add(U, M, alpha=b1, out=D)
@@ -231,79 +534,138 @@ class TorchBackend:
         else:
             D.copy_(M)
         if group["bias_correction"] and group["ema_momentum"]:
-            D.div_(self._bias(L, b1))
+            self._bias_div(L, chunk, D, b1)
         return D
 
     @staticmethod
-    def _bias(L: _FlatLayout, beta):
-        """1 − βᵗ: a Python float when every tensor has taken the same number of steps, else per element."""
-        t = L.steps
-        if t.numel() == 0 or bool((t == t[0]).all()):
-            return 1 - beta ** float(t[0]) if t.numel() else 1.0
-        return L.per_element((1 - beta ** t.to(torch.float64)).to(L.grad_buf.dtype))
-
-    def _scaled_step(self, group, bucket, nb, L, d, k0, k1, lr, out):
-        """out = lr·k·Δ for one norm bucket (a flat slice of the layout)."""
-        norm = nb.norm
-        per_tensor = None  # extra factor per tensor (1/‖d‖, trust ratio)
-        scaled = False  # lr·k already applied
-        if norm == "sign":
-            torch.sign(d, out=out)
-        elif norm in ("none", "l2"):
-            out.copy_(d)
-            if norm == "l2":
-                per_tensor = _safe_inverse(self.tensor_norms(self._segment_views(L, d, k0, k1)))
-        else:
-            views, stacked = self._segment_views(L, d, k0, k1), d.view(-1, *nb.block_shape)
-            if norm in ("l2_col", "l2_split"):
-                result = self.unit_rows(nb, views, stacked=stacked)
-            elif not group["trust_ratio"]:  # lr·k folded into the last NS step
-                result = self.orthogonalize(group, bucket, nb, views, stacked=stacked, scale=lr * nb.shape_factor)
-                scaled = True
-            else:
-                result = self.orthogonalize(group, bucket, nb, views, stacked=stacked)
-            if isinstance(result, torch.Tensor):
-                out.view(result.shape).copy_(result)
-            else:
-                torch.cat([t.reshape(-1) for t in result], out=out)
-        if group["trust_ratio"]:
-            wn = self.tensor_norms(L.params[k0:k1])
-            tr = torch.where(wn > 0, wn, torch.ones_like(wn))
-            per_tensor = tr if per_tensor is None else per_tensor * tr
-        k = lr * nb.shape_factor
-        if scaled:
+    def _bias_div(L, chunk, X, beta) -> None:
+        """X /= 1 − βᵗ: one scalar when every tensor of the chunk has the same step count, else per piece."""
+        ks = [pc.k for pc in chunk]
+        t = L.steps[ks[0] : ks[-1] + 1]
+        if bool((t == t[0]).all()):
+            X.div_(1 - beta ** float(t[0]))
             return
-        if per_tensor is None:
-            out.mul_(k)
-        elif nb.shape is not None:  # same-shape bucket: broadcast one factor per tensor
-            out.view(k1 - k0, -1).mul_((k * per_tensor.to(out.dtype))[:, None])
-        else:
-            out.mul_(L.per_element((k * per_tensor).to(out.dtype), k0, k1))
+        base = chunk[0].x0
+        for pc in chunk:
+            X[pc.x0 - base : pc.x1 - base].div_(1 - beta ** float(L.steps[pc.k]))
 
-    @staticmethod
-    def _segment_views(L, flat_slice, k0, k1):
-        """Views of a norm bucket's flat slice shaped like its tensors."""
-        base = L.offsets[k0]
-        return [flat_slice[a - base : b - base].view(p.shape) for p, a, b in zip(L.params[k0:k1], L.offsets[k0:k1], L.offsets[k0 + 1 : k1 + 1])]
+    def _raw_copy(self, group, d, G):
+        """LAMB's fallback needs the un-normalized d where ‖W‖ = 0: keep a copy (G is free now)."""
+        out = G[: d.numel()]
+        out.copy_(d)
+        return out
+
+    def _add_segment_sums(self, L, unit, chunk, d, sums) -> None:
+        """sums[segment] += Σ d² over every segment of the chunk's pieces (deterministic order)."""
+        nb = unit.nb
+        views = self._piece_views(L, chunk, d)
+        if nb.norm == "l2" and not nb.experts:
+            parts = torch.stack(torch._foreach_norm(views)) ** 2 if views else None
+        else:
+            dims = -1 if nb.norm == "l2_col" else (-2, -1)
+            parts = torch.cat([
+                torch.linalg.vector_norm(norm_blocks(v, v.shape, nb.norm, nb.head_dim, **nb.layout), dim=dims).reshape(-1) ** 2
+                for v in views
+            ])  # fmt: skip
+        if parts is not None:
+            sums.index_add_(0, torch.cat([pc.seg for pc in chunk]), parts.to(sums.dtype))
+
+    def _scale_segments(self, L, unit, chunk, d, inv) -> None:
+        """d ← d / ‖segment‖ (0 where the segment is 0)."""
+        nb = unit.nb
+        views = self._piece_views(L, chunk, d)
+        if nb.norm == "l2" and not nb.experts:
+            torch._foreach_mul_(views, list(inv[torch.cat([pc.seg for pc in chunk])].unbind(0)))
+            return
+        for v, pc in zip(views, chunk):
+            blocks = norm_blocks(v, v.shape, nb.norm, nb.head_dim, **nb.layout)
+            f = inv[pc.seg]
+            if nb.norm == "l2_col":
+                blocks.mul_(f.view(*blocks.shape[:-1], 1))
+            else:
+                blocks.mul_(f.view(*blocks.shape[:-2], 1, 1))
+
+    def _trust(self, group, L, unit):
+        """Per tensor of the unit, the trust ratio ‖W‖ (1 where W = 0), or None without trust_ratio."""
+        if not group["trust_ratio"]:
+            return None
+        wn = self.tensor_norms(L.params[unit.k0 : unit.k1])
+        return wn
+
+    def _apply(self, group, L, unit, chunk, s, lr_k, trust, raw_d) -> None:
+        """s (a chunk buffer: Δ, or the NS result already × lr·k) → lr·k·Δ·trust, offset momentum,
+        decoupled weight decay, W ← W − (s + O) − lr·λ·W."""
+        nb = unit.nb
+        x0, x1 = chunk[0].x0, chunk[-1].x1
+        if lr_k is not None:
+            s.mul_(lr_k * nb.shape_factor)
+        if trust is not None:
+            views = self._piece_views(L, chunk, s)
+            ws = [trust[pc.k - unit.k0] for pc in chunk]
+            factors = [torch.where(w > 0, w, torch.ones_like(w)) for w in ws]
+            if raw_d is not None:  # l2 with ‖W‖ = 0: the raw step lr·d (LAMB's trust ratio of 1)
+                raws = self._piece_views(L, chunk, raw_d)
+                for v, r, w in zip(views, raws, ws):
+                    torch.where(w > 0, v, r * (group["lr"] * nb.shape_factor), out=v)
+            torch._foreach_mul_(views, factors)
+        if "offset" in L.state:
+            O = L.state["offset"][x0:x1]
+            O.lerp_(s, 1 - group["beta_offset"])  # O ← β_off·O + (1−β_off)·s
+            s.add_(O)
+        params = [L.param_rows[pc.k][pc.r0 : pc.r1] for pc in chunk]
+        decay = 0.0 if group["preconditioner"] == "novograd" else group["lr"] * group["weight_decay"]
+        views = self._piece_views(L, chunk, s)
+        if decay:
+            torch._foreach_add_(views, params, alpha=decay)
+        torch._foreach_sub_(params, views)
+
+    # -- NS --------------------------------------------------------------------------------------
+    def _ns_dtype(self, group, bucket, unit):
+        r, c = unit.nb.block_shape
+        method = ns_method_for(group, r, c, bucket.dtype, bucket.device)
+        return ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype, method)
 
     # ------------------------------------------------------------------------------------
-    # Stages that need whole tensors. A sharded (distributed) backend overrides these three
-    # with collectives; everything else in this class is elementwise and shard-local.
+    # Stages that need whole tensors. A sharded (distributed) backend overrides these with
+    # collectives; everything else in this class is elementwise and shard-local.
     # ------------------------------------------------------------------------------------
     def tensor_norms(self, tensors) -> torch.Tensor:
-        """l2 norm of each tensor, as one 1-D tensor."""
-        return torch.stack(torch._foreach_norm(tensors))
+        """l2 norm of each tensor, as one 1-D tensor (in the state dtype for low-precision tensors)."""
+        if not tensors:
+            return torch.zeros(0)
+        wide = torch.float32 if tensors[0].dtype in _LOW_PRECISION else None
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=wide))
 
-    def unit_rows(self, nb, d, stacked=None):
-        """l2_col / l2_split: every row block (nb.block_shape) scaled to unit l2 norm."""
-        X = stacked if stacked is not None else torch.stack(d).view(-1, *nb.block_shape)
-        return _unit_rows(X)
+    def finish_sums(self, unit, sums: torch.Tensor) -> torch.Tensor:
+        """Per-segment sums of squares of d, complete (a sharded backend adds the other ranks')."""
+        return sums
 
-    def orthogonalize(self, group, bucket, nb, d, stacked=None, scale=1.0):
-        """ns / ns_split: scale × one batched Newton–Schulz over the bucket's stacked (head) blocks.
+    def orthogonalize(self, group, bucket, unit, X: torch.Tensor, scale: float = 1.0, buffers=None) -> torch.Tensor:
+        """ns / ns_split: scale × batched NS of the unit's blocks. X is the unit's (K, *shape) stack in
+        storage layout (NS dtype); returns the result in the same layout (a view, possibly strided)."""
+        nb = unit.nb
+        blocks = norm_blocks(X, nb.shape, nb.norm, nb.head_dim, **nb.layout)
+        r, c = nb.block_shape
+        method = ns_method_for(group, r, c, bucket.dtype, bucket.device)
+        coeffs = ns_schedule(group)
+        out = batched_newton_schulz(blocks, coeffs, group["ns_prescale"], group["ns_eps"], dtype=X.dtype,
+                                    out_scale=scale, method=method, buffers=buffers)  # fmt: skip
+        return out
 
-        `stacked` is the zero-copy (blocks, r, c) view of the same data as the list `d`."""
-        X = stacked if stacked is not None else torch.stack(d).view(-1, *nb.block_shape)
-        coeffs = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
-        ns_dtype = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype)
-        return batched_newton_schulz(X, coeffs, group["ns_prescale"], group["ns_eps"], dtype=ns_dtype, out_scale=scale)
+
+def _result_piece(R: torch.Tensor, nb, pc: _Piece) -> torch.Tensor:
+    """The part of one tensor's NS result (its norm blocks, (E, [heads, head_dim,] rows, cols)) that
+    belongs to storage rows [pc.r0, pc.r1): experts, operator rows, head blocks or operator columns."""
+    if nb.experts:
+        return R[pc.r0 : pc.r1]
+    if nb.orientation == "in_out":  # storage rows are operator columns
+        return R[..., pc.r0 : pc.r1]
+    if nb.norm == "ns_split":
+        return R[:, pc.r0 // nb.head_dim : pc.r1 // nb.head_dim]
+    return R[:, pc.r0 : pc.r1]
+
+
+def _within(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a's first element lies in b's memory."""
+    b0 = b.data_ptr()
+    return b0 <= a.data_ptr() < b0 + b.numel() * b.element_size()

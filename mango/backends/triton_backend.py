@@ -257,7 +257,7 @@ class _LaunchGroup:
                 group = groups[e.bucket.group_index]
                 co = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
                 segments.append(int(self.layout.d_segment_base[e.row]))
-                steps.append(group["ns_steps"])
+                steps.append(len(co))
                 coefficients.append(co)
                 eps.append(group["ns_eps"])
             batch.set_schedule(segments, steps, coefficients, eps)

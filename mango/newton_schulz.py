@@ -1,0 +1,168 @@
+"""Newton–Schulz, written to be read: the textbook and the Gram form of the same polynomial,
+their FLOP counts, and the choice between them (SPEC §6).
+
+Every step of Newton–Schulz applies one odd polynomial to the singular values:
+
+    textbook   A = X·Xᵀ,  B = b·A + c·A²,  X ← a·X + B·X                     (X is m×n, m ≤ n)
+
+After k steps X_k = Q_k·X_0, with Q_k a polynomial in the Gram matrix R = X_0·X_0ᵀ; all these
+m×m matrices commute. So the iteration can run on m×m matrices and touch X only to form R and,
+at the end, Q·X:
+
+    gram       R = X·Xᵀ, Q = I
+               each step:  Z = b·R + c·R²,  P = a·I + Z,  Q ← Q·P,  R ← P·R·P   (= X_{k+1}X_{k+1}ᵀ)
+               at a restart (steps in `gram_restarts`):  X ← Q·X, R = X·Xᵀ, Q = I
+               X ← Q·X
+
+For a wide matrix (m ≪ n: MLP weights 768×3072, a vocabulary head, attention head blocks 64×768)
+that is ~1.5–4× fewer FLOPs; for a square one it is more, so "auto" picks per shape. In exact
+arithmetic both give the same X; in floating point R carries σ² where X carries σ, so the Gram
+form loses precision faster: it restarts every 3 steps from step 2 (the Gram Newton–Schulz
+literature restarts at step 2 of 5), and in 16 bits it runs in float16 (10 mantissa bits) rather
+than bfloat16 (7), which holds the m×m iterates about as accurately as bf16 holds X in the
+textbook form. `mango.backends` runs the same two forms batched and in place; tests compare them
+with these functions in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "prescale",
+    "textbook",
+    "gram",
+    "newton_schulz",
+    "gram_restarts",
+    "textbook_flops",
+    "gram_flops",
+    "choose_method",
+    "operand_dtype",
+]
+
+
+def gram_restarts(steps: int) -> tuple[int, ...]:
+    """Steps before which the Gram form recomputes X = Q·X and R: 2, 5, 8, ..."""
+    return tuple(range(2, steps, 3))
+
+
+def prescale(X: torch.Tensor, how: str = "frobenius", eps: float = 1e-7) -> torch.Tensor:
+    """X / max(‖X‖, eps) per matrix of a (..., m, n) batch: singular values into [0, 1]."""
+    if how == "frobenius":
+        scale = torch.linalg.matrix_norm(X, ord="fro", keepdim=True)
+    elif how == "spectral":
+        wide = X.to(torch.float64) if X.dtype in (torch.bfloat16, torch.float16) else X
+        scale = torch.linalg.matrix_norm(wide, ord=2, keepdim=True).to(X.dtype)
+    else:
+        raise ValueError(f"mango: invalid ns_prescale={how!r}")
+    return X / scale.clamp_min(eps)
+
+
+def textbook(X: torch.Tensor, coefficients) -> torch.Tensor:
+    """The textbook iteration on a pre-scaled (..., m, n) batch with m ≤ n."""
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X
+
+
+def gram(X: torch.Tensor, coefficients, restarts=None) -> torch.Tensor:
+    """The Gram form on a pre-scaled (..., m, n) batch with m ≤ n (same polynomial as `textbook`)."""
+    steps = len(coefficients)
+    restarts = gram_restarts(steps) if restarts is None else tuple(restarts)
+    eye = torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
+    R, Q = X @ X.mT, None
+    for k, (a, b, c) in enumerate(coefficients):
+        if k in restarts and Q is not None:
+            X = Q @ X
+            R, Q = X @ X.mT, None
+        Z = b * R + c * (R @ R)
+        P = a * eye + Z
+        Q = P if Q is None else Q @ P
+        if k + 1 < steps and k + 1 not in restarts:
+            R = P @ R @ P
+    return X if Q is None else Q @ X
+
+
+def newton_schulz(X: torch.Tensor, coefficients, how: str = "frobenius", eps: float = 1e-7, method: str = "textbook") -> torch.Tensor:
+    """Orthogonalize every (m, n) matrix of a (..., m, n) batch, in X's dtype: pre-scale, then the
+    textbook or Gram iteration on the wide orientation (Xᵀ when m > n)."""
+    tall = X.shape[-2] > X.shape[-1]
+    Y = prescale(X.mT if tall else X, how, eps)
+    Y = gram(Y, coefficients) if method == "gram" else textbook(Y, coefficients)
+    return Y.mT if tall else Y
+
+
+# ----------------------------------------------------------------------------------------
+# cost and choice
+# ----------------------------------------------------------------------------------------
+
+
+def textbook_flops(rows: int, cols: int, steps: int) -> int:
+    """FLOPs of the textbook form on one matrix (2 per multiply-add, no symmetry)."""
+    m, n = min(rows, cols), max(rows, cols)
+    return steps * (4 * m * m * n + 2 * m**3)
+
+
+def gram_flops(rows: int, cols: int, steps: int, restarts=None) -> int:
+    """FLOPs of the Gram form on one matrix, counting exactly the products `gram` performs."""
+    m, n = min(rows, cols), max(rows, cols)
+    if steps == 0:
+        return 0
+    restarts = gram_restarts(steps) if restarts is None else tuple(restarts)
+    big, small = 2 * m * m * n, 2 * m**3  # X·Xᵀ or Q·X;  one m×m product
+    total = big  # R = X·Xᵀ
+    fresh = True  # Q is I
+    for k in range(steps):
+        if k in restarts and not fresh:
+            total += 2 * big
+            fresh = True
+        total += small  # R²
+        if not fresh:
+            total += small  # Q·P
+        fresh = False
+        if k + 1 < steps and k + 1 not in restarts:
+            total += 2 * small  # P·R·P
+    return total + big  # Q·X
+
+
+# Relative time of one FLOP by operand dtype where it differs by device: CUDA tensor cores run
+# bf16 and fp16 alike; CPUs with native bf16 (AVX512-BF16/AMX) run bf16 ~4× faster than fp32 and
+# fp16 no faster than fp32.
+def _flop_cost(dtype: torch.dtype, device: torch.device, fast_bf16_cpu: bool) -> float:
+    if device.type == "cuda":
+        return 1.0 if dtype in (torch.bfloat16, torch.float16) else 16.0
+    if dtype == torch.bfloat16 and fast_bf16_cpu:
+        return 0.25
+    return 1.0
+
+
+def operand_dtype(setting, method: str, device: torch.device, state_dtype: torch.dtype, fast_bf16_cpu: bool) -> torch.dtype:
+    """The NS operand dtype. An explicit `ns_dtype` is used as given; "auto" is float64 for float64
+    state, else the textbook form in bf16 where bf16 matmul is fast (CUDA, bf16 CPUs) and the Gram
+    form in fp16 on CUDA; everything else in the state dtype."""
+    if setting != "auto":
+        return setting
+    if state_dtype == torch.float64:
+        return torch.float64
+    if method == "gram":
+        return torch.float16 if device.type == "cuda" else state_dtype
+    fast = device.type == "cuda" or (device.type == "cpu" and fast_bf16_cpu)
+    return torch.bfloat16 if fast else state_dtype
+
+
+def choose_method(setting: str, rows: int, cols: int, steps: int, ns_dtype, device, state_dtype, fast_bf16_cpu: bool) -> str:
+    """ns_method for one block shape: the setting, or for "auto" the form with the lower FLOP count,
+    each weighted by how fast its operand dtype runs here. bf16 never runs the Gram form (it cannot
+    hold the Gram iterates: ~4% error), so an explicit ns_dtype=bfloat16 means textbook."""
+    if setting != "auto":
+        return setting
+    if ns_dtype == torch.bfloat16:
+        return "textbook"
+    device = torch.device(device)
+    cost = {}
+    for method, flops in (("textbook", textbook_flops(rows, cols, steps)), ("gram", gram_flops(rows, cols, steps))):
+        dt = operand_dtype(ns_dtype, method, device, state_dtype, fast_bf16_cpu)
+        cost[method] = flops * _flop_cost(dt, device, fast_bf16_cpu)
+    return "gram" if cost["gram"] < cost["textbook"] else "textbook"
