@@ -55,6 +55,8 @@ import torch.distributed as dist
 from .backends.torch_backend import TorchBackend, batched_newton_schulz, ns_work_dtype
 from .config import NS_NORMS, normalize_ns_coefficients
 from .dtensor import is_dtensor, local_tensor
+from .layout import norm_blocks
+from .reference import ns_method_for
 
 if TYPE_CHECKING:  # the annotation only
     from .plan import ElementwiseBucket
@@ -240,7 +242,6 @@ class _ShardInfo:
     block_shape: tuple  # global (r, c) blocks of the norm
     cols: int  # prod(shape[1:])
     owners: list = None  # NS: owner rank of each tensor of the bucket ("owner" mode)
-    block_index: torch.Tensor = None  # l2_split: global head block of each local row
     ns_mode: str = "owner"  # NS: "owner" (gather, NS, scatter) or "gram" (row-sharded NS, see _gram_newton_schulz)
 
     @property
@@ -348,9 +349,10 @@ class _Worker:
 # ----------------------------------------------------------------------------------------
 
 
-def _safe_inverse(n: torch.Tensor) -> torch.Tensor:
-    """1/n where n > 0, else 0 (a zero direction gives a zero step)."""
-    return torch.where(n > 0, 1.0 / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
+def _method(group, bucket, nb) -> str:
+    """The NS form of a bucket's blocks (the same choice the single-process backend makes)."""
+    r, c = nb.block_shape
+    return ns_method_for(group, r, c, bucket.dtype, bucket.device)
 
 
 class ShardedTorchBackend(TorchBackend):
@@ -512,28 +514,40 @@ class ShardedTorchBackend(TorchBackend):
         sq = torch.stack(torch._foreach_norm(tensors, 2, dtype=entry.bucket.dtype)) ** 2  # bf16 params: fp32 sums
         return self._request("sum", sq).sqrt()
 
-    def unit_rows(self, nb, d, stacked=None):
-        info = nb.cache.get("mango.distributed")
-        if info is None:
-            return super().unit_rows(nb, d, stacked) if stacked is not None else super().unit_rows(nb, d)
-        K = len(d)
-        X = torch.stack(d).view(K, info.local_rows, info.cols)
-        if nb.norm == "l2_col":  # Shard(0) keeps rows whole
-            n = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
-            out = X * _safe_inverse(n)
-        else:  # l2_split: head blocks may straddle shards: sum squares per block across ranks
-            nblocks = info.block_shape[0]
-            partial = X.new_zeros(K, nblocks).index_add_(1, info.block_index, X.square().sum(-1))
-            total = self._request("sum", partial)
-            out = X * _safe_inverse(total.sqrt())[:, info.block_index, None]
-        return list(out.view(K, *info.local_shape).unbind(0))
+    def _scratch(self, device, nbytes: int) -> torch.Tensor:
+        """One workspace per bucket: buckets' steps interleave (they pause at collectives), so a
+        buffer shared between them would be overwritten while a paused step still needs it."""
+        key = (device, id(self._entry()))
+        buf = self._workspace.get(key)
+        if buf is None or buf.numel() < nbytes:
+            self._workspace[key] = None
+            buf = self._workspace[key] = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=device)
+        return buf
 
-    def orthogonalize(self, group, bucket, nb, d, stacked=None, scale=1.0):
+    def finish_sums(self, unit, sums: torch.Tensor) -> torch.Tensor:
+        """Per-segment sums of squares: all-reduced over the shard group, except where every segment
+        is whole on this rank (l2_col rows under Shard(0), anything per expert)."""
+        nb, entry = unit.nb, self._entry()
+        if entry is None or entry.pg is None or nb.experts or (nb.norm == "l2_col" and nb.orientation == "out_in"):
+            return sums
+        return self._request("sum", sums)
+
+    def orthogonalize(self, group, bucket, unit, X, scale=1.0, buffers=None):
+        """NS of row shards: gathered on owner ranks (or row-sharded for very tall matrices); returns
+        this rank's rows of scale × the result, one storage-layout tensor per parameter. Experts are
+        whole on their rank (Shard(0) splits the expert dimension), so their NS stays local."""
+        nb = unit.nb
         info = nb.cache.get("mango.distributed")
-        if info is None:
-            return super().orthogonalize(group, bucket, nb, d, stacked, scale)
-        result = self._request("ns", (group, bucket, nb, list(d)))
+        if info is None or nb.experts:
+            return super().orthogonalize(group, bucket, unit, X, scale, buffers)
+        result = self._request("ns", (group, bucket, nb, list(X.unbind(0))))
         return result if scale == 1.0 else [t * scale for t in result]
+
+    def copy_ns_result(self, L, unit, chunk, t, result) -> None:
+        if not isinstance(result, list):
+            return super().copy_ns_result(L, unit, chunk, t, result)
+        views = self._piece_views(L, chunk, t)
+        torch._foreach_copy_(views, [result[pc.k - unit.k0][pc.r0 : pc.r1] for pc in chunk])
 
     def nonfinite_flags(self, bucket, grads) -> torch.Tensor:
         """Per-parameter NaN/Inf flags, reduced (max) over each shard group so every rank decides alike."""
@@ -581,7 +595,7 @@ class ShardedTorchBackend(TorchBackend):
                 sums.setdefault(entry.pg, []).append(i)
                 continue
             group, bucket, nb, d = payload
-            dt = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype)
+            dt = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype, _method(group, bucket, nb))
             if nb.cache["mango.distributed"].ns_mode == "gram":
                 # its Frobenius pre-scaling joins this round's sums of squares
                 info = nb.cache["mango.distributed"]
@@ -675,10 +689,13 @@ class ShardedTorchBackend(TorchBackend):
             if not blocks or blocks[0].shape[0] == 0:
                 continue
             pieces = [b[:, :n] for b, n in zip(blocks, info.rows)]
-            X = torch.cat(pieces, dim=1)  # (owned, rows, cols)
+            X = torch.cat(pieces, dim=1)  # (owned, rows, cols): whole tensors in storage layout
             coeffs = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
-            Y = batched_newton_schulz(X.view(-1, *info.block_shape), coeffs, group["ns_prescale"], group["ns_eps"])
-            torch._foreach_copy_(pieces, list(Y.reshape(X.shape).split(info.rows, dim=1)))
+            owned = X.view(X.shape[0], *info.shape)
+            Y = batched_newton_schulz(norm_blocks(owned, info.shape, nb.norm, nb.head_dim, **nb.layout), coeffs,
+                                      group["ns_prescale"], group["ns_eps"], method=_method(group, bucket, nb))  # fmt: skip
+            norm_blocks(owned, info.shape, nb.norm, nb.head_dim, **nb.layout).copy_(Y)  # back in storage layout
+            torch._foreach_copy_(pieces, list(X.split(info.rows, dim=1)))
             self.comm.ns_flops += X.shape[0] * ns_flops(info.shape, info.block_shape, len(coeffs))
         if self.profile:
             self.comm.ns_seconds += self._clock() - t0
@@ -773,8 +790,9 @@ class ShardedTorchBackend(TorchBackend):
             idx = [new_index[i] for i in nb.slots if i in new_index]
             if not idx:
                 continue
+            layout = dict(head_dim=nb.head_dim, orientation=nb.orientation, experts=nb.experts, blocks_per_tensor=nb.blocks_per_tensor)
             if pg is None:
-                nbs.append(NormBucket(nb.norm, idx, nb.shape, nb.block_shape, nb.shape_factor))
+                nbs.append(NormBucket(nb.norm, idx, nb.shape, nb.block_shape, nb.shape_factor, **layout))
                 continue
             P, me = dist.get_world_size(pg), dist.get_rank(pg)
             info = None
@@ -788,11 +806,7 @@ class ShardedTorchBackend(TorchBackend):
                         )
                 offsets = [sum(rows[:q]) for q in range(P)]
                 info = _ShardInfo(pg, P, me, rows, offsets, tuple(nb.shape), tuple(nb.block_shape), math.prod(nb.shape[1:]))
-                if nb.norm == "l2_split":
-                    hd = nb.shape[0] // nb.block_shape[0]
-                    local_rows = torch.arange(offsets[me], offsets[me] + rows[me], device=bucket.device)
-                    info.block_index = torch.div(local_rows, hd, rounding_mode="floor")
-                if nb.norm in NS_NORMS:
+                if nb.norm in NS_NORMS and not nb.experts:  # experts: whole on their rank, NS stays local
                     steps = len(normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"]))
                     jobs = ns_jobs.setdefault(pg, dict(jobs=[], base=[0.0] * P))
                     if use_gram_ns(nb.shape, nb.norm, group["ns_prescale"], steps, P):
@@ -804,18 +818,13 @@ class ShardedTorchBackend(TorchBackend):
                         cost = ns_flops(nb.shape, nb.block_shape, steps)
                         for k in range(len(idx)):
                             jobs["jobs"].append((info, k, cost))
-            # the torch backend sees a plan of the local shards: local shapes, and block shapes
-            # that tile them (the whole-tensor stages use `info`, never these)
-            local_shape = tuple(slots[idx[0]].param.shape) if nb.shape is not None else None
-            if local_shape is not None and math.prod(local_shape) == 0:
-                local_shape, block = None, nb.block_shape
-            elif local_shape is not None:
-                block = (local_shape[0], math.prod(local_shape[1:]))
-            else:
-                block = None
-            local_nb = NormBucket(nb.norm, idx, local_shape, block, nb.shape_factor)
+            # the torch backend sees a plan of the local shards: local shapes, the whole tensors'
+            # blocks (for the NS form and dtype), and where the rows sit in the whole tensor
+            local_shape = tuple(slots[idx[0]].param.shape) if nb.shape is not None else None  # may hold 0 rows
+            local_nb = NormBucket(nb.norm, idx, local_shape, nb.block_shape, nb.shape_factor, **layout)
             if info is not None:
                 local_nb.cache["mango.distributed"] = info
+                local_nb.row_offset, local_nb.global_rows = info.offsets[me], info.shape[0]
             nbs.append(local_nb)
         lb = ElementwiseBucket(bucket.group_index, bucket.device, bucket.dtype, slots, nbs)
         return _Entry(lb, bi, positions, pg, params, states, plan=Plan(key=plan.key, buckets=[lb]))

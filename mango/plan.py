@@ -58,6 +58,8 @@ class NormBucket:
     orientation: str = "out_in"
     experts: bool = False
     blocks_per_tensor: int = 1
+    row_offset: int = 0  # first row of these tensors within the whole tensor (a row shard under FSDP2)
+    global_rows: int = None  # rows of the whole tensor, where the tensors here are row shards
     cache: dict = field(default_factory=dict)  # backend-specific data (e.g. Triton tables)
 
     @property

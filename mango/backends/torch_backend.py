@@ -102,13 +102,14 @@ def batched_newton_schulz(
 
 def _textbook_iterate(Y, other, coefficients, out_scale):
     last = len(coefficients) - 1
+    fold = out_scale != 0.0  # CPU bf16 baddbmm with alpha = beta = 0 returns garbage, not zeros
     for step, (a, b, c) in enumerate(coefficients):
-        k = out_scale if step == last else 1.0
+        k = out_scale if step == last and fold else 1.0
         A = torch.bmm(Y, Y.mT)
         Bm = torch.baddbmm(A, A, A, beta=b, alpha=c)
         torch.baddbmm(Y, Bm, Y, beta=a * k, alpha=k, out=other)  # a·X added in the fp32 accumulator
         Y, other = other, Y
-    if not coefficients and out_scale != 1.0:
+    if (not coefficients or not fold) and out_scale != 1.0:
         Y.mul_(out_scale)
     return Y
 
@@ -241,8 +242,6 @@ class _FlatLayout:
             return nb.head_dim if split_rows else 1
         if unit.kind != "reduce":
             return 1
-        if nb.norm == "l2_split":
-            return nb.head_dim
         if nb.norm == "l2_col" and nb.orientation == "in_out" and not nb.experts:
             return max(1, p.shape[0])  # its operator rows are the storage columns: the whole tensor
         return 1
@@ -295,11 +294,11 @@ class _FlatLayout:
                 n, rows = _segment_count(nb, shape), (shape[0] if len(shape) else 1)
                 if nb.norm == "l2" and not nb.experts:
                     ids = [first[pc.k]]  # one segment; pieces add partial sums
+                elif nb.norm == "l2_split":  # the head blocks its rows touch (a shard may start mid-block)
+                    hd, off = nb.head_dim, nb.row_offset
+                    ids = range(first[pc.k] + (off + pc.r0) // hd, first[pc.k] + (off + pc.r1 - 1) // hd + 1)
                 elif pc.r0 == 0 and pc.r1 == rows:
                     ids = range(first[pc.k], first[pc.k] + n)  # a whole tensor (in_out l2_col, or it fits)
-                elif nb.norm == "l2_split":
-                    per = rows // n  # head_dim rows per segment
-                    ids = range(first[pc.k] + pc.r0 // per, first[pc.k] + pc.r1 // per)
                 else:
                     per = n // rows  # segments per storage row: 1 (rows, experts) or operator rows per expert
                     ids = range(first[pc.k] + pc.r0 * per, first[pc.k] + pc.r1 * per)
@@ -307,7 +306,10 @@ class _FlatLayout:
 
 
 def _segment_count(nb, shape) -> int:
-    """Reduction segments of one tensor: one per block (l2, l2_split), one per operator row (l2_col)."""
+    """Reduction segments of one tensor: one per block (l2, l2_split), one per operator row (l2_col).
+    A row shard of a split bias (nb.global_rows) counts the blocks of the whole tensor."""
+    if nb.norm == "l2_split":
+        return (nb.global_rows or shape[0]) // nb.head_dim
     n, r, c = _block_counts(nb, shape)
     return n * r if nb.norm == "l2_col" else n
 
@@ -444,16 +446,14 @@ class TorchBackend:
         # the apply sweep's chunk buffer goes in whichever of X and Y the result is not in
         word = torch.finfo(L.dtype).bits // 8
         y_start = -(-(x_bytes + 16) // 16) * 16
-        start, room = (0, x_bytes) if _within(result, Y) else (y_start, raw.numel() - y_start)
+        start, room = (0, x_bytes) if isinstance(result, torch.Tensor) and _within(result, Y) else (y_start, raw.numel() - y_start)
         chunks = L.chunks(unit, max(1, min(n, room // word)))
-        biggest = max(sum(pc.x1 - pc.x0 for pc in ch) for ch in chunks)
+        biggest = max((sum(pc.x1 - pc.x0 for pc in ch) for ch in chunks), default=0)
         # one aligned group of rows larger than the free room (a tiny 1×n unit): a buffer of its own
         T = self._typed(raw, start, biggest, L.dtype) if biggest * word <= room else torch.empty(biggest, dtype=L.dtype, device=L.device)
         for chunk in chunks:
             t = T[: sum(pc.x1 - pc.x0 for pc in chunk)]
-            pieces = self._piece_views(L, chunk, t)
-            dst = [norm_blocks(v, v.shape, nb.norm, nb.head_dim, **nb.layout) for v in pieces]
-            torch._foreach_copy_(dst, [_result_piece(result[pc.k - unit.k0], nb, pc) for pc in chunk])
+            self.copy_ns_result(L, unit, chunk, t, result)
             self._apply(group, L, unit, chunk, t, lr_k=None, trust=trust, raw_d=None)
 
     # -- stages ------------------------------------------------------------------------------------
@@ -561,6 +561,8 @@ class TorchBackend:
         views = self._piece_views(L, chunk, d)
         if nb.norm == "l2" and not nb.experts:
             parts = torch.stack(torch._foreach_norm(views)) ** 2 if views else None
+        elif nb.norm == "l2_split":
+            parts = torch.cat([self._split_rows(v, nb, pc).sum(-1) for v, pc in zip(views, chunk)])
         else:
             dims = -1 if nb.norm == "l2_col" else (-2, -1)
             parts = torch.cat([
@@ -578,12 +580,27 @@ class TorchBackend:
             torch._foreach_mul_(views, list(inv[torch.cat([pc.seg for pc in chunk])].unbind(0)))
             return
         for v, pc in zip(views, chunk):
-            blocks = norm_blocks(v, v.shape, nb.norm, nb.head_dim, **nb.layout)
             f = inv[pc.seg]
+            if nb.norm == "l2_split":  # every row by its block's factor
+                lead = (nb.row_offset + pc.r0) % nb.head_dim
+                rows = v.reshape(pc.r1 - pc.r0, -1)
+                rows.mul_(f.repeat_interleave(nb.head_dim)[lead : lead + rows.shape[0], None])
+                continue
+            blocks = norm_blocks(v, v.shape, nb.norm, nb.head_dim, **nb.layout)
             if nb.norm == "l2_col":
                 blocks.mul_(f.view(*blocks.shape[:-1], 1))
             else:
                 blocks.mul_(f.view(*blocks.shape[:-2], 1, 1))
+
+    @staticmethod
+    def _split_rows(v, nb, pc):
+        """Σd² per row of a split-bias piece, padded and grouped into the head blocks it touches:
+        (blocks, head_dim). Works where a row shard starts mid-block (FSDP2)."""
+        hd = nb.head_dim
+        q = v.reshape(pc.r1 - pc.r0, -1).square().sum(-1)
+        lead = (nb.row_offset + pc.r0) % hd
+        tail = (-(lead + q.numel())) % hd
+        return torch.nn.functional.pad(q, (lead, tail)).view(-1, hd)
 
     def _trust(self, group, L, unit):
         """Per tensor of the unit, the trust ratio ‖W‖ (1 where W = 0), or None without trust_ratio."""
@@ -640,11 +657,21 @@ class TorchBackend:
         """Per-segment sums of squares of d, complete (a sharded backend adds the other ranks')."""
         return sums
 
+    def copy_ns_result(self, L, unit, chunk, t, result) -> None:
+        """Copy the chunk's part of `orthogonalize`'s result (norm-block form) into the chunk buffer t
+        (storage layout, state dtype)."""
+        nb = unit.nb
+        dst = [norm_blocks(v, v.shape, nb.norm, nb.head_dim, **nb.layout) for v in self._piece_views(L, chunk, t)]
+        torch._foreach_copy_(dst, [_result_piece(result[pc.k - unit.k0], nb, pc) for pc in chunk])
+
     def orthogonalize(self, group, bucket, unit, X: torch.Tensor, scale: float = 1.0, buffers=None) -> torch.Tensor:
         """ns / ns_split: scale × batched NS of the unit's blocks. X is the unit's (K, *shape) stack in
-        storage layout (NS dtype); returns the result in the same layout (a view, possibly strided)."""
+        storage layout (NS dtype); returns scale × the result in norm-block form (a view into
+        `buffers` when given), which `copy_ns_result` reads."""
         nb = unit.nb
         blocks = norm_blocks(X, nb.shape, nb.norm, nb.head_dim, **nb.layout)
+        if blocks.numel() == 0:  # an empty row shard (FSDP2): nothing here to orthogonalize
+            return blocks
         r, c = nb.block_shape
         method = ns_method_for(group, r, c, bucket.dtype, bucket.device)
         coeffs = ns_schedule(group)
