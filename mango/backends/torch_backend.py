@@ -266,10 +266,13 @@ class TorchBackend:
                 out.view(result.shape).copy_(result)
             else:
                 torch.cat([t.reshape(-1) for t in result], out=out)
-        if group["trust_ratio"]:
+        if group["trust_ratio"]:  # φ = min(‖W‖, trust_clamp); φ = 0: ratio 1, on the raw d for l2 (LAMB)
             wn = self.tensor_norms(L.params[k0:k1])
+            if group["trust_clamp"] is not None:
+                wn = wn.clamp_max(group["trust_clamp"])
             tr = torch.where(wn > 0, wn, torch.ones_like(wn))
-            per_tensor = tr if per_tensor is None else per_tensor * tr
+            # per_tensor is 1/‖d‖ (l2 only): at φ = 0 drop it too, the step is the raw d
+            per_tensor = tr if per_tensor is None else torch.where(wn > 0, per_tensor * tr, 1.0)
         k = lr * nb.shape_factor
         if scaled:
             return
