@@ -66,12 +66,13 @@ def batched_newton_schulz(X: torch.Tensor, coefficients, prescale: str, eps: flo
     Y = torch.empty(src.shape, dtype=dtype or X.dtype, device=X.device)
     torch.div(src, scale.clamp_min(eps).to(src.dtype), out=Y)
     last = len(coefficients) - 1
+    fold = out_scale != 0.0  # CPU bf16 baddbmm with alpha = beta = 0 returns garbage (lr = 0 in warm-ups)
     for step, (a, b, c) in enumerate(coefficients):
-        k = out_scale if step == last else 1.0
+        k = out_scale if step == last and fold else 1.0
         A = torch.bmm(Y, Y.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         Y = torch.baddbmm(Y, B, Y, beta=a * k, alpha=k)  # a·X added in the fp32 accumulator
-    if not coefficients and out_scale != 1.0:
+    if (not coefficients or not fold) and out_scale != 1.0:
         Y.mul_(out_scale)
     return Y.mT if transposed else Y
 
