@@ -12,7 +12,8 @@ setup(
     extras_require={
         # triton: the GPU kernels, and on CPU the interpreter the kernel tests run under
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-xdist", "triton>=3.0"],
+        # transformers / accelerate / lightning: the trainer tests (HF Trainer, Lightning) and the README's examples
+        "test": ["pytest", "pytest-xdist", "triton>=3.0", "transformers>=4.46", "accelerate>=1.0", "lightning>=2.2"],
         "bench": ["matplotlib"],
     },
 )

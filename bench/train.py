@@ -30,7 +30,9 @@ Default peak learning rates are the report's grid-searched values: adamw 1e-3, m
 muon_adamw, mango, or a full spec such as ``mango:nosplit``); ``lr=`` inside a spec wins.
 
 Results: a table on stdout, ``OUT/train_TAG.json`` (config, per-step training loss, validation
-curve, timings, optimizer labelling) and ``OUT/train_TAG.png`` (loss curves).
+curve, timings, optimizer labelling) and ``OUT/train_TAG.png`` (loss curves). OUT is
+``bench/results/local/`` (ignored by git, so the demo leaves a checkout clean) unless ``--out`` says
+otherwise; ``--update-results`` writes to ``bench/results/`` to regenerate the committed figures.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ from .data import Batches, make_corpus
 from .gpt import GPT, GPTConfig
 
 DEFAULT_SPECS = ["adamw", "muon", "mango"]
+COMMITTED_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # the README's figures
+LOCAL_RESULTS = os.path.join(COMMITTED_RESULTS, "local")  # default output, listed in .gitignore
 ABLATION_SPECS = ["mango:beta2=none", "mango:offset=none", "mango:nosplit"]
 OPTIMIZERS = ("adamw", "muon", "mango")
 DEFAULT_LR = {"adamw": 1e-3, "muon": 0.01, "muon_adamw": 3e-4, "mango": 0.01}
@@ -513,15 +517,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", help=f"results folder (default {LOCAL_RESULTS}, ignored by git)")
+    p.add_argument("--update-results", action="store_true",
+                   help=f"write to {COMMITTED_RESULTS}, regenerating the committed reference results")
     p.add_argument("--tag", help="results go to OUT/train_TAG.{json,png} (default from size/model/specs)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
+def results_dir(args) -> str:
+    """Where the json/png go: a git-ignored folder unless the committed results are asked for, so
+    running the demo leaves a checkout clean."""
+    if args.update_results and args.out:
+        raise SystemExit("--out and --update-results are exclusive")
+    return COMMITTED_RESULTS if args.update_results else (args.out or LOCAL_RESULTS)
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    args.out = results_dir(args)
     size = "quick" if args.quick else args.size
     preset = dict(SIZES[size])
     for k in ("steps", "warmup", "batch", "micro_batch", "eval_every", "eval_batches"):

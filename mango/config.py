@@ -116,10 +116,22 @@ DEFAULTS = dict(
     orientation="out_in",  # how a matrix is stored: (out, in) like nn.Linear, or "in_out" (HF Conv1D)
     experts=False,  # dim 0 indexes independent matrices (MoE experts): every norm is taken per expert
     trust_ratio=False,
+    trust_clamp=None,  # trust ratio uses min(‖W‖, trust_clamp); None: no clamp
     beta_offset=0.99,
     weight_decay=0.0,
     maximize=False,
 )
+
+
+# Keys mango reads besides DEFAULTS: torch's spelling of the two betas (kept equal to
+# beta1/beta2, see mango.betas) and the bookkeeping torch.optim and mango.param_groups add.
+OWN_KEYS = frozenset(DEFAULTS) | {"betas"}
+BOOKKEEPING_KEYS = frozenset({"params", "param_names", "name"})
+
+
+def foreign_keys(group: dict) -> list:
+    """Keys mango neither owns nor reads (a scheduler's initial_lr, a user's lr_scale): kept as is."""
+    return sorted(set(group) - OWN_KEYS - BOOKKEEPING_KEYS, key=str)
 
 
 def _err(name: str, value, why: str) -> ValueError:
@@ -132,8 +144,8 @@ def _check_real(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False, 
     if isinstance(value, bool) or not isinstance(value, Real):
         raise _err(name, value, "must be a real number")
     v = float(value)
-    if math.isnan(v):
-        raise _err(name, value, "must not be NaN")
+    if not math.isfinite(v):
+        raise _err(name, value, "must be finite")
     if lo is not None and (v < lo or (lo_open and v == lo)):
         raise _err(name, value, f"must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and (v > hi or (hi_open and v == hi)):
@@ -183,10 +195,14 @@ def ns_schedule(group: dict) -> tuple[tuple[float, float, float], ...]:
 
 
 def validate_group(group: dict) -> None:
-    """Raise ValueError naming the offending setting; never modifies the group."""
-    unknown = set(group) - set(DEFAULTS) - {"params", "param_names", "name"}
-    if unknown:
-        raise ValueError(f"mango: unknown param-group setting(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    """Raise ValueError naming the offending setting; never modifies the group.
+
+    Only mango's own keys are checked: like torch.optim, keys it does not know are kept and
+    ignored (LR schedulers add initial_lr, max_lr, ...; see `foreign_keys`)."""
+    missing = sorted(set(DEFAULTS) - set(group))
+    if missing:
+        raise ValueError(f"mango: param group lacks setting(s) {missing}")
+    _check_betas(group)
     _check_real("lr", group["lr"], lo=0.0)
     _check_real("beta1", group["beta1"], lo=0.0, hi=1.0, hi_open=True)
     _check_real("eps", group["eps"], lo=0.0)
@@ -231,6 +247,18 @@ def validate_group(group: dict) -> None:
     _check_choice("shape_scale", group["shape_scale"], SHAPE_SCALES)
     _check_real("beta_offset", group["beta_offset"], lo=0.0, hi=1.0, hi_open=True, allow_none=True)
     _check_real("weight_decay", group["weight_decay"], lo=0.0)
+    _check_real("trust_clamp", group["trust_clamp"], lo=0.0, lo_open=True, allow_none=True)
+
+
+def _check_betas(group: dict) -> None:
+    """torch's `betas` spelling, when present, is a pair equal to (beta1, beta2)."""
+    if "betas" not in group:
+        return
+    betas = group["betas"]
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise _err("betas", betas, "must be a pair (beta1, beta2)")
+    if tuple(betas) != (group["beta1"], group["beta2"]):
+        raise _err("betas", betas, f"disagrees with beta1={group['beta1']!r}, beta2={group['beta2']!r}; set one spelling")
 
 
 def torch_bfloat16():

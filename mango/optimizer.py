@@ -18,10 +18,13 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from . import betas as _betas
 from . import config, distributed
+from . import groups as _groups
 from .backends import make_backend
+from .groups import check_param
 from .plan import Slot, build_plan, structural_key
-from .reference import compute_dtype, init_state
+from .reference import init_state
 
 
 class Mango(Optimizer):
@@ -29,6 +32,9 @@ class Mango(Optimizer):
     and offset momentum. Every keyword before `backend` is a per-group setting; see
     `mango.config.DEFAULTS` and the README for their meaning.
 
+    betas:     torch's spelling of (beta1, beta2), kept equal to them (see `mango.betas`); it is
+               what lets `OneCycleLR` / `CyclicLR` cycle β1.
+    trust_clamp: with trust_ratio, the trust ratio is min(‖W‖, trust_clamp) (None: no clamp).
     backend:   "auto" (triton on CUDA, torch elsewhere), "torch", "triton" or "reference".
     nonfinite: what a NaN/Inf gradient does. "propagate" (default, like torch.optim: no check,
                no host sync), "skip" (the whole step is skipped; params and state stay
@@ -65,6 +71,8 @@ class Mango(Optimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
         *,
+        betas=None,
+        trust_clamp=config.DEFAULTS["trust_clamp"],
         backend: str = "auto",
         nonfinite: str = "propagate",
     ):
@@ -79,9 +87,18 @@ class Mango(Optimizer):
             norm=norm, head_dim=head_dim, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
             ns_method=ns_method, ns_prescale=ns_prescale, ns_eps=ns_eps, ns_dtype=ns_dtype, shape_scale=shape_scale,
             orientation=orientation, experts=experts,
-            trust_ratio=trust_ratio, beta_offset=beta_offset, weight_decay=weight_decay, maximize=maximize,
+            trust_ratio=trust_ratio, trust_clamp=trust_clamp, beta_offset=beta_offset,
+            weight_decay=weight_decay, maximize=maximize,
         )  # fmt: skip
+        if betas is not None:  # betas wins over beta1/beta2 left at their defaults
+            b1, b2 = _betas.as_pair(betas)
+            for name, value, default in (("beta1", beta1, b1), ("beta2", beta2, b2)):
+                if value != config.DEFAULTS[name] and value != default:
+                    raise config._err("betas", betas, f"disagrees with {name}={value!r}; set one spelling")
+            defaults.update(beta1=b1, beta2=b2)
+        defaults["betas"] = (defaults["beta1"], defaults["beta2"])
         config.validate_group(defaults)
+        self._betas_sync = _betas.BetasSync()
         self.backend_name = backend
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -96,7 +113,7 @@ class Mango(Optimizer):
         """Validate the group fully before torch registers it, so a bad group leaves nothing behind."""
         if isinstance(param_group.get("params"), torch.Tensor):
             param_group = dict(param_group, params=[param_group["params"]])
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        merged = _betas.merge_group(self.defaults, param_group)
         config.validate_group(merged)
         params = list(param_group["params"])
         names = param_group.get("param_names")
@@ -105,20 +122,10 @@ class Mango(Optimizer):
             params = [p for _, p in params]
         names = list(names) if names is not None else [f"param_groups[{len(self.param_groups)}].params[{i}]" for i in range(len(params))]
         for name, p in zip(names, params):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"mango: parameter {name} is a {type(p).__name__}, not a tensor")
-            if p.is_complex():
-                raise ValueError(f"mango: parameter {name} is complex ({p.dtype}); complex parameters are not supported")
-            if not p.is_floating_point():
-                raise ValueError(f"mango: parameter {name} has dtype {p.dtype}; only floating-point parameters can be optimized")
-            role = config.resolve_role(merged, p)
-            norm = config.resolve_norm(merged, role)
-            if merged["norm"] is not None and norm not in config.ROLE_NORMS[role]:
-                raise ValueError(f"mango: parameter {name}: norm={norm!r} is not available for role {role!r}")
-            config.check_param_for_norm(name, p, role, norm, merged["head_dim"])
-            distributed.check_param(name, p)  # DTensor placements mango cannot handle
-        param_group = dict(param_group, params=params, param_names=names)
+            check_param(name, p, merged)
+        param_group = dict(merged, params=params, param_names=names)
         super().add_param_group(param_group)
+        self._betas_sync.record(self.param_groups)
         self._plan = None
 
     def __getstate__(self):
@@ -129,28 +136,25 @@ class Mango(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        for group in [self.defaults, *self.param_groups]:  # pickles of older versions: new settings
+            _groups.upgrade_group(group)
+        self._betas_sync = _betas.BetasSync()
+        self._betas_sync.record(self.param_groups)
         self._plan = None
         self._backends = {}
 
+    def state_dict(self) -> dict:
+        """torch.optim's state dict, with `betas` and `beta1`/`beta2` synced first (see mango.betas)."""
+        self._betas_sync.sync(self.param_groups)
+        return super().state_dict()
+
     def load_state_dict(self, state_dict) -> None:
-        """torch casts floating state to the param dtype; restore mango's layout (fp32 state for
-        bf16 params) from the saved tensors so a round trip is bit-exact."""
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            config.validate_group(group)
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if index in saved:
-                    st = self.state[p]
-                    for key, value in saved[index].items():
-                        if isinstance(value, torch.Tensor):
-                            if key == "step":  # host-side counter, as in torch.optim
-                                st[key] = value.to(device="cpu", dtype=torch.float32, copy=True)
-                            else:
-                                st[key] = value.to(device=p.device, dtype=compute_dtype(p), copy=True)
-                index += 1
+        """Check the saved groups and state shapes against these parameters before anything is
+        replaced (a clear ValueError naming the parameter), then load; floating state keeps
+        mango's layout (fp32 state for bf16 params) so a round trip is bit-exact."""
+        saved_groups = _groups.check_loadable(self, state_dict)
+        super().load_state_dict(dict(state_dict, param_groups=saved_groups))
+        _groups.restore_state_dtypes(self, saved_groups, state_dict["state"])
         self._plan = None
 
     # ------------------------------------------------------------------------------------
@@ -239,6 +243,7 @@ class Mango(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._betas_sync.sync(self.param_groups)
         active, grads, key = self._collect()
         self._check_grads(active, grads)
         if self._plan is None or self._plan.key != key:

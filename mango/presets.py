@@ -88,12 +88,14 @@ def muon(
     return Mango(out, **backend)
 
 
-def lamb(model_or_params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, **kw) -> Mango:
-    """LAMB: Adam moments, update normalized per tensor (l2) and scaled by the trust ratio ‖W‖.
+def lamb(model_or_params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, trust_clamp=None, **kw) -> Mango:
+    """LAMB (You et al.): W ← W − lr·(φ/‖r‖)·r with the bias-corrected Adam step r and
+    φ = min(‖W‖, trust_clamp); the ratio is 1 where φ or ‖r‖ is 0 (so W = 0 takes the raw
+    step lr·r). torch-optimizer and pytorch_optimizer clamp at 10; here no clamp unless asked.
     Weight decay, if given, is decoupled (applied after the trust-ratio step)."""
     groups = _groups(model_or_params, kw)
     settings = dict(beta1=betas[0], beta2=betas[1], eps=eps, preconditioner="adam", nesterov=False,
-                    norm="l2", trust_ratio=True, beta_offset=None, shape_scale=None)  # fmt: skip
+                    norm="l2", trust_ratio=True, trust_clamp=trust_clamp, beta_offset=None, shape_scale=None)  # fmt: skip
     settings.update(kw)
     return Mango([dict(g, head_dim=None) for g in groups], lr=lr, **settings)
 

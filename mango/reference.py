@@ -9,7 +9,8 @@ Update for a tensor W with gradient g (settings come from the param group):
     precondition  v ← β2·v + (1−β2)·g²        u ← g / (√v + ε)        (laprop)
     momentum      m ← β1·m + c·u               d ← β1·m + c·u (Nesterov) or d ← m
                   (c = 1−β1 with ema_momentum, else 1 as in the report)
-    normalize     Δ ← N_norm(d)                k ← shape factor (NS norms) × ‖W‖ (trust ratio)
+    normalize     Δ ← N_norm(d)                k ← shape factor (NS norms) × φ (trust ratio)
+                  φ = min(‖W‖, trust_clamp); at φ = 0, Δ ← d for norm l2 (LAMB) and k is unchanged
     scale         s ← lr·k·Δ
     offset        O ← β_off·O + (1−β_off)·s
     apply         W ← W − (s + O) − lr·λ·W
@@ -215,9 +216,14 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: dict, settings: dict)
     norm = settings["norm"]
     delta = normalize(d, norm, settings)
     k = shape_factor(norm, tuple(param.shape), settings.get("head_dim"), settings["shape_scale"], **_layout(settings))
-    if settings["trust_ratio"]:
-        w_norm = float(torch.linalg.vector_norm(W))
-        k *= w_norm if w_norm > 0 else 1.0
+    if settings["trust_ratio"]:  # LAMB: φ = min(‖W‖, trust_clamp)
+        phi = float(torch.linalg.vector_norm(W))
+        if settings.get("trust_clamp") is not None:
+            phi = min(phi, settings["trust_clamp"])
+        if phi > 0:
+            k *= phi
+        elif norm == "l2":  # W = 0: LAMB's trust ratio 1 on the raw Adam step r, not on r/‖r‖
+            delta = d
     s = (lr * k) * delta
 
     # offset momentum, decoupled weight decay (NovoGrad has its decay inside u), apply

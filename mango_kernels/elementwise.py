@@ -12,7 +12,7 @@ of the tile table (see `mango_kernels.tables`). What each one fuses:
 * `segment_sums`: one program per segment (tensor, head block or row) adds its tiles' partials
   in a fixed order: deterministic, no atomics, so resumed runs are bit-exact.
 * `apply`: Δ from d (sign, divide by the segment's l2 norm, or the NS output), scale by lr·k
-  (shape factor, trust ratio ‖W‖), offset momentum O ← β_o·O + (1−β_o)·s, decoupled weight
+  (shape factor, trust ratio min(‖W‖, clamp)), offset momentum O ← β_o·O + (1−β_o)·s, decoupled weight
   decay, and the write of W in its own dtype. One launch.
 * `novograd_prepass` (only when a novograd tensor is present): Σg² partials and a snapshot of
   the scalar v, so the moments pass can use ‖g‖² without a race on v.
@@ -36,6 +36,7 @@ from .tables import (
     FLAG_FIRST_STEP,
     FLAG_OFFSET,
     FLAG_TRUST,
+    FLAG_TRUST_RAW,
     ICOL,
     NI,
     NORM_SEGMENT_L2,
@@ -82,6 +83,7 @@ _LR_K = tl.constexpr(FCOL.LR_K)
 _BETA_OFFSET = tl.constexpr(FCOL.BETA_OFFSET)
 _ONE_MINUS_BETA_OFFSET = tl.constexpr(FCOL.ONE_MINUS_BETA_OFFSET)
 _DECAY = tl.constexpr(FCOL.DECAY)
+_TRUST_CLAMP = tl.constexpr(FCOL.TRUST_CLAMP)
 
 _LAPROP = tl.constexpr(PRECONDITIONER_CODES["laprop"])
 _ADAM = tl.constexpr(PRECONDITIONER_CODES["adam"])
@@ -90,6 +92,7 @@ _SIGN = tl.constexpr(NORM_SIGN)
 _SEGMENT_L2 = tl.constexpr(NORM_SEGMENT_L2)
 _HAS_OFFSET = tl.constexpr(FLAG_OFFSET)
 _TRUST = tl.constexpr(FLAG_TRUST)
+_TRUST_RAW = tl.constexpr(FLAG_TRUST_RAW)
 _FIRST_STEP = tl.constexpr(FLAG_FIRST_STEP)
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -293,7 +296,8 @@ def _apply_kernel(
     flags = tl.load(irow + _FLAGS)
     kind = tl.load(irow + _NORM_KIND)
 
-    delta = _load_as(tl.load(irow + _DELTA), offs, mask, tl.load(irow + _DELTA_DTYPE), COMPUTE, ALIGNED)
+    raw = _load_as(tl.load(irow + _DELTA), offs, mask, tl.load(irow + _DELTA_DTYPE), COMPUTE, ALIGNED)
+    delta = raw
     if kind == _SIGN:  # torch.sign: ±1, 0 stays 0, NaN stays NaN
         delta = tl.where(delta > 0, 1.0, tl.where(delta < 0, -1.0, delta)).to(COMPUTE)
     elif kind == _SEGMENT_L2:  # unit l2 norm per segment (tensor, head block or row); 0 stays 0
@@ -301,9 +305,13 @@ def _apply_kernel(
         delta = tl.where(norm > 0, delta / norm, 0.0).to(COMPUTE)
 
     k = _f(frow, _LR_K, COMPUTE)
-    if (flags & _TRUST) != 0:
+    if (flags & _TRUST) != 0:  # φ = min(‖W‖, trust_clamp); φ = 0: ratio 1 (on the raw d with _TRUST_RAW)
         w_norm = tl.sqrt(tl.load(SUMS + tl.load(irow + _W_SEGMENT)))
+        clamp = _f(frow, _TRUST_CLAMP, COMPUTE)
+        w_norm = tl.where((clamp > 0) & (w_norm > clamp), clamp, w_norm)
         k = k * tl.where(w_norm > 0, w_norm, 1.0).to(COMPUTE)
+        if (flags & _TRUST_RAW) != 0:
+            delta = tl.where(w_norm > 0, delta, raw)
     s = k * delta
 
     w_addr = tl.load(irow + _PARAM)

@@ -37,8 +37,9 @@ PRECONDITIONER_CODES = {None: 0, "laprop": 1, "adam": 2, "novograd": 3}
 # how the apply kernel turns the direction d into Δ
 NORM_NONE, NORM_SIGN, NORM_SEGMENT_L2, NORM_PRECOMPUTED = 0, 1, 2, 3
 
-# flag bits
-FLAG_OFFSET, FLAG_TRUST, FLAG_FIRST_STEP = 1, 2, 4
+# flag bits. FLAG_TRUST_RAW (with FLAG_TRUST, norm l2): where the trust ratio's φ is 0 the step is
+# the raw direction d, not d/‖d‖ (LAMB's trust ratio 1 on the Adam step)
+FLAG_OFFSET, FLAG_TRUST, FLAG_FIRST_STEP, FLAG_TRUST_RAW = 1, 2, 4, 8
 
 INT_COLUMNS = (
     "numel",
@@ -61,6 +62,7 @@ FLOAT_COLUMNS = (
     "lr_k",  # lr × shape factor
     "beta_offset", "one_minus_beta_offset",
     "decay",  # lr·λ (decoupled weight decay; 0 for novograd)
+    "trust_clamp",  # trust ratio φ = min(‖W‖, trust_clamp); 0: no clamp
 )  # fmt: skip
 NI, NF = len(INT_COLUMNS), len(FLOAT_COLUMNS)
 ROW = NI + NF

@@ -328,3 +328,22 @@ def test_param_groups_tied_weights_label_once():
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     (role,) = [g["role"] for g in groups for p in g["params"] if p is model.wte.weight]
     assert role in ("embedding", "head")
+
+
+# ----------------------------------------------------------------------------- output location
+
+def test_demo_writes_where_git_ignores_unless_asked_to_update_committed_results():
+    """`bash ci/demo.sh` must leave a fresh checkout clean; committed figures change only on purpose."""
+    import subprocess
+
+    parse = train.build_parser().parse_args
+    assert train.results_dir(parse([])) == train.LOCAL_RESULTS
+    assert train.results_dir(parse(["--update-results"])) == train.COMMITTED_RESULTS
+    assert train.results_dir(parse(["--out", "/tmp/x"])) == "/tmp/x"
+    with pytest.raises(SystemExit, match="exclusive"):
+        train.results_dir(parse(["--out", "/tmp/x", "--update-results"]))
+    root = os.path.dirname(train.COMMITTED_RESULTS)
+    probe = os.path.join(train.LOCAL_RESULTS, "train_tiny.json")
+    assert subprocess.run(["git", "check-ignore", "-q", probe], cwd=root).returncode == 0
+    committed = os.path.join(train.COMMITTED_RESULTS, "train_tiny.json")
+    assert subprocess.run(["git", "check-ignore", "-q", committed], cwd=root).returncode == 1

@@ -603,11 +603,13 @@ class TorchBackend:
         return torch.nn.functional.pad(q, (lead, tail)).view(-1, hd)
 
     def _trust(self, group, L, unit):
-        """Per tensor of the unit, the trust ratio ‖W‖ (1 where W = 0), or None without trust_ratio."""
+        """Per tensor of the unit, LAMB's φ = min(‖W‖, trust_clamp), or None without trust_ratio
+        (`_apply` takes ratio 1 where φ = 0: on the raw step for l2, on Δ otherwise)."""
         if not group["trust_ratio"]:
             return None
-        wn = self.tensor_norms(L.params[unit.k0 : unit.k1])
-        return wn
+        phi = self.tensor_norms(L.params[unit.k0 : unit.k1])
+        clamp = group.get("trust_clamp")
+        return phi if clamp is None else phi.clamp(max=clamp)
 
     def _apply(self, group, L, unit, chunk, s, lr_k, trust, raw_d) -> None:
         """s (a chunk buffer: Δ, or the NS result already × lr·k) → lr·k·Δ·trust, offset momentum,

@@ -38,6 +38,7 @@ from mango_kernels.tables import (
     FLAG_FIRST_STEP,
     FLAG_OFFSET,
     FLAG_TRUST,
+    FLAG_TRUST_RAW,
     ICOL,
     NORM_NONE,
     NORM_PRECOMPUTED,
@@ -180,6 +181,7 @@ class _LaunchGroup:
         self.bucket_of_entry = torch.tensor([e.bucket_pos for e in self.entries], dtype=torch.long)
         self.shape_factor = torch.tensor([e.nb.shape_factor for e in self.entries], dtype=torch.float64)
         self.has_offset = torch.tensor(["offset" in e.slot.state for e in self.entries], dtype=torch.bool)
+        self.is_l2 = torch.tensor([e.nb.norm == "l2" for e in self.entries], dtype=torch.bool)
         self.params = [e.slot.param for e in self.entries]
         self.states = [e.slot.state for e in self.entries]
 
@@ -202,6 +204,7 @@ class _LaunchGroup:
         row[FCOL.LR_K] = lr
         row[FCOL.BETA_OFFSET], row[FCOL.ONE_MINUS_BETA_OFFSET] = bo, 1 - bo
         row[FCOL.DECAY] = 0.0 if pre == "novograd" else lr * wd
+        row[FCOL.TRUST_CLAMP] = group["trust_clamp"] or 0.0  # 0: no clamp
         return row
 
     @staticmethod
@@ -221,7 +224,7 @@ class _LaunchGroup:
         masks = torch.tensor([self._bias_masks(g) for g in bucket_groups], dtype=torch.bool)[self.bucket_of_entry]
         flags = torch.where(self.has_offset, FLAG_OFFSET, 0)
         trust = torch.tensor([bool(g["trust_ratio"]) for g in bucket_groups], dtype=torch.bool)[self.bucket_of_entry]
-        flags = flags | torch.where(trust, FLAG_TRUST, 0)
+        flags = flags | torch.where(trust, FLAG_TRUST, 0) | torch.where(trust & self.is_l2, FLAG_TRUST_RAW, 0)
         if bool(masks.any()):  # needs the step counts on the host (a sync if they live on a GPU)
             t = torch.stack([s["step"] for s in self.states]).to(device="cpu", dtype=torch.float64).reshape(-1)
             floats[:, FCOL.BIAS1] = torch.where(masks[:, 0], 1 - floats[:, FCOL.BETA1] ** t, 1.0)
