@@ -61,6 +61,8 @@ class Mango(Optimizer):
         beta_offset=config.DEFAULTS["beta_offset"],
         weight_decay: float = 0.0,
         maximize: bool = False,
+        orientation: str = config.DEFAULTS["orientation"],
+        experts: bool = config.DEFAULTS["experts"],
         *,
         backend: str = "auto",
         nonfinite: str = "propagate",
@@ -76,6 +78,7 @@ class Mango(Optimizer):
             norm=norm, head_dim=head_dim, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
             ns_prescale=ns_prescale, ns_eps=ns_eps, ns_dtype=ns_dtype, shape_scale=shape_scale,
             trust_ratio=trust_ratio, beta_offset=beta_offset, weight_decay=weight_decay, maximize=maximize,
+            orientation=orientation, experts=experts,
         )  # fmt: skip
         config.validate_group(defaults)
         self.backend_name = backend
@@ -111,7 +114,7 @@ class Mango(Optimizer):
             norm = config.resolve_norm(merged, role)
             if merged["norm"] is not None and norm not in config.ROLE_NORMS[role]:
                 raise ValueError(f"mango: parameter {name}: norm={norm!r} is not available for role {role!r}")
-            config.check_param_for_norm(name, p, role, norm, merged["head_dim"])
+            config.check_param_for_norm(name, p, role, norm, merged["head_dim"], merged["orientation"], merged["experts"])
             distributed.check_param(name, p)  # DTensor placements mango cannot handle
         param_group = dict(param_group, params=params, param_names=names)
         super().add_param_group(param_group)
