@@ -211,8 +211,10 @@ def _label_fused(name, fused, cross_query, heads: _Heads, found: Recognised) -> 
     blocks = None if heads.n_q is None else (2 * n_kv if cross_query is not None else heads.n_q + 2 * n_kv)
     rows = operator_rows(module)
     head_dim = heads.head_dim or _exact_ratio(rows, blocks)
-    fits_plain_heads = heads.n_kv is not None or blocks is None or rows == blocks * (head_dim or 0)
-    if head_dim is None or not fits_plain_heads:
+    maybe_grouped = (  # heads divide the rows, but not as n_q + 2·n_q blocks, and no kv count is given
+        heads.n_kv is None and blocks is not None and head_dim and rows % head_dim == 0 and rows != blocks * head_dim
+    )
+    if head_dim is None or maybe_grouped:
         found.unresolved.append(_unresolved(name, [fused], _fused_hint(name, local)))
         return
     full = f"{name}.{local}" if name else local
@@ -230,7 +232,7 @@ def _check_rows(module_name, module, head_dim, blocks, heads: _Heads) -> None:
     expected = None if blocks is None else blocks * head_dim
     if rows % head_dim == 0 and expected in (None, rows):
         return
-    want = f"{blocks} heads x head_dim {head_dim} = {expected}" if expected else f"a multiple of head_dim {head_dim}"
+    want = f"{blocks} head blocks of head_dim {head_dim} = {expected}" if expected else f"a multiple of head_dim {head_dim}"
     raise ValueError(
         f"mango.param_groups: parameter {module_name + '.weight'!r} has {rows} output rows, expected {want} "
         f"(heads read from {heads.source}: n_q={heads.n_q}, n_kv={heads.n_kv}, head_dim={heads.head_dim}); "

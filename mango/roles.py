@@ -2,13 +2,16 @@
 
 MANGO picks a different dual norm per kind of tensor (Newton–Schulz for hidden matrices,
 head-wise NS for fused QKV, nothing for embeddings, l2 for biases, ...), so the optimizer
-must know what each tensor *is*. Shapes alone cannot tell an embedding from a hidden
-matrix, or a fused QKV projection from an MLP layer, so the labels come from the module
-tree: the module that owns a tensor says what it is. Where the tree cannot say (a fused
-QKV ``nn.Linear`` looks like any other ``nn.Linear``) the caller declares it, and anything
+must know what each tensor *is* and how it stores its operator. Shapes alone cannot tell an
+embedding from a hidden matrix, or a fused QKV projection from an MLP layer, so the labels
+come from the module tree: the module that owns a tensor says what it is, and the
+conventions of Hugging Face / torchvision models (``mango.architectures``) say where their
+heads, transposed weights and expert stacks are. Where the tree cannot say (a fused QKV
+``nn.Linear`` in a module that does not state its heads) the caller declares it, and anything
 ambiguous or impossible is an error naming the parameter rather than a silent guess.
 
-    groups = param_groups(model, qkv_heads={"h.*.attn.c_attn": 12})
+    groups = param_groups(hf_model)                                  # no hints needed
+    groups = param_groups(model, qkv_heads={"h.*.attn.c_attn": 12})  # a custom fused QKV
     print(describe(groups))
     opt = mango.Mango(groups, lr=0.01)
 """
@@ -139,13 +142,13 @@ def _layout_keys(label: _Label) -> dict:
 def describe(groups_or_optimizer) -> str:
     """Render the labelling as a fixed-width table, one row per parameter.
 
-    Shows what the optimizer will actually do with each tensor: its group, how it stores its
-    operator (``layout``: ``(out,in)``, ``(in,out)ᵀ`` for a transposed store, ``4 experts ×...``
-    for a stack of experts), the role, the norm after resolving the role default, the QKV head
-    size, the blocks the norm is applied to (operator shape per head or expert, e.g.
-    ``12 heads ×(64,768)``) and any setting that differs from the defaults. Accepts the list returned by :func:`param_groups` or any
-    ``torch.optim.Optimizer`` (names come from the groups' ``param_names``; ``param{i}``
-    where a group has none).
+    Shows what the optimizer will actually do with each tensor: its group, the role, the norm
+    after resolving the role default, the QKV head size, how it stores its operator
+    (``layout``: ``(out,in)``, ``(in,out)ᵀ`` for a transposed store, ``4 experts ×(out,in)``),
+    the blocks one normalization sees (operator shape per head or expert, e.g.
+    ``12 heads ×(64,768)``) and any setting that differs from the defaults. Accepts the list
+    returned by :func:`param_groups` or any ``torch.optim.Optimizer`` (names come from the
+    groups' ``param_names``; ``param{i}`` where a group has none).
     """
     if isinstance(groups_or_optimizer, torch.optim.Optimizer):
         groups = groups_or_optimizer.param_groups
@@ -164,17 +167,7 @@ def describe(groups_or_optimizer) -> str:
         settings = _shown_settings(group, defaults)
         for i, param in enumerate(params):
             name = names[i] if i < len(names) and names[i] else f"param{index}"
-            role = group.get("role") or config.resolve_role({"role": None}, param)
-            norm = group.get("norm") or ROLE_DEFAULT_NORM[role]
-            head_dim = group.get("head_dim")
-            shown_head_dim = "-" if head_dim is None else str(head_dim)
-            orientation = group.get("orientation", DEFAULTS["orientation"])
-            experts = group.get("experts", DEFAULTS["experts"])
-            layout = _layout_text(tuple(param.shape), orientation, experts, norm)
-            blocks = _blocks_text(tuple(param.shape), orientation, experts, norm, head_dim)
-            rows.append(
-                (str(group_index), name, str(tuple(param.shape)), role, norm, shown_head_dim, layout, blocks, settings)
-            )
+            rows.append((str(group_index), name, *_describe_cells(group, param), settings))
             index += 1
             numel += param.numel()
 
@@ -500,13 +493,31 @@ def _warn_unresolved(unresolved, qkv_modules, tensors: list[_Tensor], settings_b
 # --------------------------------------------------------------------------- text helpers
 
 
+def _describe_cells(group: dict, param) -> tuple[str, ...]:
+    """shape, role, norm, head_dim, layout, blocks of one tensor as its group will treat it."""
+    role = group.get("role") or config.resolve_role({"role": None}, param)
+    norm = group.get("norm") or ROLE_DEFAULT_NORM[role]
+    head_dim = group.get("head_dim")
+    orientation = group.get("orientation", DEFAULTS["orientation"])
+    experts = group.get("experts", DEFAULTS["experts"])
+    shape = tuple(param.shape)
+    return (
+        str(shape),
+        role,
+        norm,
+        "-" if head_dim is None else str(head_dim),
+        _layout_text(shape, orientation, experts, norm),
+        _blocks_text(shape, orientation, experts, norm, head_dim),
+    )
+
+
 def _operator_shape(shape, orientation, experts) -> tuple[int | None, tuple]:
     """(number of experts or None, the (out, in) operator shape per expert; vectors as they are)."""
     n_experts, shape = (shape[0], shape[1:]) if experts and len(shape) > 0 else (None, shape)
     if len(shape) < 2:
         return n_experts, shape
-    if orientation == "in_out":
-        return n_experts, (shape[1], prod(shape[0:1] + shape[2:]))
+    if orientation == "in_out":  # always a 2-D (in, out) per expert (config.check_param_for_norm)
+        return n_experts, (shape[1], shape[0])
     return n_experts, (shape[0], prod(shape[1:]))
 
 
