@@ -26,11 +26,14 @@ SPLIT_NORMS = ("ns_split", "l2_split")
 PRECONDITIONERS = (None, "laprop", "adam", "novograd")
 NS_PRESCALES = ("frobenius", "spectral")
 NS_METHODS = ("auto", "textbook", "gram")
-ORIENTATIONS = ("out_in", "in_out")
 SHAPE_SCALES = (None, "original", "match_rms_adamw")
 SECOND_MOMENTS = ("ema", "sum")
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 BACKENDS = ("auto", "torch", "triton", "reference")
+# How a tensor stores its operator: "out_in" as nn.Linear (conv kernels (out, in, kh, kw)),
+# "in_out" transposed (HF GPT-2's Conv1D; experts stored [E, in, out]). Norms see (out, in).
+ORIENTATIONS = ("out_in", "in_out")
+MATRIX_NORMS = ("ns", "ns_split", "l2_col")
 
 # The report's best norm per role (SPEC §3).
 ROLE_DEFAULT_NORM = {
@@ -215,7 +218,7 @@ def validate_group(group: dict) -> None:
             "bias_correction", True,
             f"only applies to preconditioner='laprop' (got {group['preconditioner']!r}; 'adam' always corrects)",
         )  # fmt: skip
-    for flag in ("nesterov", "ema_momentum", "bias_correction", "trust_ratio", "maximize"):
+    for flag in ("nesterov", "ema_momentum", "bias_correction", "trust_ratio", "maximize", "experts"):
         if not isinstance(group[flag], bool):
             raise _err(flag, group[flag], "must be True or False")
     if group["role"] is not None:
@@ -278,8 +281,28 @@ def resolve_norm(group: dict, role: str) -> str:
     return group["norm"] if group["norm"] is not None else ROLE_DEFAULT_NORM[role]
 
 
-def check_param_for_norm(name: str, param, role: str, norm: str, head_dim) -> None:
+def operator_rows(shape, orientation: str = "out_in", experts: bool = False) -> int:
+    """Rows of the (out, in) operator a tensor stores (per expert): what head splits divide."""
+    if experts:
+        shape = shape[1:]
+    if len(shape) == 0:
+        return 1
+    return shape[1] if orientation == "in_out" else shape[0]
+
+
+def check_param_for_norm(name: str, param, role: str, norm: str, head_dim, orientation="out_in", experts=False) -> None:
     """Shape checks that depend on the tensor (SPEC §9): clear error naming the parameter."""
+    shape = tuple(param.shape)
+    if experts and param.dim() < (3 if norm in MATRIX_NORMS else 2):
+        raise ValueError(
+            f"mango: parameter {name} with shape {shape} cannot use experts=True with norm={norm!r} "
+            f"(needs dim 0 = experts and {'a matrix' if norm in MATRIX_NORMS else 'a vector'} per expert)"
+        )
+    if orientation == "in_out" and param.dim() != (3 if experts else 2):
+        raise ValueError(
+            f"mango: parameter {name} with shape {shape} cannot use orientation='in_out' "
+            f"(needs a {'3-D [E, in, out]' if experts else '2-D (in, out)'} tensor)"
+        )
     if norm in ("ns", "l2_col") and param.dim() < 2:
         raise ValueError(f"mango: parameter {name} with shape {tuple(param.shape)} cannot use norm={norm!r} (needs >= 2 dims)")
     if norm == "ns_split" and param.dim() < 2:
@@ -287,9 +310,9 @@ def check_param_for_norm(name: str, param, role: str, norm: str, head_dim) -> No
     if norm in SPLIT_NORMS:
         if head_dim is None:
             raise ValueError(f"mango: parameter {name} uses norm={norm!r} but its group has no head_dim")
-        rows = param.shape[0] if param.dim() > 0 else 1
+        rows = operator_rows(shape, orientation, experts)
         if rows % head_dim != 0:
             raise ValueError(
                 f"mango: parameter {name}: head_dim={head_dim} does not divide its {rows} rows "
-                f"(QKV head count does not match the tensor)"
+                f"(of the (out, in) operator; QKV head count does not match the tensor)"
             )

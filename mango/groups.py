@@ -29,7 +29,7 @@ def check_param(name: str, p, group: dict) -> None:
     norm = config.resolve_norm(group, role)
     if group["norm"] is not None and norm not in config.ROLE_NORMS[role]:
         raise ValueError(f"mango: parameter {name}: norm={norm!r} is not available for role {role!r}")
-    config.check_param_for_norm(name, p, role, norm, group["head_dim"])
+    config.check_param_for_norm(name, p, role, norm, group["head_dim"], group["orientation"], group["experts"])
     distributed.check_param(name, p)  # DTensor placements mango cannot handle
 
 

@@ -2,13 +2,16 @@
 
 MANGO picks a different dual norm per kind of tensor (Newton–Schulz for hidden matrices,
 head-wise NS for fused QKV, nothing for embeddings, l2 for biases, ...), so the optimizer
-must know what each tensor *is*. Shapes alone cannot tell an embedding from a hidden
-matrix, or a fused QKV projection from an MLP layer, so the labels come from the module
-tree: the module that owns a tensor says what it is. Where the tree cannot say (a fused
-QKV ``nn.Linear`` looks like any other ``nn.Linear``) the caller declares it, and anything
+must know what each tensor *is* and how it stores its operator. Shapes alone cannot tell an
+embedding from a hidden matrix, or a fused QKV projection from an MLP layer, so the labels
+come from the module tree: the module that owns a tensor says what it is, and the
+conventions of Hugging Face / torchvision models (``mango.architectures``) say where their
+heads, transposed weights and expert stacks are. Where the tree cannot say (a fused QKV
+``nn.Linear`` in a module that does not state its heads) the caller declares it, and anything
 ambiguous or impossible is an error naming the parameter rather than a silent guess.
 
-    groups = param_groups(model, qkv_heads={"h.*.attn.c_attn": 12})
+    groups = param_groups(hf_model)                                  # no hints needed
+    groups = param_groups(model, qkv_heads={"h.*.attn.c_attn": 12})  # a custom fused QKV
     print(describe(groups))
     opt = mango.Mango(groups, lr=0.01)
 """
@@ -17,14 +20,16 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
+from math import prod
 
 import torch
 from torch import nn
 
-from . import config
-from .config import DEFAULTS, ROLE_DEFAULT_NORM, ROLES
+from . import architectures, config
+from .architectures import Label as _Label
+from .config import DEFAULTS, ROLE_DEFAULT_NORM, ROLES, SPLIT_NORMS
 
 __all__ = ["param_groups", "describe"]
 
@@ -38,16 +43,7 @@ EMBEDDING_MODULES = (nn.Embedding, nn.EmbeddingBag)
 _ROLE_PRIORITY = ("embedding", "head", "qkv_weight", "qkv_bias", "matrix", "vector_bias", "vector_weight")
 
 # Keys of a param group that describe the labelling itself, not an optimizer setting.
-_LABEL_KEYS = ("params", "param_names", "role", "norm", "head_dim", "name")
-
-
-@dataclass(frozen=True)
-class _Label:
-    """One module's opinion on the role of one tensor, with the reason (for messages)."""
-
-    role: str
-    head_dim: int | None
-    reason: str
+_LABEL_KEYS = ("params", "param_names", "role", "norm", "head_dim", "orientation", "experts", "name")
 
 
 @dataclass
@@ -76,9 +72,11 @@ def param_groups(model: nn.Module, qkv_heads=None, head=None, overrides=None) ->
     Args:
         model: the ``nn.Module`` whose parameters to label.
         qkv_heads: ``{module name or fnmatch glob: n_heads | (n_q, n_kv)}`` declaring fused QKV
-            projections (Linear-like modules with a 2-D weight whose rows are the q, k and v
-            heads stacked). Needed because a fused QKV Linear is indistinguishable from any
-            other Linear; ``nn.MultiheadAttention`` is recognised without it.
+            projections (``nn.Linear``, or HF ``Conv1D`` stored (in, out), whose output features
+            are the q, k and v heads stacked). Needed only where the model does not say its
+            heads: ``nn.MultiheadAttention`` and the Hugging Face / torchvision architectures
+            of the README's table are recognised without it (a warning names the modules that
+            look like attention but are not).
         head: name (or glob, or list of them) of the output-projection module, for heads not
             tied to an embedding and not named ``head``/``lm_head``.
         overrides: ``{parameter name or glob: {setting: value}}`` merged into the matching
@@ -86,10 +84,12 @@ def param_groups(model: nn.Module, qkv_heads=None, head=None, overrides=None) ->
             later keys win over earlier ones where several match the same parameter.
 
     Returns:
-        A list of param-group dicts, one per distinct (role, head_dim, overridden settings), in
-        order of first appearance, each with ``params``, ``param_names`` (same order), ``role``,
-        ``head_dim`` and the overridden settings. Every trainable tensor appears exactly once,
-        under its first name; ``requires_grad=False`` tensors are left out.
+        A list of param-group dicts, one per distinct (role, head_dim, layout, overridden
+        settings), in order of first appearance, each with ``params``, ``param_names`` (same
+        order), ``role``, ``head_dim``, the layout keys where not the default
+        (``orientation="in_out"`` for weights stored (in, out), ``experts=True`` for stacks of
+        expert matrices on dim 0) and the overridden settings. Every trainable tensor appears
+        exactly once, under its first name; ``requires_grad=False`` tensors are left out.
 
     Raises:
         ValueError naming the module or parameter for anything that cannot be labelled:
@@ -105,33 +105,50 @@ def param_groups(model: nn.Module, qkv_heads=None, head=None, overrides=None) ->
     modules = list(model.named_modules(remove_duplicate=False))
     qkv_modules = _resolve_qkv_declarations(modules, qkv_heads)
     head_modules = _resolve_head_modules(modules, head, qkv_modules)
-    tensors = _collect_tensors(modules, qkv_modules, head_modules)
+    recognised = architectures.recognise(modules, model)
+    tensors = _collect_tensors(modules, qkv_modules, head_modules, recognised)
 
     trainable = [t for t in tensors if t.param.requires_grad]
     frozen_names = [n for t in tensors if not t.param.requires_grad for n in t.names]
     settings_by_tensor = _match_overrides(overrides, trainable, frozen_names)
+    _warn_unresolved(recognised.unresolved, qkv_modules, trainable, settings_by_tensor)
 
     groups: dict[tuple, dict] = {}
     for tensor, settings in zip(trainable, settings_by_tensor):
         label = _choose_label(tensor, role_overridden="role" in settings)
-        role, head_dim, settings = _apply_overrides(tensor, label, settings)
-        key = (role, head_dim, repr(sorted(settings.items())))
+        label, settings = _apply_overrides(tensor, label, settings)
+        layout = _layout_keys(label)
+        key = (label.role, label.head_dim, repr(sorted(layout.items())), repr(sorted(settings.items())))
         group = groups.get(key)
         if group is None:
-            group = groups[key] = {"params": [], "param_names": [], "role": role, "head_dim": head_dim, **settings}
+            group = groups[key] = {
+                "params": [], "param_names": [], "role": label.role, "head_dim": label.head_dim, **layout, **settings,
+            }  # fmt: skip
         group["params"].append(tensor.param)
         group["param_names"].append(tensor.names[0])
     return list(groups.values())
 
 
+def _layout_keys(label: _Label) -> dict:
+    """The group keys that say how the tensor stores its operator, only where not the default."""
+    keys = {}
+    if label.orientation != DEFAULTS["orientation"]:
+        keys["orientation"] = label.orientation
+    if label.experts != DEFAULTS["experts"]:
+        keys["experts"] = label.experts
+    return keys
+
+
 def describe(groups_or_optimizer) -> str:
     """Render the labelling as a fixed-width table, one row per parameter.
 
-    Shows what the optimizer will actually do with each tensor: its group, the role, the norm after
-    resolving the role default, the QKV head size and any setting that differs from the
-    defaults. Accepts the list returned by :func:`param_groups` or any
-    ``torch.optim.Optimizer`` (names come from the groups' ``param_names``; ``param{i}``
-    where a group has none).
+    Shows what the optimizer will actually do with each tensor: its group, the role, the norm
+    after resolving the role default, the QKV head size, how it stores its operator
+    (``layout``: ``(out,in)``, ``(in,out)ᵀ`` for a transposed store, ``4 experts ×(out,in)``),
+    the blocks one normalization sees (operator shape per head or expert, e.g.
+    ``12 heads ×(64,768)``) and any setting that differs from the defaults. Accepts the list
+    returned by :func:`param_groups` or any ``torch.optim.Optimizer`` (names come from the
+    groups' ``param_names``; ``param{i}`` where a group has none).
     """
     if isinstance(groups_or_optimizer, torch.optim.Optimizer):
         groups = groups_or_optimizer.param_groups
@@ -140,7 +157,7 @@ def describe(groups_or_optimizer) -> str:
         groups = list(groups_or_optimizer)
         defaults = None
 
-    header = ("group", "name", "shape", "role", "norm", "head_dim", "settings")
+    header = ("group", "name", "shape", "role", "norm", "head_dim", "layout", "blocks", "settings")
     rows = []
     index = numel = 0
     for group_index, group in enumerate(groups):
@@ -150,11 +167,7 @@ def describe(groups_or_optimizer) -> str:
         settings = _shown_settings(group, defaults)
         for i, param in enumerate(params):
             name = names[i] if i < len(names) and names[i] else f"param{index}"
-            role = group.get("role") or config.resolve_role({"role": None}, param)
-            norm = group.get("norm") or ROLE_DEFAULT_NORM[role]
-            head_dim = group.get("head_dim")
-            shown_head_dim = "-" if head_dim is None else str(head_dim)
-            rows.append((str(group_index), name, str(tuple(param.shape)), role, norm, shown_head_dim, settings))
+            rows.append((str(group_index), name, *_describe_cells(group, param), settings))
             index += 1
             numel += param.numel()
 
@@ -186,12 +199,12 @@ def _resolve_qkv_declarations(modules, qkv_heads) -> dict[int, _QkvDeclaration]:
                 f"{_suggest(key, [n for n, _ in modules])}"
             )
         for name, module in matched:
-            weight = _linear_like_weight(name, module, what=f"declared fused QKV (qkv_heads[{key!r}])")
+            rows = _operator_rows(name, module, what=f"declared fused QKV (qkv_heads[{key!r}])")
             blocks = n_q + 2 * n_kv
-            rows = weight.shape[0]
             if rows % blocks != 0:
+                what_rows = "output features (Conv1D weight columns)" if architectures.is_conv1d(module) else "weight rows"
                 raise ValueError(
-                    f"mango.param_groups: fused QKV module {name!r} has {rows} weight rows, not a multiple of "
+                    f"mango.param_groups: fused QKV module {name!r} has {rows} {what_rows}, not a multiple of "
                     f"the {blocks} q/k/v head blocks of {_heads_text(n_q, n_kv)} (qkv_heads[{key!r}])"
                 )
             bias = getattr(module, "bias", None)
@@ -226,18 +239,20 @@ def _resolve_head_modules(modules, head, qkv_modules) -> dict[int, str]:
                     f"{_suggest(pattern, [n for n, _ in modules])}"
                 )
             for name, module in matched:
-                _linear_like_weight(name, module, what=f"declared output head (head={pattern!r})")
+                _operator_rows(name, module, what=f"declared output head (head={pattern!r})")
                 if id(module) in qkv_modules:
                     raise ValueError(f"mango.param_groups: module {name!r} is declared both as head and in qkv_heads")
                 heads[id(module)] = f"declared head={pattern!r}"
     for name, module in modules:
-        if (
-            isinstance(module, nn.Linear)
-            and name.rsplit(".", 1)[-1] in HEAD_MODULE_NAMES
-            and id(module) not in qkv_modules
-        ):
+        if isinstance(module, nn.Linear) and id(module) not in qkv_modules and _named_as_head(name):
             heads.setdefault(id(module), f"nn.Linear named {name!r}")
     return heads
+
+
+def _named_as_head(name: str) -> bool:
+    """``head``/``lm_head`` anywhere; ``fc``/``classifier``/``score`` as a direct child of the model."""
+    local = name.rsplit(".", 1)[-1]
+    return local in HEAD_MODULE_NAMES or ("." not in name and name in architectures.TOP_LEVEL_HEAD_NAMES)
 
 
 def _parse_head_count(key, heads) -> tuple[int, int]:
@@ -260,12 +275,8 @@ def _parse_head_count(key, heads) -> tuple[int, int]:
     )
 
 
-def _linear_like_weight(name, module, what) -> torch.Tensor:
-    """The 2-D (out, in) weight of a module declared as QKV/head; error if there is none.
-
-    HF's GPT-2 ``Conv1D`` stores its weight as (in, out); splitting its rows into heads would
-    silently split the wrong axis, so it is rejected by name rather than mislabelled.
-    """
+def _operator_rows(name, module, what) -> int:
+    """Output rows of a module declared as QKV/head (Linear, or HF Conv1D stored (in, out)); error if none."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
@@ -273,14 +284,7 @@ def _linear_like_weight(name, module, what) -> torch.Tensor:
             f"mango.param_groups: module {name!r} ({type(module).__name__}) is {what} but is not "
             f"Linear-like: it needs a 2-D (out, in) `weight` parameter, has weight shape {shape}"
         )
-    nf = getattr(module, "nf", None)
-    if isinstance(nf, int) and weight.shape[1] == nf and weight.shape[0] != nf:
-        raise ValueError(
-            f"mango.param_groups: module {name!r} ({type(module).__name__}) is {what} but stores its "
-            f"weight as (in, out) = {tuple(weight.shape)}; the head split needs (out, in) rows. "
-            "Convert it to nn.Linear, or override its role to 'matrix'"
-        )
-    return weight
+    return architectures.operator_rows(module)
 
 
 def _match_modules(modules, pattern):
@@ -296,7 +300,7 @@ def _match_modules(modules, pattern):
 # --------------------------------------------------------------------------- labelling
 
 
-def _collect_tensors(modules, qkv_modules, head_modules) -> list[_Tensor]:
+def _collect_tensors(modules, qkv_modules, head_modules, recognised) -> list[_Tensor]:
     """Every distinct parameter tensor, in model order, with all its names and labels."""
     embedding_weights = {
         id(module.weight): name for name, module in modules if isinstance(module, EMBEDDING_MODULES)
@@ -305,15 +309,30 @@ def _collect_tensors(modules, qkv_modules, head_modules) -> list[_Tensor]:
     for module_name, module in modules:
         for local, param in module.named_parameters(recurse=False, remove_duplicate=False):
             full_name = f"{module_name}.{local}" if module_name else local
-            label = _label_parameter(module_name, module, local, param, qkv_modules, head_modules, embedding_weights)
+            label = _label_parameter(
+                module_name, module, local, param, qkv_modules, head_modules, embedding_weights, recognised
+            )
             entry = tensors.setdefault(id(param), _Tensor(param, [], []))
             entry.names.append(full_name)
             entry.labels.append(label)
     return list(tensors.values())
 
 
-def _label_parameter(module_name, module, local, param, qkv_modules, head_modules, embedding_weights) -> _Label:
-    """The role that the owning module gives one of its own parameters."""
+def _label_parameter(
+    module_name, module, local, param, qkv_modules, head_modules, embedding_weights, recognised
+) -> _Label:
+    """The role that the owning module gives one of its own parameters, on its operator layout.
+
+    A Conv1D weight is stored (in, out) whatever role it gets, so its orientation is set here
+    for every role (an override of the role keeps it).
+    """
+    label = _role_label(module_name, module, local, param, qkv_modules, head_modules, embedding_weights, recognised)
+    if local == "weight" and architectures.is_conv1d(module):
+        label = replace(label, orientation="in_out", reason=f"{label.reason}; Conv1D stores (in, out)")
+    return label
+
+
+def _role_label(module_name, module, local, param, qkv_modules, head_modules, embedding_weights, recognised) -> _Label:
     kind = type(module).__name__
     if isinstance(module, EMBEDDING_MODULES) and local == "weight":
         return _Label("embedding", None, f"{kind} {module_name!r}")
@@ -329,12 +348,16 @@ def _label_parameter(module_name, module, local, param, qkv_modules, head_module
 
     declaration = qkv_modules.get(id(module))
     if declaration is not None and local in ("weight", "bias"):
-        head_dim = module.weight.shape[0] // (declaration.n_q + 2 * declaration.n_kv)
+        head_dim = architectures.operator_rows(module) // (declaration.n_q + 2 * declaration.n_kv)
         return _Label(
             "qkv_weight" if local == "weight" else "qkv_bias",
             head_dim,
             f"qkv_heads[{declaration.key!r}]={_heads_value(declaration)}",
         )
+
+    known = recognised.labels.get((id(module), local))
+    if known is not None:
+        return known
 
     if local == "weight":
         if id(module) in head_modules:
@@ -343,6 +366,8 @@ def _label_parameter(module_name, module, local, param, qkv_modules, head_module
             embedding_name = embedding_weights[id(param)]
             return _Label("head", None, f"nn.Linear {module_name!r} tied to embedding {embedding_name!r}")
 
+    if param.dim() >= 2 and local in architectures.LEARNED_TOKEN_NAMES:
+        return _Label("embedding", None, f"learned tokens {local!r} of {kind} {module_name!r}")
     if param.dim() >= 2:
         return _Label("matrix", None, f"{param.dim()}-D parameter")
     if param.dim() == 1 and local == "bias":
@@ -352,7 +377,7 @@ def _label_parameter(module_name, module, local, param, qkv_modules, head_module
 
 def _choose_label(tensor: _Tensor, role_overridden: bool) -> _Label:
     """One label per tensor; a tensor tied into modules that disagree gets the most specific."""
-    distinct = list(dict.fromkeys((lab.role, lab.head_dim) for lab in tensor.labels))
+    distinct = list(dict.fromkeys((lab.role, lab.head_dim, lab.orientation, lab.experts) for lab in tensor.labels))
     best = min(tensor.labels, key=lambda lab: _ROLE_PRIORITY.index(lab.role))
     if len(distinct) > 1 and not role_overridden:
         ways = "; ".join(f"{name!r} -> {lab.role} ({lab.reason})" for name, lab in zip(tensor.names, tensor.labels))
@@ -404,8 +429,8 @@ def _match_overrides(overrides, tensors: list[_Tensor], frozen_names: list[str])
     return merged
 
 
-def _apply_overrides(tensor: _Tensor, label: _Label, settings: dict) -> tuple[str, int | None, dict]:
-    """Final (role, head_dim, other settings) of a tensor, validated with mango.config."""
+def _apply_overrides(tensor: _Tensor, label: _Label, settings: dict) -> tuple[_Label, dict]:
+    """Final label (role, head_dim, layout) and other settings of a tensor, validated with mango.config."""
     name = tensor.names[0]
     settings = dict(settings)
     role = settings.pop("role", label.role)
@@ -426,17 +451,102 @@ def _apply_overrides(tensor: _Tensor, label: _Label, settings: dict) -> tuple[st
             f"mango.param_groups: parameter {name!r} has role {role!r} but no head_dim: give 'head_dim' in its "
             "override or declare its module in qkv_heads"
         )
+    orientation = settings.pop("orientation", label.orientation)
+    experts = settings.pop("experts", label.experts)
 
     try:
-        config.validate_group({**DEFAULTS, **settings, "role": role, "head_dim": head_dim})
+        layout = dict(role=role, head_dim=head_dim, orientation=orientation, experts=experts)
+        config.validate_group({**DEFAULTS, **settings, **layout})
         norm = config.resolve_norm({"norm": settings.get("norm")}, role)
-        config.check_param_for_norm(name, tensor.param, role, norm, head_dim)
+        config.check_param_for_norm(name, tensor.param, role, norm, head_dim, orientation, experts)
     except ValueError as err:
         raise ValueError(f"mango.param_groups: parameter {name!r} (role {role!r}): {err}") from None
-    return role, head_dim, settings
+    return replace(label, role=role, head_dim=head_dim, orientation=orientation, experts=experts), settings
+
+
+def _warn_unresolved(unresolved, qkv_modules, tensors: list[_Tensor], settings_by_tensor) -> None:
+    """One warning per attention pattern whose heads were not found, unless the caller labelled it.
+
+    Modules that differ only in their layer index share one hint (a glob), so a 48-layer model
+    gets one warning, not 48. A module counts as labelled when it is declared in qkv_heads or every
+    trainable weight of its projections has a role override.
+    """
+    role_overridden = {n: "role" in s for t, s in zip(tensors, settings_by_tensor) for n in t.names}
+    pending: dict[str, list[str]] = {}
+    for item in unresolved:
+        if any(i in qkv_modules for i in item.projection_ids):
+            continue
+        trainable = [n for n in item.weight_names if n in role_overridden]
+        if not trainable or all(role_overridden[n] for n in trainable):
+            continue
+        pending.setdefault(item.hint, []).append(item.module_name)
+    for hint, names in pending.items():
+        more = f" (and {len(names) - 1} more like it)" if len(names) > 1 else ""
+        warnings.warn(
+            f"mango.param_groups: module {names[0]!r}{more} looks like attention, but its head count is "
+            "not on the module or in the model's config, so its q/k/v projections get whole-matrix "
+            f"'matrix' instead of head-wise norms. To split them into heads, pass {hint}",
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------- text helpers
+
+
+def _describe_cells(group: dict, param) -> tuple[str, ...]:
+    """shape, role, norm, head_dim, layout, blocks of one tensor as its group will treat it."""
+    role = group.get("role") or config.resolve_role({"role": None}, param)
+    norm = group.get("norm") or ROLE_DEFAULT_NORM[role]
+    head_dim = group.get("head_dim")
+    orientation = group.get("orientation", DEFAULTS["orientation"])
+    experts = group.get("experts", DEFAULTS["experts"])
+    shape = tuple(param.shape)
+    return (
+        str(shape),
+        role,
+        norm,
+        "-" if head_dim is None else str(head_dim),
+        _layout_text(shape, orientation, experts, norm),
+        _blocks_text(shape, orientation, experts, norm, head_dim),
+    )
+
+
+def _operator_shape(shape, orientation, experts) -> tuple[int | None, tuple]:
+    """(number of experts or None, the (out, in) operator shape per expert; vectors as they are)."""
+    n_experts, shape = (shape[0], shape[1:]) if experts and len(shape) > 0 else (None, shape)
+    if len(shape) < 2:
+        return n_experts, shape
+    if orientation == "in_out":  # always a 2-D (in, out) per expert (config.check_param_for_norm)
+        return n_experts, (shape[1], shape[0])
+    return n_experts, (shape[0], prod(shape[1:]))
+
+
+def _layout_text(shape, orientation, experts, norm) -> str:
+    """How the stored tensor maps to its operator: (out,in), (in,out)ᵀ, (out,in·k) for convs.
+
+    Shown where it matters: for matrix norms, a transposed store or a stack of experts.
+    """
+    inner = shape[1:] if experts else shape
+    if len(inner) < 2 or not (norm in config.MATRIX_NORMS or orientation == "in_out" or experts):
+        text = "(out,)" if experts and len(inner) == 1 else "-"
+    elif orientation == "in_out":
+        text = "(in,out)ᵀ"
+    else:
+        text = "(out,in)" if len(inner) == 2 else "(out,in·k)"
+    return f"{shape[0]} experts ×{text}" if experts and shape else text
+
+
+def _blocks_text(shape, orientation, experts, norm, head_dim) -> str:
+    """What one normalization sees: '12 heads ×(64,768)', '4 experts ×(192,64)', '(64,27)'; '-' if elementwise."""
+    if norm in ("none", "sign"):
+        return "-"
+    n_experts, operator = _operator_shape(shape, orientation, experts)
+    parts = [] if n_experts is None else [f"{n_experts} experts"]
+    if norm in SPLIT_NORMS and head_dim and operator and operator[0] % head_dim == 0:
+        parts.append(f"{operator[0] // head_dim} heads")
+        operator = (head_dim, *operator[1:])
+    text = "(" + ",".join(str(d) for d in operator) + ("," if len(operator) == 1 else "") + ")"
+    return " × ".join(parts) + " ×" + text if parts else text
 
 
 def _shown_settings(group: dict, defaults) -> str:

@@ -147,7 +147,7 @@ CNN_EXPECTED = {
     "conv2.weight": ("matrix", None),
     "bn2.weight": ("vector_weight", None),
     "bn2.bias": ("vector_bias", None),
-    "fc.weight": ("matrix", None),
+    "fc.weight": ("head", None),  # a top-level `fc` is the classifier (torchvision's convnets)
     "fc.bias": ("vector_bias", None),
 }
 
@@ -238,7 +238,7 @@ def no_warnings():
             },
         ),
         ("cnn", TinyCNN, {}, CNN_EXPECTED),
-        ("cnn_declared_head", TinyCNN, dict(head="fc"), {**CNN_EXPECTED, "fc.weight": ("head", None)}),
+        ("cnn_declared_head", TinyCNN, dict(head="fc"), CNN_EXPECTED),  # declaring it agrees
         (
             "rmsnorm",
             lambda: nn.Sequential(nn.Linear(16, 16, bias=False), nn.RMSNorm(16), nn.RMSNorm(16, elementwise_affine=False)),
@@ -288,8 +288,12 @@ def test_linear_tied_to_embedding_is_head_candidate_whatever_its_name():
 
 
 def test_unnamed_fused_qkv_is_not_guessed():
-    """Without qkv_heads a fused QKV Linear is just a matrix: no silent guess at a head count."""
-    groups = param_groups(TinyGPT())
+    """Without qkv_heads a fused QKV Linear is just a matrix: no silent guess at a head count,
+    and one warning (for both layers) names the declaration that splits it."""
+    with pytest.warns(UserWarning, match=r"'transformer\.h\.0\.attn' \(and 1 more like it\) looks like attention") as record:
+        groups = param_groups(TinyGPT())
+    assert len(record) == 1
+    assert "qkv_heads={'transformer.h.*.attn.c_attn': n_heads}" in str(record[0].message)
     assert labelling(groups)["transformer.h.0.attn.c_attn.weight"] == ("matrix", None)
     assert labelling(groups)["transformer.h.0.attn.c_attn.bias"] == ("vector_bias", None)
 
@@ -442,6 +446,7 @@ def test_override_role_qkv_with_head_dim():
         ),
     ],
 )
+@pytest.mark.filterwarnings("ignore:mango.param_groups. module .* looks like attention")
 def test_errors_name_the_culprit(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         param_groups(TinyGPT(), **kwargs)
@@ -460,8 +465,10 @@ def test_override_on_frozen_parameter_only():
         param_groups(model, overrides={"lm_head.weight": {"lr": 0.1}})
 
 
-def test_transposed_conv1d_is_rejected_as_qkv():
-    class Conv1D(nn.Module):  # HF GPT-2 layout: weight (in, out)
+def test_qkv_heads_on_conv1d_splits_its_output_features():
+    """HF GPT-2's Conv1D stores (in, out): declared heads split its out axis (storage columns)."""
+
+    class Conv1D(nn.Module):  # HF GPT-2 layout: weight (in, out), nf = out
         def __init__(self, nf, nx):
             super().__init__()
             self.nf = nf
@@ -470,8 +477,13 @@ def test_transposed_conv1d_is_rejected_as_qkv():
 
     model = nn.Module()
     model.c_attn = Conv1D(96, 32)
-    with pytest.raises(ValueError, match=r"'c_attn'.*\(in, out\)"):
-        param_groups(model, qkv_heads={"c_attn": 4})
+    groups = param_groups(model, qkv_heads={"c_attn": 4})
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    weight, bias = by_name["c_attn.weight"], by_name["c_attn.bias"]
+    assert (weight["role"], weight["head_dim"], weight["orientation"]) == ("qkv_weight", 8, "in_out")
+    assert (bias["role"], bias["head_dim"]) == ("qkv_bias", 8) and "orientation" not in bias
+    with pytest.raises(ValueError, match=r"'c_attn' has 96 output features \(Conv1D weight columns\).*n_heads=5"):
+        param_groups(model, qkv_heads={"c_attn": 5})
 
 
 def test_not_a_module():

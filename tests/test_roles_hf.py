@@ -1,0 +1,562 @@
+"""mango.param_groups on real architectures, with no hints (SPEC §3 "Real models come first").
+
+Each model is built from a tiny config (no weights, no download) and every parameter's label
+is written out: role, head_dim, orientation and experts. A wrong label would silently pick the
+wrong norm on the wrong axis (GPT-2's Conv1D stores (in, out); Mixtral's experts are 4 matrices,
+not one), so nothing is checked by sampling.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import warnings
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import mango
+from mango.roles import describe, param_groups
+
+from third_party import torchvision
+
+# GPT-2, BERT and RoBERTa tie their output layer to the embedding; the tests that check
+# warnings record them explicitly (labelled_quietly), the others need not see that one.
+pytestmark = pytest.mark.filterwarnings("ignore:mango.param_groups. parameter .* is tied into modules")
+
+OI, IO = "out_in", "in_out"
+EMB = ("embedding", None, OI, False)
+VW = ("vector_weight", None, OI, False)
+VB = ("vector_bias", None, OI, False)
+MAT = ("matrix", None, OI, False)
+CONV1D = ("matrix", None, IO, False)  # HF Conv1D weight: stored (in, out)
+HEAD = ("head", None, OI, False)
+EXPERTS = ("matrix", None, OI, True)  # [E, out, in], one NS per expert
+EXPERTS_T = ("matrix", None, IO, True)  # [E, in, out]
+EXPERT_BIAS = ("vector_bias", None, OI, True)  # [E, out], one l2 per expert
+
+
+def qkv(head_dim, orientation=OI):
+    return ("qkv_weight", head_dim, orientation, False)
+
+
+def qkv_bias(head_dim):
+    return ("qkv_bias", head_dim, OI, False)
+
+
+TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+TOKENS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)  # inside the tiny vocab: no config warnings
+
+BUILDERS = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4, **TOKENS)
+    ),
+    "gpt2_cross": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4, add_cross_attention=True, **TOKENS
+        )
+    ),
+    "neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**TINY, **TOKENS)),
+    "llama_gqa": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, num_key_value_heads=2, **TOKENS)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**TINY, num_key_value_heads=2, **TOKENS)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY, num_key_value_heads=2, **TOKENS)),
+    # head_dim 16 != hidden 32 / 4 heads: the config's explicit head_dim must win
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16, **TOKENS)
+    ),
+    "bert": lambda: transformers.BertForMaskedLM(transformers.BertConfig(**TINY, max_position_embeddings=16, **TOKENS)),
+    "roberta": lambda: transformers.RobertaForMaskedLM(
+        transformers.RobertaConfig(**TINY, max_position_embeddings=20, **TOKENS)
+    ),
+    "mixtral": lambda: transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(**TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **TOKENS)
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(
+        transformers.Qwen3MoeConfig(
+            **TINY, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+            **TOKENS,
+        )  # fmt: skip
+    ),
+    "gpt_oss": lambda: transformers.GptOssForCausalLM(
+        transformers.GptOssConfig(
+            **{**TINY, "intermediate_size": 24}, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+            num_experts_per_tok=2, **TOKENS,
+        )  # fmt: skip
+    ),
+    "resnet18": lambda: torchvision().models.resnet18(num_classes=10),
+    "vit": lambda: torchvision().models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10
+    ),
+}
+
+_built: dict[str, nn.Module] = {}
+
+
+def model(name: str) -> nn.Module:
+    """Each model is built once per test process (building is the slow part)."""
+    if name not in _built:
+        torch.manual_seed(0)
+        _built[name] = BUILDERS[name]()
+    return _built[name]
+
+
+# --------------------------------------------------------------------------- expected labels
+
+
+def gpt2_block(p, cross=False):
+    out = {
+        p + "ln_1.weight": VW, p + "ln_1.bias": VB,
+        p + "attn.c_attn.weight": qkv(8, IO), p + "attn.c_attn.bias": qkv_bias(8),
+        p + "attn.c_proj.weight": CONV1D, p + "attn.c_proj.bias": VB,
+        p + "ln_2.weight": VW, p + "ln_2.bias": VB,
+        p + "mlp.c_fc.weight": CONV1D, p + "mlp.c_fc.bias": VB,
+        p + "mlp.c_proj.weight": CONV1D, p + "mlp.c_proj.bias": VB,
+    }  # fmt: skip
+    if cross:
+        out.update({
+            p + "crossattention.c_attn.weight": qkv(8, IO), p + "crossattention.c_attn.bias": qkv_bias(8),
+            p + "crossattention.q_attn.weight": qkv(8, IO), p + "crossattention.q_attn.bias": qkv_bias(8),
+            p + "crossattention.c_proj.weight": CONV1D, p + "crossattention.c_proj.bias": VB,
+            p + "ln_cross_attn.weight": VW, p + "ln_cross_attn.bias": VB,
+        })  # fmt: skip
+    return out
+
+
+def gpt2_expected(cross=False):
+    # lm_head.weight is tied to wte: listed once, as the embedding (with the tie warning)
+    return {
+        "transformer.wte.weight": EMB, "transformer.wpe.weight": EMB,
+        **gpt2_block("transformer.h.0.", cross),
+        "transformer.ln_f.weight": VW, "transformer.ln_f.bias": VB,
+    }  # fmt: skip
+
+
+NEOX = {
+    "gpt_neox.embed_in.weight": EMB,
+    "gpt_neox.layers.0.input_layernorm.weight": VW, "gpt_neox.layers.0.input_layernorm.bias": VB,
+    "gpt_neox.layers.0.post_attention_layernorm.weight": VW, "gpt_neox.layers.0.post_attention_layernorm.bias": VB,
+    # rows interleave [q_h k_h v_h] per head: every block of head_size rows is still one head's q, k or v
+    "gpt_neox.layers.0.attention.query_key_value.weight": qkv(8),
+    "gpt_neox.layers.0.attention.query_key_value.bias": qkv_bias(8),
+    "gpt_neox.layers.0.attention.dense.weight": MAT, "gpt_neox.layers.0.attention.dense.bias": VB,
+    "gpt_neox.layers.0.mlp.dense_h_to_4h.weight": MAT, "gpt_neox.layers.0.mlp.dense_h_to_4h.bias": VB,
+    "gpt_neox.layers.0.mlp.dense_4h_to_h.weight": MAT, "gpt_neox.layers.0.mlp.dense_4h_to_h.bias": VB,
+    "gpt_neox.final_layer_norm.weight": VW, "gpt_neox.final_layer_norm.bias": VB,
+    "lm_head.weight": HEAD,
+}  # fmt: skip
+
+
+def decoder_expected(head_dim, attn_bias=False, qk_norm=False, mlp=None):
+    """Llama-family causal LM with one layer: separate q/k/v split head-wise, o_proj a matrix."""
+    p = "model.layers.0."
+    out = {"model.embed_tokens.weight": EMB}
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        out[p + f"self_attn.{proj}.weight"] = qkv(head_dim)
+        if attn_bias:
+            out[p + f"self_attn.{proj}.bias"] = qkv_bias(head_dim)
+    out[p + "self_attn.o_proj.weight"] = MAT
+    if qk_norm:
+        out.update({p + "self_attn.q_norm.weight": VW, p + "self_attn.k_norm.weight": VW})
+    out.update(mlp or {p + "mlp.gate_proj.weight": MAT, p + "mlp.up_proj.weight": MAT, p + "mlp.down_proj.weight": MAT})
+    out.update({p + "input_layernorm.weight": VW, p + "post_attention_layernorm.weight": VW, "model.norm.weight": VW})
+    out["lm_head.weight"] = HEAD
+    return out
+
+
+# Router (E, H): an ordinary matrix, whole-matrix NS (README: it maps H -> E logits like any Linear).
+MOE_MLP = {
+    "model.layers.0.mlp.gate.weight": MAT,
+    "model.layers.0.mlp.experts.gate_up_proj": EXPERTS,  # (4, 2I, H): one operator H -> 2I per expert
+    "model.layers.0.mlp.experts.down_proj": EXPERTS,  # (4, H, I)
+}
+GPT_OSS_MLP = {
+    "model.layers.0.mlp.router.weight": MAT, "model.layers.0.mlp.router.bias": VB,
+    "model.layers.0.mlp.experts.gate_up_proj": EXPERTS_T,  # (4, H, 2I), is_transposed=True
+    "model.layers.0.mlp.experts.gate_up_proj_bias": EXPERT_BIAS,
+    "model.layers.0.mlp.experts.down_proj": EXPERTS_T,
+    "model.layers.0.mlp.experts.down_proj_bias": EXPERT_BIAS,
+}  # fmt: skip
+
+
+def bert_expected(prefix, head):
+    p = f"{prefix}.encoder.layer.0."
+    out = {
+        f"{prefix}.embeddings.word_embeddings.weight": EMB,
+        f"{prefix}.embeddings.position_embeddings.weight": EMB,
+        f"{prefix}.embeddings.token_type_embeddings.weight": EMB,
+        f"{prefix}.embeddings.LayerNorm.weight": VW, f"{prefix}.embeddings.LayerNorm.bias": VB,
+    }  # fmt: skip
+    for proj in ("query", "key", "value"):
+        out[p + f"attention.self.{proj}.weight"] = qkv(8)
+        out[p + f"attention.self.{proj}.bias"] = qkv_bias(8)
+    out.update({
+        p + "attention.output.dense.weight": MAT, p + "attention.output.dense.bias": VB,
+        p + "attention.output.LayerNorm.weight": VW, p + "attention.output.LayerNorm.bias": VB,
+        p + "intermediate.dense.weight": MAT, p + "intermediate.dense.bias": VB,
+        p + "output.dense.weight": MAT, p + "output.dense.bias": VB,
+        p + "output.LayerNorm.weight": VW, p + "output.LayerNorm.bias": VB,
+    })  # fmt: skip
+    out.update(head)  # the decoder weight is tied to word_embeddings: listed once, as the embedding
+    return out
+
+
+BERT_HEAD = {
+    "cls.predictions.bias": VB,  # the same tensor as cls.predictions.decoder.bias
+    "cls.predictions.transform.dense.weight": MAT, "cls.predictions.transform.dense.bias": VB,
+    "cls.predictions.transform.LayerNorm.weight": VW, "cls.predictions.transform.LayerNorm.bias": VB,
+}  # fmt: skip
+ROBERTA_HEAD = {
+    "lm_head.bias": VB,
+    "lm_head.dense.weight": MAT, "lm_head.dense.bias": VB,
+    "lm_head.layer_norm.weight": VW, "lm_head.layer_norm.bias": VB,
+}  # fmt: skip
+
+
+def resnet18_expected():
+    out = {"conv1.weight": MAT, "bn1.weight": VW, "bn1.bias": VB}
+    for layer, channels in zip(range(1, 5), (64, 128, 256, 512)):
+        for block in range(2):
+            p = f"layer{layer}.{block}."
+            out.update({p + "conv1.weight": MAT, p + "bn1.weight": VW, p + "bn1.bias": VB})
+            out.update({p + "conv2.weight": MAT, p + "bn2.weight": VW, p + "bn2.bias": VB})
+            if layer > 1 and block == 0:
+                out.update({p + "downsample.0.weight": MAT, p + "downsample.1.weight": VW, p + "downsample.1.bias": VB})
+    out.update({"fc.weight": HEAD, "fc.bias": VB})  # top-level fc: the classifier
+    return out
+
+
+VIT = {
+    "class_token": EMB,  # (1, 1, D) learned token: trained like an embedding row, not NS on (1, D)
+    "conv_proj.weight": MAT, "conv_proj.bias": VB,  # patchify conv: (out, in·k·k)
+    "encoder.pos_embedding": EMB,
+    "encoder.layers.encoder_layer_0.ln_1.weight": VW, "encoder.layers.encoder_layer_0.ln_1.bias": VB,
+    "encoder.layers.encoder_layer_0.self_attention.in_proj_weight": qkv(8),
+    "encoder.layers.encoder_layer_0.self_attention.in_proj_bias": qkv_bias(8),
+    "encoder.layers.encoder_layer_0.self_attention.out_proj.weight": MAT,
+    "encoder.layers.encoder_layer_0.self_attention.out_proj.bias": VB,
+    "encoder.layers.encoder_layer_0.ln_2.weight": VW, "encoder.layers.encoder_layer_0.ln_2.bias": VB,
+    "encoder.layers.encoder_layer_0.mlp.0.weight": MAT, "encoder.layers.encoder_layer_0.mlp.0.bias": VB,
+    "encoder.layers.encoder_layer_0.mlp.3.weight": MAT, "encoder.layers.encoder_layer_0.mlp.3.bias": VB,
+    "encoder.ln.weight": VW, "encoder.ln.bias": VB,
+    "heads.head.weight": HEAD, "heads.head.bias": VB,
+}  # fmt: skip
+
+# model name -> (expected labels, warning the labelling must give: the weight-tying one, or none)
+EXPECTED = {
+    "gpt2": (gpt2_expected(), "tied"),
+    "gpt2_cross": (gpt2_expected(cross=True), "tied"),
+    "neox": (NEOX, None),
+    "llama_gqa": (decoder_expected(8), None),
+    "mistral": (decoder_expected(8), None),
+    "qwen2": (decoder_expected(8, attn_bias=True), None),
+    "qwen3": (decoder_expected(16, qk_norm=True), None),
+    "bert": (bert_expected("bert", BERT_HEAD), "tied"),
+    "roberta": (bert_expected("roberta", ROBERTA_HEAD), "tied"),
+    "mixtral": (decoder_expected(8, mlp=MOE_MLP), None),
+    "qwen3_moe": (decoder_expected(16, qk_norm=True, mlp=MOE_MLP), None),
+    "gpt_oss": ({**decoder_expected(8, attn_bias=True, mlp=GPT_OSS_MLP),
+                 "model.layers.0.self_attn.sinks": VW, "model.layers.0.self_attn.o_proj.bias": VB}, None),
+    "resnet18": (resnet18_expected(), None),
+    "vit": (VIT, None),
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def labelling(groups):
+    """name -> (role, head_dim, orientation, experts); fails if a name or tensor appears twice."""
+    out, seen = {}, set()
+    for g in groups:
+        for key, default in (("orientation", OI), ("experts", False)):
+            assert g.get(key, "absent") != default, f"default {key}={default!r} written into a group"
+        for p, n in zip(g["params"], g["param_names"], strict=True):
+            assert n not in out and id(p) not in seen, f"{n} listed twice"
+            seen.add(id(p))
+            out[n] = (g["role"], g["head_dim"], g.get("orientation", OI), g.get("experts", False))
+    return out
+
+
+def labelled_quietly(module, expected_warning, **kwargs):
+    """param_groups(module), asserting it warns about weight tying only where expected, and nothing else."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        groups = param_groups(module, **kwargs)
+    messages = [str(w.message) for w in record]
+    if expected_warning == "tied":
+        assert len(messages) == 1 and "is tied into modules with different roles" in messages[0], messages
+    else:
+        assert messages == []
+    return groups
+
+
+# --------------------------------------------------------------------------- labelling
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_every_parameter_of_real_models_without_hints(name):
+    expected, expected_warning = EXPECTED[name]
+    net = model(name)
+    groups = labelled_quietly(net, expected_warning)
+    assert labelling(groups) == expected
+    listed = sorted(id(p) for g in groups for p in g["params"])
+    assert listed == sorted(id(p) for p in net.parameters())
+
+
+def test_group_keys_are_exactly_the_interface():
+    """Layout keys appear only where not the default; no other key is invented."""
+    groups = param_groups(model("gpt_oss"))
+    keys = {frozenset(g) - {"params", "param_names"} for g in groups}
+    assert keys == {
+        frozenset({"role", "head_dim"}),
+        frozenset({"role", "head_dim", "orientation", "experts"}),  # transposed experts
+        frozenset({"role", "head_dim", "experts"}),  # expert biases
+    }
+    conv1d = [g for g in param_groups(model("gpt2")) if g.get("orientation") == IO]
+    assert {g["role"] for g in conv1d} == {"qkv_weight", "matrix"} and all("experts" not in g for g in conv1d)
+
+
+def test_gpt2_heads_are_column_blocks_of_the_stored_weight():
+    """The head split is on the operator's rows, i.e. c_attn.weight's storage columns (out = nf)."""
+    net = model("gpt2")
+    attn = net.transformer.h[0].attn
+    (group,) = [g for g in param_groups(net) if g["role"] == "qkv_weight"]
+    weight = attn.c_attn.weight
+    assert tuple(weight.shape) == (32, 96) and group["orientation"] == IO
+    assert mango.config.operator_rows(tuple(weight.shape), group["orientation"]) == 3 * attn.num_heads * attn.head_dim
+
+
+def test_describe_shows_orientation_heads_and_experts():
+    text = describe(param_groups(model("gpt2")))
+    (c_attn,) = [line for line in text.splitlines() if "attn.c_attn.weight" in line]
+    assert "(in,out)ᵀ" in c_attn and "12 heads ×(8,32)" in c_attn  # 4 q + 4 k + 4 v heads of (8, 32)
+    (c_fc,) = [line for line in text.splitlines() if "c_fc.weight" in line]
+    assert "(in,out)ᵀ" in c_fc and "(128,32)" in c_fc  # stored (32, 128), normalized as the (128, 32) operator
+
+    text = describe(param_groups(model("mixtral")))
+    (gate_up,) = [line for line in text.splitlines() if "gate_up_proj" in line]
+    assert "4 experts ×(out,in)" in gate_up and "4 experts ×(96,32)" in gate_up
+    (k_proj,) = [line for line in text.splitlines() if "k_proj.weight" in line]
+    assert "2 heads ×(8,32)" in k_proj  # GQA: 2 kv heads
+
+    text = describe(param_groups(model("gpt_oss")))
+    (down,) = [line for line in text.splitlines() if "experts.down_proj " in line + " "]
+    assert "4 experts ×(in,out)ᵀ" in down and "4 experts ×(32,24)" in down  # stored (4, 24, 32)
+    (bias,) = [line for line in text.splitlines() if "down_proj_bias" in line]
+    assert "4 experts ×(32,)" in bias
+
+
+def test_mango_takes_the_groups_of_every_model():
+    """The layout keys are valid settings: Mango validates and registers every group."""
+    for name in ("gpt2", "mixtral", "gpt_oss", "vit"):
+        with warnings.catch_warnings(action="ignore"):
+            groups = param_groups(model(name))
+        opt = mango.Mango(groups, backend="reference")
+        assert len(opt.param_groups) == len(groups)
+        assert {g["orientation"] for g in opt.param_groups} <= {OI, IO}
+
+
+# --------------------------------------------------------------------------- hints still work
+
+
+def test_declared_heads_override_what_the_model_says():
+    """qkv_heads on HF GPT-2's Conv1D c_attn: accepted, the declaration's count wins."""
+    groups = param_groups(model("gpt2"), qkv_heads={"transformer.h.*.attn.c_attn": 2})
+    lab = labelling(groups)
+    assert lab["transformer.h.0.attn.c_attn.weight"] == qkv(16, IO)
+    assert lab["transformer.h.0.attn.c_attn.bias"] == qkv_bias(16)
+
+
+def test_override_role_on_a_conv1d_keeps_its_orientation():
+    overrides = {"transformer.h.0.mlp.c_fc.weight": {"role": "qkv_weight", "head_dim": 16}}
+    lab = labelling(param_groups(model("gpt2"), overrides=overrides))
+    assert lab["transformer.h.0.mlp.c_fc.weight"] == qkv(16, IO)  # 128 output features = 8 blocks of 16
+
+
+def test_layout_overrides_are_validated():
+    gpt2 = model("gpt2")
+    with pytest.raises(ValueError, match=r"'transformer\.h\.0\.attn\.c_attn\.weight'.*head_dim=7 does not divide its 96 rows"):
+        param_groups(gpt2, overrides={"transformer.h.0.attn.c_attn.weight": {"head_dim": 7}})
+    with pytest.raises(ValueError, match=r"'transformer\.ln_f\.bias'.*orientation='in_out'.*2-D"):
+        param_groups(gpt2, overrides={"transformer.ln_f.bias": {"orientation": "in_out"}})
+    with pytest.raises(ValueError, match=r"'transformer\.wpe\.weight'.*orientation='sideways'"):
+        param_groups(gpt2, overrides={"transformer.wpe.weight": {"orientation": "sideways"}})
+    with pytest.raises(ValueError, match=r"'transformer\.h\.0\.mlp\.c_fc\.weight'.*experts=True.*norm='ns'"):
+        param_groups(gpt2, overrides={"transformer.h.0.mlp.c_fc.weight": {"experts": True}})
+    with pytest.raises(ValueError, match=r"'transformer\.h\.0\.mlp\.c_fc\.weight'.*experts=1.*True or False"):
+        param_groups(gpt2, overrides={"transformer.h.0.mlp.c_fc.weight": {"experts": 1}})
+    with pytest.raises(ValueError, match=r"orientation='sideways'"):
+        mango.Mango([nn.Parameter(torch.zeros(3, 3))], orientation="sideways")
+
+
+# --------------------------------------------------------------------------- contradictions
+
+
+def test_module_and_config_contradicting_is_an_error_naming_them():
+    llama = BUILDERS["llama_gqa"]()
+    llama.model.layers[0].self_attn.num_key_value_groups = 3  # 4 q heads cannot share kv heads 3 ways
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn'.*num_key_value_groups=3"):
+        param_groups(llama)
+
+
+def test_rows_that_contradict_the_heads_are_an_error_naming_the_parameter():
+    llama = BUILDERS["llama_gqa"]()
+    llama.model.layers[0].self_attn.k_proj = nn.Linear(32, 24, bias=False)  # 3 kv heads of 8, config says 2
+    expected = r"'model\.layers\.0\.self_attn\.k_proj\.weight' has 24 output rows, expected 2 head blocks of head_dim 8 = 16"
+    with pytest.raises(ValueError, match=expected):
+        param_groups(llama)
+
+    gpt2 = BUILDERS["gpt2"]()
+    gpt2.transformer.h[0].attn.head_dim = 5  # does not divide c_attn's 96 output features
+    expected = r"'transformer\.h\.0\.attn\.c_attn\.weight' has 96 output rows, expected 12 head blocks of head_dim 5 = 60"
+    with pytest.raises(ValueError, match=expected):
+        param_groups(gpt2)
+
+
+# --------------------------------------------------------------------------- attention without heads
+
+
+class SelfAttention(nn.Module):
+    """Llama-shaped attention that does not say its heads (no head_dim, num_heads or config)."""
+
+    def __init__(self, d=16, bias=False):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=bias) for _ in range(3))
+        self.o_proj = nn.Linear(d, d)
+
+
+class BertLike(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(d, d) for _ in range(3))
+
+
+def stack(block, n=3):
+    net = nn.Module()
+    net.blocks = nn.ModuleList(nn.ModuleDict(dict(attn=block())) for _ in range(n))
+    return net
+
+
+def test_attention_without_heads_warns_once_with_the_hint_that_fixes_it():
+    net = stack(lambda: SelfAttention(bias=True))
+    with pytest.warns(UserWarning, match=r"'blocks\.0\.attn' \(and 2 more like it\) looks like attention") as record:
+        groups = param_groups(net)
+    assert len(record) == 1
+    hint = (
+        "overrides={'blocks.*.attn.[qkv]_proj.weight': {'role': 'qkv_weight', 'head_dim': HEAD_DIM}, "
+        "'blocks.*.attn.[qkv]_proj.bias': {'role': 'qkv_bias', 'head_dim': HEAD_DIM}}"
+    )
+    assert hint in str(record[0].message)
+    assert labelling(groups)["blocks.1.attn.k_proj.weight"] == MAT  # left to the generic rule
+
+    # the hint, as written (HEAD_DIM filled in), labels every layer head-wise and silences the warning
+    fixed = ast.literal_eval(hint.split("=", 1)[1].replace("HEAD_DIM", "4"))
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(net, overrides=fixed))
+    assert lab["blocks.2.attn.v_proj.weight"] == qkv(4) and lab["blocks.2.attn.v_proj.bias"] == qkv_bias(4)
+    assert lab["blocks.2.attn.o_proj.weight"] == MAT
+
+
+def test_attention_without_heads_query_key_value_hint():
+    with pytest.warns(UserWarning) as record:
+        param_groups(stack(BertLike, n=1))
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "module 'blocks.0.attn' looks like attention" in message
+    for proj in ("query", "key", "value"):
+        assert f"'blocks.*.attn.{proj}.weight': {{'role': 'qkv_weight', 'head_dim': HEAD_DIM}}" in message
+
+
+def test_fused_attention_heads_from_its_module_need_no_hint():
+    """timm/nanoGPT style: a fused qkv Linear whose parent says num_heads (and maybe head_dim)."""
+
+    class Attention(nn.Module):
+        def __init__(self, d=32, num_heads=4):
+            super().__init__()
+            self.num_heads = num_heads
+            self.qkv = nn.Linear(d, 3 * d)
+            self.proj = nn.Linear(d, d)
+
+    net = stack(Attention, n=2)
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(net))
+    assert lab["blocks.1.attn.qkv.weight"] == qkv(8) and lab["blocks.1.attn.qkv.bias"] == qkv_bias(8)
+
+
+def test_fused_rows_that_do_not_fit_plain_heads_warn_instead_of_guessing():
+    """num_heads alone, but rows that are not 3 blocks per head (GQA?): reported, not guessed."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads = 4
+            self.qkv = nn.Linear(32, 40)  # not 3·4·k
+
+    with pytest.warns(UserWarning, match=re.escape("qkv_heads={'attn.qkv': n_heads}")):
+        lab = labelling(param_groups(nn.ModuleDict(dict(attn=Attention()))))
+    assert lab["attn.qkv.weight"] == MAT
+
+
+def test_declaring_the_fused_module_silences_its_warning():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = nn.Linear(32, 96)
+
+    net = stack(Attention, n=2)
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(net, qkv_heads={"blocks.*.attn.c_attn": 4}))
+    assert lab["blocks.0.attn.c_attn.weight"] == qkv(8)
+
+
+# --------------------------------------------------------------------------- experts, tokens, heads
+
+
+class Experts(nn.Module):
+    """A custom expert stack: says its count, stores [E, in, out] with a per-expert bias [E, out]."""
+
+    def __init__(self, n_experts=3, d=8, hidden=12, say_count=True):
+        super().__init__()
+        if say_count:
+            self.num_experts = n_experts
+        else:
+            self.config = type("Config", (), {"num_local_experts": n_experts})()
+        self.up = nn.Parameter(torch.zeros(n_experts, d, hidden))
+        self.up_bias = nn.Parameter(torch.zeros(n_experts, hidden))
+        self.down = nn.Parameter(torch.zeros(n_experts, hidden, d))  # no bias: nothing says it is transposed
+        self.stray = nn.Parameter(torch.zeros(2, d, d))  # dim 0 is not the expert count: not an expert stack
+
+
+@pytest.mark.parametrize("say_count", [True, False], ids=["num_experts", "config.num_local_experts"])
+def test_custom_experts_from_the_module_or_its_config(say_count):
+    lab = labelling(param_groups(Experts(say_count=say_count)))
+    assert lab == {
+        "up": EXPERTS_T,  # the [E, out] bias matches the last dim: stored [E, in, out]
+        "up_bias": EXPERT_BIAS,
+        "down": EXPERTS,  # HF's default, F.linear(x, W[e]): [E, out, in]
+        "stray": MAT,
+    }
+
+
+def test_3d_parameters_without_an_expert_count_are_not_experts():
+    net = nn.Module()
+    net.stack = nn.Parameter(torch.zeros(4, 8, 8))
+    assert labelling(param_groups(net)) == {"stack": MAT}
+
+
+def test_learned_tokens_are_embeddings_and_top_level_classifiers_are_heads():
+    net = nn.Module()
+    net.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+    net.pos_embed = nn.Parameter(torch.zeros(1, 5, 8))
+    net.block = nn.Module()
+    net.block.classifier = nn.Linear(8, 8)  # not a direct child of the model: a hidden matrix
+    net.classifier = nn.Linear(8, 3)
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(net))
+    assert lab == {
+        "cls_token": EMB, "pos_embed": EMB,
+        "block.classifier.weight": MAT, "block.classifier.bias": VB,
+        "classifier.weight": HEAD, "classifier.bias": VB,
+    }  # fmt: skip
