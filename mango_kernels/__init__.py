@@ -27,7 +27,7 @@ from .elementwise import (
     nonfinite_flags,
     nonfinite_layout,
 )
-from .ns import NS_DTYPES, NSBatch, NSConfig, NSSpec, newton_schulz
+from .ns import NS_DTYPES, NSBatch, NSConfig, NSSpec, newton_schulz, prescale_only
 from .tables import DTYPE_CODES, ElementwiseLayout, TensorLayout, TensorTable
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "NSConfig",
     "NSSpec",
     "newton_schulz",
+    "prescale_only",
     "DTYPE_CODES",
     "ElementwiseLayout",
     "TensorLayout",

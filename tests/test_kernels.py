@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+import mango
 import mango_kernels as mk
 from mango import reference
 from mango_kernels.tables import (
@@ -341,18 +342,18 @@ def ns_reference(X, coefficients, head_dim=None):
     return reference.newton_schulz(X64, coefficients)
 
 
-def poisoned_ns(X, coefficients, head_dim=None, dtype=torch.bfloat16, config=SMALL):
+def poisoned_ns(X, coefficients, head_dim=None, dtype=torch.bfloat16, config=SMALL, method="textbook", prescale="frobenius"):
     """mk.newton_schulz with every scratch buffer NaN-filled before the run."""
     original = mk.NSBatch.run
 
-    def run(self, sums):
+    def run(self):
         for buf in (self.buffer1, self.workspace_a, self.workspace_b):
             buf.fill_(float("nan"))
-        return original(self, sums)
+        return original(self)
 
     mk.NSBatch.run = run
     try:
-        return mk.newton_schulz(X, coefficients, head_dim=head_dim, dtype=dtype, config=config)
+        return mk.newton_schulz(X, coefficients, head_dim=head_dim, dtype=dtype, config=config, method=method, prescale=prescale)
     finally:
         mk.NSBatch.run = original
 
@@ -436,6 +437,71 @@ def test_newton_schulz_per_step_coefficients_and_steps(config, device):
         assert rel(out, ns_reference(X, coefficients)) <= 1e-5, len(coefficients)
 
 
+GRAM_SMALL = mk.NSConfig(gram_small_max_rows=64, small_block_c=16)
+GRAM_TILED = mk.NSConfig(gram_small_max_rows=0, block_m=16, block_n=16, block_k=16)
+PE5 = list(mango.config.normalize_ns_coefficients("polar_express", 5))
+
+
+@pytest.mark.parametrize("config", [GRAM_SMALL, GRAM_TILED], ids=["on-chip", "tiled"])
+@pytest.mark.parametrize("shape", [(4, 16, 48), (3, 21, 6), (2, 1, 9), (2, 24, 40)], ids=lambda s: "x".join(map(str, s)))
+def test_gram_form_matches_the_textbook_polynomial(shape, config, device):
+    """The Gram form (R = X·Xᵀ iterated, restart before step 2, Q·X at the end): in fp32 the float64
+    textbook polynomial to 1e-4 (Muon's and Polar Express's coefficients), in fp16 within SPEC's 2e-2
+    on well-conditioned inputs; every scratch buffer poisoned."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    X = conditioned(shape, device, gen).to(device=device, dtype=torch.float32)
+    for coefficients in ([MUON] * 5, PE5):
+        expected = ns_reference(X, coefficients)
+        out = poisoned_ns(X, coefficients, dtype=torch.float32, config=config, method="gram")
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert rel(out, expected) <= 1e-4
+    out = poisoned_ns(X, [MUON] * 5, dtype=torch.float16, config=config, method="gram")
+    assert rel(out, ns_reference(X, [MUON] * 5)) <= 2e-2
+
+
+@pytest.mark.parametrize("config", [GRAM_SMALL, GRAM_TILED], ids=["on-chip", "tiled"])
+def test_gram_form_zero_rank_deficient_and_spectral(config, device):
+    """Zero matrices stay zero; a rank-2 input is orthogonalized on its range (the null space, where
+    rounding noise is amplified by every form, is left out of the comparison); spectral pre-scale."""
+    gen = torch.Generator().manual_seed(3)
+    zero = torch.zeros(2, 12, 20, device=device)
+    assert torch.equal(poisoned_ns(zero, [MUON] * 5, dtype=torch.float32, config=config, method="gram"), zero)
+    low = (torch.randn(2, 12, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 2, 20, generator=gen, dtype=torch.float64))
+    X = low.to(device=device, dtype=torch.float32)
+    out = poisoned_ns(X, [MUON] * 5, dtype=torch.float32, config=config, method="gram").double().cpu()
+    expected = ns_reference(X, [MUON] * 5)
+    P = torch.linalg.pinv(low) @ low  # projector onto the row space (cols x cols)
+    assert rel(out @ P, expected @ P) <= 1e-4
+    G = randn((2, 12, 20), torch.float32, device, gen)
+    out = poisoned_ns(G, [MUON] * 5, dtype=torch.float32, config=config, method="gram", prescale="spectral")
+    assert rel(out, reference.newton_schulz(G.double().cpu(), [MUON] * 5, "spectral")) <= 1e-4
+
+
+@pytest.mark.parametrize("method, config", [("textbook", SMALL), ("textbook", TILED), ("gram", GRAM_SMALL), ("gram", GRAM_TILED)])
+def test_strided_items_conv1d_heads_and_experts(method, config, device):
+    """Items are strided views of the stack: the column head blocks of a transposed (in, out)
+    weight (HF Conv1D), and experts; each equals NS of that block on its own."""
+    from mango.backends.triton_backend import ns_blocks
+    from mango.plan import NormBucket
+
+    gen = torch.Generator().manual_seed(5)
+    cases = [
+        (NormBucket("ns_split", [], (20, 24), (4, 20), head_dim=4, orientation="in_out"), (20, 24)),  # 6 heads of (4, 20)
+        (NormBucket("ns", [], (3, 8, 20), (8, 20), experts=True), (3, 8, 20)),
+        (NormBucket("ns", [], (3, 20, 8), (8, 20), experts=True, orientation="in_out"), (3, 20, 8)),
+    ]
+    for nb, shape in cases:
+        d = randn(shape, torch.float32, device, gen)
+        spec = mk.NSSpec(d.numel(), ns_blocks(nb, d.numel()))
+        batch = mk.NSBatch([spec], torch.float32, device, config, method=method)
+        batch.input_view(0).copy_(d.reshape(-1))
+        batch.set_schedule([5], [[MUON] * 5], [1e-7])
+        batch.run()
+        got = torch.stack(batch.block_views(0, out=True)).double().cpu()
+        blocks = torch.stack([d.reshape(-1).double().cpu().as_strided((r, c), (sr, sc), off) for off, r, c, sr, sc in spec.blocks])
+        assert rel(got, reference.newton_schulz(blocks, [MUON] * 5)) <= 1e-4, (nb, method)
+
+
 def test_newton_schulz_one_launch_for_small_items(device):
     """All small items of every shape: one launch; the tiled path: three per NS step."""
     X = torch.randn(3, 8, 20, device=device)
@@ -445,6 +511,13 @@ def test_newton_schulz_one_launch_for_small_items(device):
     with mk.count_launches(dry_run=True) as log:
         mk.newton_schulz(X, [MUON] * 5, config=TILED)
     assert log.by_name() == {"ns_gram": 5, "ns_poly": 5, "ns_update": 5}
+    with mk.count_launches() as log:
+        mk.newton_schulz(X, [MUON] * 5, config=GRAM_SMALL, method="gram", dtype=torch.float16)
+    assert log.by_name() == {"ns_small_gram": 1}
+    with mk.count_launches() as log:  # R, one restart (Q·X, R), the final Q·X; the m×m iteration on the host
+        mk.newton_schulz(X, [MUON] * 5, config=GRAM_TILED, method="gram", dtype=torch.float16)
+    names = log.by_name()
+    assert names["ns_gram"] == 2 and names["ns_update"] == 2 and "ns_poly" not in names
 
 
 def test_launch_counter_api():

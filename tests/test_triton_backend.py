@@ -89,6 +89,26 @@ def test_newton_schulz_trajectory_fp32(pre, device):
     assert displacement_err(out, ref, before) <= 1e-4
 
 
+@pytest.mark.parametrize("schedule", ["muon", "polar_express"])
+def test_gram_form_trajectory_fp32(schedule, device):
+    """ns_method="gram" on the kernels (on-chip and tiled items, restarts): 10 steps of ns and
+    ns_split within the fp32 NS bound of the float64 reference (which runs the Gram form too)."""
+    groups = groups_on(device, ["ns", "ns_split"], beta_offset=0.9, lr=0.02, ns_method="gram", ns_coefficients=schedule)
+    ref = mango.Mango(reference_copy(groups), backend="reference")
+    opt = mango.Mango(groups, backend="triton", ns_dtype=torch.float32)
+    opt._backend_for(all_params(opt)[0].device).ns_config = mk.NSConfig(gram_small_max_rows=4, block_m=16, block_n=16, block_k=16)
+    before = [p.detach().double().cpu().clone() for p in all_params(ref)]
+    out, expected = trajectory(opt, 10), trajectory(ref, 10)
+    assert displacement_err(out, expected, before) <= 1e-4
+
+
+def test_gram_form_fp16_update_within_spec(device):
+    """The Gram form's default 16-bit operands (fp16): one step's update within SPEC §7's 2e-2."""
+    groups = groups_on(device, ["ns", "ns_split"], beta_offset=None, ns_method="gram")
+    out, ref, before = pair(groups, 1)
+    assert displacement_err(out, ref, before) <= 2e-2
+
+
 def test_newton_schulz_bf16_update_within_spec(device):
     """The default bf16 NS: one step's update within SPEC §7's 2e-2 (as the torch backend's test)."""
     groups = groups_on(device, ["ns", "ns_split"], beta_offset=None)

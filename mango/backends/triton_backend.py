@@ -51,18 +51,38 @@ from mango_kernels.tables import (
     TensorTable,
 )
 
-from ..config import normalize_ns_coefficients
-from ..reference import spectral_norm
-from .torch_backend import batched_newton_schulz
+from ..config import ns_schedule
+from ..layout import norm_blocks, operator_shape
+from ..reference import ns_method_for, spectral_norm
+from .torch_backend import _safe_inverse, batched_newton_schulz
 
 _NORM_KIND = {"none": NORM_NONE, "sign": NORM_SIGN, "l2": NORM_SEGMENT_L2, "l2_split": NORM_SEGMENT_L2, "l2_col": NORM_SEGMENT_L2}
 
 
-def ns_kernel_dtype(setting, compute_dtype: torch.dtype):
-    """The NS operand dtype: "auto" is bf16 (float64 params: float64, done by torch)."""
+def ns_kernel_dtype(setting, compute_dtype: torch.dtype, method: str = "textbook"):
+    """The NS operand dtype: "auto" is bf16 for the textbook form and fp16 for the Gram form (the
+    kernels' design point, on any device); float64 params: float64, done by torch."""
     if setting == "auto":
-        return torch.float64 if compute_dtype == torch.float64 else torch.bfloat16
+        if compute_dtype == torch.float64:
+            return torch.float64
+        return torch.float16 if method == "gram" else torch.bfloat16
     return setting
+
+
+def ns_blocks(nb, numel: int) -> list:
+    """The NS items of one tensor of norm bucket `nb` as (offset, rows, cols, row stride, col stride)
+    in its storage: one per operator (expert), or per head block; transposed storage (Conv1D) gives
+    column blocks with a unit row stride. mango.layout is the source of these strides."""
+    n, r, c = operator_shape(nb.shape, **nb.layout)
+    per = numel // n
+    sr, sc = (1, r) if nb.orientation == "in_out" else (c, 1)  # element (i, j) of the operator at i·sr + j·sc
+    rows, heads = (nb.head_dim, r // nb.head_dim) if nb.norm == "ns_split" else (r, 1)
+    return [(e * per + h * rows * sr, rows, c, sr, sc) for e in range(n) for h in range(heads)]
+
+
+def _torch_row_norm(nb) -> bool:
+    """l2_col whose operator rows are not contiguous in storage (transposed): done by torch."""
+    return nb.norm == "l2_col" and nb.orientation == "in_out"
 
 
 class _Entry:
@@ -76,8 +96,11 @@ class _Entry:
         self.slot_index = slot_index
         self.numel = self.slot.param.numel()
         self.ns_dtype = None  # set for NS-bound entries
+        self.ns_method = None  # "textbook" or "gram" for NS-bound entries
         self.ns_kernel = False  # NS by the Triton kernels (else by torch, in the work buffer)
-        self.spec = None  # index into the NS batch of its dtype
+        self.torch_norm = False  # Δ by torch in the work buffer (l2_col on a transposed layout)
+        self.spec = None  # index into its NS batch
+        self.batch_key = None  # (NS dtype, form, schedule) of that batch
         self.work_offset = None  # offset in the direction work buffer (non-kernel-NS entries)
         self.param_copy = None  # contiguous stand-in for a non-contiguous param
         self.row = None  # row in the tensor table
@@ -97,8 +120,11 @@ class _LaunchGroup:
                 for i in nb.slots:
                     e = _Entry(pos, bucket, nb, i)
                     if nb.norm in ("ns", "ns_split"):
-                        e.ns_dtype = ns_kernel_dtype(group["ns_dtype"], compute_dtype)
+                        r, c = nb.block_shape
+                        e.ns_method = ns_method_for(group, r, c, compute_dtype, device)
+                        e.ns_dtype = ns_kernel_dtype(group["ns_dtype"], compute_dtype, e.ns_method)
                         e.ns_kernel = e.ns_dtype in mk.NS_DTYPES
+                    e.torch_norm = _torch_row_norm(nb) and e.numel > 0
                     if not e.slot.param.is_contiguous():
                         e.param_copy = torch.empty(e.slot.param.shape, dtype=e.slot.param.dtype, device=device)
                     e.row = len(self.entries)
@@ -110,15 +136,16 @@ class _LaunchGroup:
 
     # -- plan-time structure ---------------------------------------------------------------
     def _segment_len(self, e) -> int:
-        norm = e.nb.norm
-        if e.numel == 0:
+        """Elements per reduction segment of the moments pass: a tensor or expert (l2), a head block
+        of a split bias (l2_split), an operator row (l2_col, rows contiguous). NS items pre-scale from
+        their own data, so NS tensors need none."""
+        nb, norm = e.nb, e.nb.norm
+        if e.numel == 0 or e.torch_norm:
             return 0
         if norm == "l2":
-            return e.numel
+            return e.numel // e.slot.param.shape[0] if nb.experts else e.numel
         if norm in ("l2_split", "l2_col"):
-            return e.nb.block_shape[1]
-        if norm in ("ns", "ns_split") and e.ns_kernel:
-            return e.nb.block_shape[0] * e.nb.block_shape[1]
+            return nb.block_shape[0] * nb.block_shape[1] if norm == "l2_split" else nb.block_shape[1]
         return 0
 
     def _build_layout(self, groups, block) -> None:
@@ -145,18 +172,21 @@ class _LaunchGroup:
         self.work = torch.empty(max(offset, 1), dtype=self.dtype, device=self.device)
 
     def _build_ns(self, groups, ns_config) -> None:
+        """One NSBatch per (NS dtype, form), and for the Gram form per schedule (its large items
+        iterate as one batch)."""
         self.ns_batches = {}
-        by_dtype: dict = {}
+        by_key: dict = {}
         for e in self.entries:
             if e.ns_kernel:
-                by_dtype.setdefault(e.ns_dtype, []).append(e)
-        for dtype, entries in by_dtype.items():
+                group = groups[e.bucket.group_index]
+                sched = ns_schedule(group) if e.ns_method == "gram" else None
+                by_key.setdefault((e.ns_dtype, e.ns_method, sched), []).append(e)
+        for (dtype, method, _), entries in by_key.items():
             specs = []
             for n, e in enumerate(entries):
-                rows, cols = e.nb.block_shape
-                specs.append(mk.NSSpec(rows, cols, e.numel // (rows * cols)))
-                e.spec = n
-            self.ns_batches[dtype] = (mk.NSBatch(specs, dtype, self.device, ns_config), entries)
+                specs.append(mk.NSSpec(e.numel, ns_blocks(e.nb, e.numel)))
+                e.spec, e.batch_key = n, (dtype, method, _)
+            self.ns_batches[(dtype, method, _)] = (mk.NSBatch(specs, dtype, self.device, ns_config, method=method), entries)
 
     def _init_static_columns(self, groups) -> None:
         t = self.table
@@ -168,7 +198,7 @@ class _LaunchGroup:
             ints[row, ICOL.W_SEGMENT] = int(self.layout.w_segment[row])
             ints[row, ICOL.G_SEGMENT] = int(self.layout.g_segment[row])
             if e.ns_kernel:
-                batch = self.ns_batches[e.ns_dtype][0]
+                batch = self.ns_batches[e.batch_key][0]
                 ints[row, ICOL.DIRECTION] = batch.input_view(e.spec).data_ptr()
                 ints[row, ICOL.DIRECTION_DTYPE] = DTYPE_CODES[e.ns_dtype]
                 ints[row, ICOL.DELTA_DTYPE] = DTYPE_CODES[e.ns_dtype]
@@ -177,7 +207,8 @@ class _LaunchGroup:
                 addr = self.work[e.work_offset :].data_ptr()
                 ints[row, ICOL.DIRECTION] = ints[row, ICOL.DELTA] = addr
                 ints[row, ICOL.DIRECTION_DTYPE] = ints[row, ICOL.DELTA_DTYPE] = DTYPE_CODES[self.dtype]
-                ints[row, ICOL.NORM_KIND] = NORM_PRECOMPUTED if e.ns_dtype is not None else _NORM_KIND[e.nb.norm]
+                precomputed = e.ns_dtype is not None or e.torch_norm
+                ints[row, ICOL.NORM_KIND] = NORM_PRECOMPUTED if precomputed else _NORM_KIND[e.nb.norm]
         self.bucket_of_entry = torch.tensor([e.bucket_pos for e in self.entries], dtype=torch.long)
         self.shape_factor = torch.tensor([e.nb.shape_factor for e in self.entries], dtype=torch.float64)
         self.has_offset = torch.tensor(["offset" in e.slot.state for e in self.entries], dtype=torch.bool)
@@ -255,15 +286,15 @@ class _LaunchGroup:
 
     def _set_ns_schedules(self, groups) -> None:
         for batch, entries in self.ns_batches.values():
-            segments, steps, coefficients, eps = [], [], [], []
+            steps, coefficients, eps, spectral = [], [], [], []
             for e in entries:
                 group = groups[e.bucket.group_index]
-                co = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
-                segments.append(int(self.layout.d_segment_base[e.row]))
+                co = ns_schedule(group)
                 steps.append(len(co))
                 coefficients.append(co)
                 eps.append(group["ns_eps"])
-            batch.set_schedule(segments, steps, coefficients, eps)
+                spectral.append(group["ns_prescale"] == "spectral")
+            batch.set_schedule(steps, coefficients, eps, spectral)
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, groups, grads) -> None:
@@ -289,31 +320,29 @@ class _LaunchGroup:
         del live_grads
 
     def _newton_schulz(self, groups) -> None:
-        sums = self.ws["sums"]
         for batch, entries in self.ns_batches.values():
             for e in entries:
                 group = groups[e.bucket.group_index]
-                if group["ns_prescale"] == "spectral":  # option, not the hot path: torch fills the slots
-                    base = int(self.layout.d_segment_base[e.row])
-                    X = batch.input_view(e.spec)
-                    sums[base : base + X.shape[0]] = spectral_norm(X.float()).to(sums.dtype).square()
+                if group["ns_prescale"] == "spectral":  # option, not the hot path: torch fills the batch's sums
+                    blocks = torch.stack(batch.block_views(e.spec)).float()
+                    s = batch.specs[e.spec]
+                    batch.sums[s.segment : s.segment + s.n_blocks] = spectral_norm(blocks).square()
                     mk.record("spectral_norm")
-            batch.run(sums)
-            for e in entries:  # ns_steps=0 on the tiled path: the pre-scale alone, by torch
-                if batch.spec_is_large[e.spec] and batch.specs[e.spec].steps == 0:
-                    base = int(self.layout.d_segment_base[e.row])
-                    X = batch.input_view(e.spec)
-                    scale = sums[base : base + X.shape[0]].sqrt().clamp_min(batch.specs[e.spec].eps)
-                    X.copy_((X.float() / scale[:, None, None].float()).to(X.dtype))
-                    mk.record("ns_zero_steps")
-        for e in self.entries:  # float64 NS: torch, on the direction work buffer
-            if e.ns_dtype is not None and not e.ns_kernel:
+            batch.run()
+            mk.prescale_only(batch, [e.spec for e in entries if batch.specs[e.spec].steps == 0])
+        for e in self.entries:  # float64 NS, and l2_col of transposed layouts: torch, on the work buffer
+            if (e.ns_dtype is not None and not e.ns_kernel) or e.torch_norm:
                 group = groups[e.bucket.group_index]
-                rows, cols = e.nb.block_shape
-                X = self.work[e.work_offset : e.work_offset + e.numel].view(-1, rows, cols)
-                co = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
-                out = batched_newton_schulz(X.to(e.ns_dtype), co, group["ns_prescale"], group["ns_eps"])
-                X.copy_(out)
+                nb = e.nb
+                d = self.work[e.work_offset : e.work_offset + e.numel].view(nb.shape)
+                blocks = norm_blocks(d, nb.shape, nb.norm, nb.head_dim, **nb.layout)
+                if e.torch_norm:
+                    blocks.mul_(_safe_inverse(torch.linalg.vector_norm(blocks, dim=-1, keepdim=True)))
+                    mk.record("torch_row_norm")
+                    continue
+                out = batched_newton_schulz(blocks.to(e.ns_dtype), ns_schedule(group), group["ns_prescale"], group["ns_eps"],
+                                            method=e.ns_method)  # fmt: skip
+                blocks.copy_(out)
                 mk.record("torch_newton_schulz")
 
     def _copy_params_in(self) -> None:
@@ -348,8 +377,9 @@ class TritonBackend:
 
     def _program(self, opt, plan) -> list:
         """The plan's launch groups, built on first use; rebuilt if a setting that shapes the
-        tables (trust_ratio, which adds ‖W‖ segments) changes without a plan rebuild."""
-        key = tuple(bool(g["trust_ratio"]) for g in opt.param_groups)
+        tables (trust_ratio, which adds ‖W‖ segments; the NS schedule, which groups the Gram form's
+        batches) changes without a plan rebuild."""
+        key = tuple((bool(g["trust_ratio"]), ns_schedule(g)) for g in opt.param_groups)  # the Gram form batches by schedule
         cached = plan.cache.get("triton")
         if cached is not None and cached[0] == key:
             return cached[1]
