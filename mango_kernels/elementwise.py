@@ -36,6 +36,7 @@ from .tables import (
     FLAG_FIRST_STEP,
     FLAG_OFFSET,
     FLAG_TRUST,
+    FLAG_FUSED,
     FLAG_TRUST_RAW,
     ICOL,
     NI,
@@ -93,6 +94,7 @@ _SEGMENT_L2 = tl.constexpr(NORM_SEGMENT_L2)
 _HAS_OFFSET = tl.constexpr(FLAG_OFFSET)
 _TRUST = tl.constexpr(FLAG_TRUST)
 _TRUST_RAW = tl.constexpr(FLAG_TRUST_RAW)
+_FUSED = tl.constexpr(FLAG_FUSED)
 _FIRST_STEP = tl.constexpr(FLAG_FIRST_STEP)
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -264,11 +266,17 @@ def _moments_kernel(
     d = _f(frow, _NESTEROV_M, COMPUTE) * m + _f(frow, _NESTEROV_X, COMPUTE) * x
     d = d / _f(frow, _BIAS1, COMPUTE) / den
 
-    # d as stored (bf16 for the NS stack) feeds the norms, so sum the stored values
-    dq = _store_as(tl.load(irow + _DIRECTION), offs, mask, d, tl.load(irow + _DIRECTION_DTYPE), COMPUTE, INTERPRET, ALIGNED)
-    tl.store(PARTIALS + p, tl.sum(tl.where(mask, dq * dq, 0.0), axis=0))
-    if trust:
-        tl.store(PARTIALS + n_tiles + p, tl.sum(w * w, axis=0))
+    if (flags & _FUSED) != 0:  # none / sign without trust ratio: the step is applied right here
+        if tl.load(irow + _NORM_KIND) == _SIGN:
+            d = _sign(d)
+        _apply_step(irow, frow, offs, mask, _f(frow, _LR_K, COMPUTE) * d, flags, COMPUTE, INTERPRET, ALIGNED)
+        tl.store(PARTIALS + p, 0.0)
+    else:
+        # d as stored (bf16 for the NS stack) feeds the norms, so sum the stored values
+        dq = _store_as(tl.load(irow + _DIRECTION), offs, mask, d, tl.load(irow + _DIRECTION_DTYPE), COMPUTE, INTERPRET, ALIGNED)
+        tl.store(PARTIALS + p, tl.sum(tl.where(mask, dq * dq, 0.0), axis=0))
+        if trust:
+            tl.store(PARTIALS + n_tiles + p, tl.sum(w * w, axis=0))
 
 
 @triton.jit(do_not_specialize=["out_base"])
@@ -283,37 +291,15 @@ def _segment_sum_kernel(SEGMENTS, PARTIALS, SUMS, out_base, RBLOCK: tl.constexpr
     tl.store(SUMS + out_base + s, tl.sum(acc, axis=0))
 
 
-@triton.jit
-def _apply_kernel(
-    I, F, TILES, SUMS,
-    ROW: tl.constexpr, NI: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr,
-):  # fmt: skip
-    p = tl.program_id(0).to(tl.int64)
-    t, start, end, seg = _tile(TILES, p, ALIGNED)
-    irow = I + t * ROW
-    frow = F + t * ROW + NI
-    offs, mask = _offsets_and_mask(start, end, BLOCK)
-    flags = tl.load(irow + _FLAGS)
-    kind = tl.load(irow + _NORM_KIND)
+@device_function
+def _sign(x):
+    """torch.sign: ±1, 0 stays 0, NaN stays NaN."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x)).to(x.dtype)
 
-    raw = _load_as(tl.load(irow + _DELTA), offs, mask, tl.load(irow + _DELTA_DTYPE), COMPUTE, ALIGNED)
-    delta = raw
-    if kind == _SIGN:  # torch.sign: ±1, 0 stays 0, NaN stays NaN
-        delta = tl.where(delta > 0, 1.0, tl.where(delta < 0, -1.0, delta)).to(COMPUTE)
-    elif kind == _SEGMENT_L2:  # unit l2 norm per segment (tensor, head block or row); 0 stays 0
-        norm = tl.sqrt(tl.load(SUMS + seg))
-        delta = tl.where(norm > 0, delta / norm, 0.0).to(COMPUTE)
 
-    k = _f(frow, _LR_K, COMPUTE)
-    if (flags & _TRUST) != 0:  # φ = min(‖W‖, trust_clamp); φ = 0: ratio 1 (on the raw d with _TRUST_RAW)
-        w_norm = tl.sqrt(tl.load(SUMS + tl.load(irow + _W_SEGMENT)))
-        clamp = _f(frow, _TRUST_CLAMP, COMPUTE)
-        w_norm = tl.where((clamp > 0) & (w_norm > clamp), clamp, w_norm)
-        k = k * tl.where(w_norm > 0, w_norm, 1.0).to(COMPUTE)
-        if (flags & _TRUST_RAW) != 0:
-            delta = tl.where(w_norm > 0, delta, raw)
-    s = k * delta
-
+@device_function
+def _apply_step(irow, frow, offs, mask, s, flags, COMPUTE: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr):
+    """Offset momentum O ← β_o·O + (1−β_o)·s, then W ← W − (s + O) − lr·λ·W in W's own dtype."""
     w_addr = tl.load(irow + _PARAM)
     w_code = tl.load(irow + _PARAM_DTYPE)
     w = _load_as(w_addr, offs, mask, w_code, COMPUTE, ALIGNED)
@@ -325,6 +311,37 @@ def _apply_kernel(
         s = s + o
     w_new = w - s - _f(frow, _DECAY, COMPUTE) * w
     _store_as(w_addr, offs, mask, w_new, w_code, COMPUTE, INTERPRET, ALIGNED)
+
+
+@triton.jit
+def _apply_kernel(
+    I, F, TILES, SUMS,
+    ROW: tl.constexpr, NI: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    p = tl.program_id(0).to(tl.int64)
+    t, start, end, seg = _tile(TILES, p, ALIGNED)
+    irow = I + t * ROW
+    frow = F + t * ROW + NI
+    flags = tl.load(irow + _FLAGS)
+    if (flags & _FUSED) == 0:  # fused tensors were applied in the moments pass
+        offs, mask = _offsets_and_mask(start, end, BLOCK)
+        kind = tl.load(irow + _NORM_KIND)
+        raw = _load_as(tl.load(irow + _DELTA), offs, mask, tl.load(irow + _DELTA_DTYPE), COMPUTE, ALIGNED)
+        delta = raw
+        if kind == _SIGN:
+            delta = _sign(delta)
+        elif kind == _SEGMENT_L2:  # unit l2 norm per segment (tensor, head block or row); 0 stays 0
+            norm = tl.sqrt(tl.load(SUMS + seg))
+            delta = tl.where(norm > 0, delta / norm, 0.0).to(COMPUTE)
+        k = _f(frow, _LR_K, COMPUTE)
+        if (flags & _TRUST) != 0:  # φ = min(‖W‖, trust_clamp); φ = 0: ratio 1 (on the raw d with _TRUST_RAW)
+            w_norm = tl.sqrt(tl.load(SUMS + tl.load(irow + _W_SEGMENT)))
+            clamp = _f(frow, _TRUST_CLAMP, COMPUTE)
+            w_norm = tl.where((clamp > 0) & (w_norm > clamp), clamp, w_norm)
+            k = k * tl.where(w_norm > 0, w_norm, 1.0).to(COMPUTE)
+            if (flags & _TRUST_RAW) != 0:
+                delta = tl.where(w_norm > 0, delta, raw)
+        _apply_step(irow, frow, offs, mask, k * delta, flags, COMPUTE, INTERPRET, ALIGNED)
 
 
 @triton.jit

@@ -39,7 +39,9 @@ NORM_NONE, NORM_SIGN, NORM_SEGMENT_L2, NORM_PRECOMPUTED = 0, 1, 2, 3
 
 # flag bits. FLAG_TRUST_RAW (with FLAG_TRUST, norm l2): where the trust ratio's φ is 0 the step is
 # the raw direction d, not d/‖d‖ (LAMB's trust ratio 1 on the Adam step)
-FLAG_OFFSET, FLAG_TRUST, FLAG_FIRST_STEP, FLAG_TRUST_RAW = 1, 2, 4, 8
+# FLAG_FUSED (norms none/sign without trust ratio): the moments pass applies the step itself, so
+# such tensors (an embedding) need no direction buffer and the apply pass skips them.
+FLAG_OFFSET, FLAG_TRUST, FLAG_FIRST_STEP, FLAG_TRUST_RAW, FLAG_FUSED = 1, 2, 4, 8, 16
 
 INT_COLUMNS = (
     "numel",

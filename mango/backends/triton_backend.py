@@ -36,6 +36,7 @@ from mango_kernels.tables import (
     DTYPE_CODES,
     FCOL,
     FLAG_FIRST_STEP,
+    FLAG_FUSED,
     FLAG_OFFSET,
     FLAG_TRUST,
     FLAG_TRUST_RAW,
@@ -99,6 +100,7 @@ class _Entry:
         self.ns_method = None  # "textbook" or "gram" for NS-bound entries
         self.ns_kernel = False  # NS by the Triton kernels (else by torch, in the work buffer)
         self.torch_norm = False  # Δ by torch in the work buffer (l2_col on a transposed layout)
+        self.fused = False  # none/sign without trust ratio: applied in the moments pass, no direction buffer
         self.spec = None  # index into its NS batch
         self.batch_key = None  # (NS dtype, form, schedule) of that batch
         self.work_offset = None  # offset in the direction work buffer (non-kernel-NS entries)
@@ -125,6 +127,7 @@ class _LaunchGroup:
                         e.ns_dtype = ns_kernel_dtype(group["ns_dtype"], compute_dtype, e.ns_method)
                         e.ns_kernel = e.ns_dtype in mk.NS_DTYPES
                     e.torch_norm = _torch_row_norm(nb) and e.numel > 0
+                    e.fused = nb.norm in ("none", "sign") and not group["trust_ratio"]
                     if not e.slot.param.is_contiguous():
                         e.param_copy = torch.empty(e.slot.param.shape, dtype=e.slot.param.dtype, device=device)
                     e.row = len(self.entries)
@@ -166,7 +169,7 @@ class _LaunchGroup:
         # direction work buffer for every tensor not written into an NS stack
         offset = 0
         for e in self.entries:
-            if not e.ns_kernel:
+            if not e.ns_kernel and not e.fused:
                 e.work_offset = offset
                 offset += -(-e.numel // 16) * 16  # 16-element aligned, for vector loads
         self.work = torch.empty(max(offset, 1), dtype=self.dtype, device=self.device)
@@ -203,6 +206,10 @@ class _LaunchGroup:
                 ints[row, ICOL.DIRECTION_DTYPE] = DTYPE_CODES[e.ns_dtype]
                 ints[row, ICOL.DELTA_DTYPE] = DTYPE_CODES[e.ns_dtype]
                 ints[row, ICOL.NORM_KIND] = NORM_PRECOMPUTED
+            elif e.fused:
+                ints[row, ICOL.DIRECTION] = ints[row, ICOL.DELTA] = 0
+                ints[row, ICOL.DIRECTION_DTYPE] = ints[row, ICOL.DELTA_DTYPE] = DTYPE_CODES[self.dtype]
+                ints[row, ICOL.NORM_KIND] = _NORM_KIND[e.nb.norm]
             else:
                 addr = self.work[e.work_offset :].data_ptr()
                 ints[row, ICOL.DIRECTION] = ints[row, ICOL.DELTA] = addr
@@ -213,6 +220,7 @@ class _LaunchGroup:
         self.shape_factor = torch.tensor([e.nb.shape_factor for e in self.entries], dtype=torch.float64)
         self.has_offset = torch.tensor(["offset" in e.slot.state for e in self.entries], dtype=torch.bool)
         self.is_l2 = torch.tensor([e.nb.norm == "l2" for e in self.entries], dtype=torch.bool)
+        self.fused = torch.tensor([e.fused for e in self.entries], dtype=torch.bool)
         self.params = [e.slot.param for e in self.entries]
         self.states = [e.slot.state for e in self.entries]
 
@@ -256,6 +264,7 @@ class _LaunchGroup:
         flags = torch.where(self.has_offset, FLAG_OFFSET, 0)
         trust = torch.tensor([bool(g["trust_ratio"]) for g in bucket_groups], dtype=torch.bool)[self.bucket_of_entry]
         flags = flags | torch.where(trust, FLAG_TRUST, 0) | torch.where(trust & self.is_l2, FLAG_TRUST_RAW, 0)
+        flags = flags | torch.where(self.fused, FLAG_FUSED, 0)
         if bool(masks.any()):  # needs the step counts on the host (a sync if they live on a GPU)
             t = torch.stack([s["step"] for s in self.states]).to(device="cpu", dtype=torch.float64).reshape(-1)
             floats[:, FCOL.BIAS1] = torch.where(masks[:, 0], 1 - floats[:, FCOL.BETA1] ** t, 1.0)
