@@ -93,24 +93,20 @@ class TritonNS:
 
     label = "mango_kernels NSBatch (bf16)"
 
-    def __init__(self, buckets, device, dtype=torch.bfloat16, seed: int = 0, config=None):
+    def __init__(self, buckets, device, dtype=torch.bfloat16, seed: int = 0, config=None, method: str = "textbook"):
         import mango_kernels as mk
 
-        specs, seg = [], 0
+        specs = []
         for b in buckets:
             per = b.batch // b.tensors
             for _ in range(b.tensors):
-                specs.append(mk.NSSpec(b.block[0], b.block[1], per, segment=seg))
-                seg += per
-        self.batch = mk.NSBatch(specs, dtype, device, config)
+                specs.append(mk.NSSpec.row_major(b.block[0], b.block[1], per))
+        self.batch = mk.NSBatch(specs, dtype, device, config, method=method)
         n = sum(s.numel for s in specs)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         x = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
         self.batch.stack[:n].copy_(x)
-        blocks = [self.batch.input_view(i).float() for i in range(len(specs))]
-        self.sums = torch.cat([v.square().sum(dim=(-2, -1)) for v in blocks]).contiguous()
-        self.batch.set_schedule([s.segment for s in specs], [len(COEFFS)] * len(specs), [list(COEFFS)] * len(specs),
-                                [1e-7] * len(specs))  # fmt: skip
+        self.batch.set_schedule([len(COEFFS)] * len(specs), [list(COEFFS)] * len(specs), [1e-7] * len(specs))
         self.saved = self.batch.stack.clone()
         self.specs = specs
         self._count = mk.count_launches
@@ -119,10 +115,10 @@ class TritonNS:
         self.batch.stack.copy_(self.saved)
 
     def run(self):
-        self.batch.run(self.sums)
+        self.batch.run()
 
     def inputs(self) -> list:
-        return [self.saved[o : o + s.numel].view(s.n_blocks, s.rows, s.cols) for o, s in zip(self.batch.spec_offset, self.specs)]
+        return [self.saved[o : o + s.numel] for o, s in zip(self.batch.spec_offset, self.specs)]
 
     def outputs(self) -> list:
         return [self.batch.output_view(i) for i in range(len(self.specs))]
