@@ -118,10 +118,11 @@ class TritonNS:
         self.batch.run()
 
     def inputs(self) -> list:
-        return [self.saved[o : o + s.numel] for o, s in zip(self.batch.spec_offset, self.specs)]
+        """(blocks, rows, cols) of every spec's input, as saved."""
+        return [self.saved[o : o + s.numel].view(s.n_blocks, *s.blocks[0][1:3]) for o, s in zip(self.batch.spec_offset, self.specs)]
 
     def outputs(self) -> list:
-        return [self.batch.output_view(i) for i in range(len(self.specs))]
+        return [self.batch.output_view(i).view(s.n_blocks, *s.blocks[0][1:3]) for i, s in enumerate(self.specs)]
 
     def launches(self) -> int:
         self.setup()
