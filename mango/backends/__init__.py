@@ -11,12 +11,18 @@ from .torch_backend import TorchBackend
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI tests it)."""
+    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI tests it)
+    or during a launch dry run (`mango_kernels.count_launches(dry_run=True)`: nothing executes,
+    which is how `mango_kernels.aot` captures a GPU step's launches on a CPU-only machine)."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    from mango_kernels._launch import dry_run_active
+
+    return device.type == "cpu" and dry_run_active()
 
 
 def make_backend(name: str, device: torch.device, sharded: bool = False):
