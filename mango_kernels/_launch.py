@@ -30,6 +30,10 @@ from typing import NamedTuple
 # CPU tensors, whose tl.dot on bf16/fp16 operands multiplies bit patterns (SPEC §6). Kernels
 # get this as a constexpr and widen low-precision dot operands to fp32 (exact) when it is set.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    from ._compat import patch_interpreter
+
+    patch_interpreter()  # Triton 3.6's interpreter with numpy >= 2.4 (see _compat)
 
 _total = 0
 _active_logs: list = []
