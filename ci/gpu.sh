@@ -9,4 +9,4 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" -m bench.gpu "$@"
+exec "${PYTHON:-$(command -v python || command -v python3)}" -m bench.gpu "$@"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -24,8 +25,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_dry_run")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MANGO_TEST_DEVICE")}
-    env["OUT"] = str(out)
-    p = subprocess.run(["bash", "ci/gpu.sh", "--cpu-dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    env.update(OUT=str(out), PYTHON=sys.executable)  # ci/gpu.sh runs $PYTHON: this interpreter, not the first on PATH
+    # ~45 s on a quiet 2-core machine; the budget is tripled so that a loaded one (the suite's other
+    # workers) does not cut stages short: this test is about what the run does, not how fast
+    cmd = ["bash", "ci/gpu.sh", "--cpu-dry-run", "--budget", "345"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     return out, p
 
 

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-dry-run", action="store_true", help="the same stages on CPU at tiny sizes (kernels under TRITON_INTERPRET=1)")
     p.add_argument("--out", help="results folder (default: $OUT, else bench/results/gpu_<device>_<time>/)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--budget", type=float, help="seconds for the whole run (default: GPU 470, dry run 115)")
+    p.add_argument("--budget", type=float, help="seconds for the whole run, every stage's budget scaled to it (default: GPU 470, dry run 115)")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch folder (its path is logged)")
     args = p.parse_args(argv)
     dry = args.cpu_dry_run
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
             if name == "env":
                 continue
             left = budget - (time.perf_counter() - t0)
-            nominal = profile["stages"][name]["budget_s"]
+            nominal = profile["stages"][name]["budget_s"] * budget / profile["budget_s"]  # --budget scales every stage
             stage_budget = min(nominal + spare, left - 3)
             if stage_budget < 10:
                 results["stages"][name] = {"status": "skipped", "reason": f"only {left:.0f} s of the run's budget left"}

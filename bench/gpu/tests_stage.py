@@ -24,10 +24,13 @@ GRACE_S = 20.0  # default time past the per-test timeout before the parent ends 
 OUTCOMES = ("passed", "failed", "error", "timeout", "hung", "crashed", "skipped", "not run")
 
 
-def _watch(path: str, timeout_s: float, grace_s: float):
-    """A proc.run watch: the reason to end the process when a test has run past timeout + grace."""
+def _watch(path: str, timeout_s: float, grace_s: float, stop: threading.Event):
+    """A proc.run watch: the reason to end the process when a test has run past timeout + grace
+    (or when the whole run is being stopped)."""
 
     def check():
+        if stop.is_set():
+            return "the run was stopped"
         for r in recorded(path).values():
             if r["event"] == "start" and time.time() - r["t"] > timeout_s + grace_s:
                 return f"{r['nodeid']} has run {time.time() - r['t']:.0f} s (timeout {timeout_s:g} s + {grace_s:g} s grace)"
@@ -44,7 +47,7 @@ def _close_unfinished(path: str, outcome: str, why: str) -> None:
                                   "duration": time.time() - r["t"], "message": why})  # fmt: skip
 
 
-def _shard(k: int, n: int, profile: dict, workdir: str, log: proc.Log, deadline: float, out: dict) -> None:
+def _shard(k: int, n: int, profile: dict, workdir: str, log: proc.Log, deadline: float, out: dict, stop: threading.Event) -> None:
     path = os.path.join(workdir, f"tests_{k}.jsonl")
     timeout = profile["test_timeout_s"]
     attempts = []
@@ -60,10 +63,13 @@ def _shard(k: int, n: int, profile: dict, workdir: str, log: proc.Log, deadline:
                "--gpu-cuda-mode", f"--gpu-first={','.join(profile['first'])}", f"--gpu-shard={k}/{n}",
                *([f"--gpu-sample={profile['sample']}"] if profile.get("sample") else []), *profile["paths"]]  # fmt: skip
         r = proc.run(cmd, log, left, env=proc.python_env(**profile["env"]), prefix=f"[tests {k + 1}/{n}] ",
-                     watch=_watch(path, timeout, profile.get("grace_s", GRACE_S)))  # fmt: skip
+                     watch=_watch(path, timeout, profile.get("grace_s", GRACE_S), stop))  # fmt: skip
         attempts.append(r.to_dict())
         if r.over_budget:
             _close_unfinished(path, "timeout", "the test stage's budget ran out during this test")
+            break
+        if stop.is_set():
+            _close_unfinished(path, "timeout", "the run was stopped during this test")
             break
         if r.killed:  # a test hung past its timeout
             _close_unfinished(path, "hung", r.killed)
@@ -89,11 +95,18 @@ def run(profile: dict, workdir: str, log: proc.Log, budget_s: float) -> dict:
     deadline = t0 + budget_s
     n = profile["shards"]
     out: dict = {}
-    threads = [threading.Thread(target=_shard, args=(k, n, profile, workdir, log, deadline, out)) for k in range(n)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=_shard, args=(k, n, profile, workdir, log, deadline, out, stop)) for k in range(n)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:  # the run is being stopped (signals reach this thread only): end the shards too
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
+        raise
     results, selected = {}, []
     for path in sorted(out.get("files", [])):
         results.update({k: v for k, v in recorded(path).items()})
