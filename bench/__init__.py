@@ -7,4 +7,6 @@
   (``params``: parameter sets, ``roofline``: floors, ``measure``: timing, ``optimizers``: the
   contenders, ``kernels``: per-kernel and per-NS-bucket timings, ``report``: JSON/markdown/PNG)
 - ``bench.comm``  -- ``python -m bench.comm``: communication per step under FSDP2
+- ``bench.aot``   -- ``python -m bench.aot``: every kernel of a GPT-2 124M step compiled for sm_90, no GPU needed
+- ``bench.gpu``   -- ``bash ci/gpu.sh``: the whole GPU check (tests, step, training) in one command and one folder
 """

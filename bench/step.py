@@ -273,6 +273,14 @@ def _targets(pset: ParamSet, by_key: dict, ns_bench: dict | None, bare_ns: dict,
     return out
 
 
+def _out_of_time(args) -> str | None:
+    """Why nothing more should start (--time-budget spent), or None."""
+    budget = getattr(args, "time_budget", None)
+    if budget is not None and time.perf_counter() - args._started >= budget:
+        return f"--time-budget {budget:g} s spent before it started"
+    return None
+
+
 def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
     fl = floor(pset, rates)
     res = {"set": pset.describe(), "floor": fl, "optimizers": []}
@@ -318,6 +326,10 @@ def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
             res["optimizers"].append(c.rec)
     else:  # one optimizer at a time (own peak memory)
         for key in keys:
+            if _out_of_time(args):
+                res["optimizers"].append({"key": key, "label": O.LABELS[key], "status": "skipped", "reason": _out_of_time(args)})
+                _print_rec(res["optimizers"][-1])
+                continue
             t0 = time.perf_counter()
             c = Contender(key, pset, device, args)
             if c.ok:
@@ -342,7 +354,7 @@ def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
             if r.get("median_s"):
                 r["vs_primary"] = r["median_s"] / tp
     res["ns_buckets"] = None
-    if not args.no_kernels:
+    if not args.no_kernels and not _out_of_time(args):
         try:
             res["ns_buckets"] = K.ns_buckets_bench(pset, device, rates, budget_s=0.0 if args.quick else 0.3)
         except Exception as e:  # report, do not lose the run
@@ -381,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kernels", action="store_true", help="skip the per-bucket NS benchmark")
     p.add_argument("--profile", action="store_true", help="record the torch.profiler top ops of mango's step for every set")
     p.add_argument("--no-png", action="store_true", help="do not draw the bar chart")
+    p.add_argument("--time-budget", type=float, help="seconds for the whole run: optimizers (one at a time) not started by "
+                                                     "then are reported as skipped, and the results are still written")
     return p
 
 
@@ -403,7 +417,7 @@ def main(argv=None) -> dict:
     if args.compile_backend is None:
         args.compile_backend = "aot_eager" if args.quick else "inductor"
     threads = configure_threads(args.threads)
-    started = time.perf_counter()
+    started = args._started = time.perf_counter()
     print(f"bench.step on {device} ({threads['threads']} threads"
           f"{'; ' + threads['reason'] if threads.get('reason') else ''}); measuring the device ...", flush=True)  # fmt: skip
     rates = measure_device(device, quick=args.quick)

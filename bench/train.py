@@ -329,7 +329,14 @@ def train_one(run: RunSpec, cfg: GPTConfig, corpus, args, device, lr_overrides, 
     diverged = False
     prog = Progress(args.steps, f"{run.spec:>20s}", enabled=show_progress and not args.no_progress)
     ema = None
+    stopped, run_start = None, time.perf_counter()
     for step in range(args.steps):
+        if args.stop_after is not None and step >= args.stop_after:
+            stopped = f"--stop-after {args.stop_after}"
+            break
+        if args.time_budget is not None and time.perf_counter() - run_start >= args.time_budget:
+            stopped = f"--time-budget {args.time_budget:g} s reached after {step} steps"
+            break
         mult = lr_multiplier(step, args.steps, args.warmup)
         for g, b in zip(opt.param_groups, base_lrs):
             g["lr"] = b * mult
@@ -387,11 +394,12 @@ def train_one(run: RunSpec, cfg: GPTConfig, corpus, args, device, lr_overrides, 
         lr_multiplier=lr_curve,
         val_loss=val_curve,
         initial_val_loss=val_curve[0][1],
-        final_train_loss=sum(train_loss[-n_tail:]) / n_tail,
+        final_train_loss=sum(train_loss[-n_tail:]) / n_tail if train_loss else float("nan"),
         final_train_loss_window=n_tail,
         final_val_loss=float("nan") if diverged else val_curve[-1][1],
         best_val_loss=min(v for _, v in val_curve),
         diverged=diverged,
+        stopped=stopped,  # None, or why the run ended before --steps (the schedule is still --steps long)
         train_time_s=step_time,
         opt_time_s=opt_time,
         opt_time_share=timed_opt / timed_time if timed_time > 0 else float("nan"),
@@ -511,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-head", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-batches", type=int)
+    p.add_argument("--stop-after", type=int, help="run only the first N steps of the --steps schedule (agreement checks)")
+    p.add_argument("--time-budget", type=float, help="stop each run after this many seconds (recorded as 'stopped')")
     p.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping for every run (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -8,6 +8,13 @@ Every kernel launch and every device-side torch op the Triton backend issues goe
     log.count            # device launches (Triton kernels + torch ops + table copies)
     log.by_name()        # {"moments": 1, "ns_gram": 5, ...}
     with mango_kernels.count_launches(dry_run=True): ...   # count without running kernels
+    with mango_kernels.count_launches(capture=True) as log: ...
+    log.launches         # [Launch(name, kernel, grid, args, kwargs)]: what would have run
+
+Capture (a dry run that keeps every launch's kernel, grid and arguments) is how
+`mango_kernels.aot` compiles exactly the specializations a real step launches, for a GPU
+target, on a machine without one: during a dry run the Triton backend also accepts CPU
+tensors without TRITON_INTERPRET (nothing executes, only addresses and dtypes are read).
 
 `launch_count()` is the running total since import (cheap to diff around a block of code).
 """
@@ -17,11 +24,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+from typing import NamedTuple
 
 # Read once, at import: under TRITON_INTERPRET=1 the kernels run in the Triton interpreter on
 # CPU tensors, whose tl.dot on bf16/fp16 operands multiplies bit patterns (SPEC §6). Kernels
 # get this as a constexpr and widen low-precision dot operands to fp32 (exact) when it is set.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    from ._compat import patch_interpreter
+
+    patch_interpreter()  # Triton 3.6's interpreter with numpy >= 2.4 (see _compat)
 
 _total = 0
 _active_logs: list = []
@@ -39,12 +51,25 @@ def device_function(fn):
     return triton.jit(fn)
 
 
-class LaunchLog:
-    """Names of the launches recorded while a `count_launches()` block was open."""
+class Launch(NamedTuple):
+    """One captured kernel launch: `kernel[grid](*args, **kwargs)` under the name `name`."""
 
-    def __init__(self, dry_run: bool = False):
+    name: str
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+class LaunchLog:
+    """Names of the launches recorded while a `count_launches()` block was open
+    (and, when capturing, the launches themselves)."""
+
+    def __init__(self, dry_run: bool = False, capture: bool = False):
         self.events: list[str] = []
-        self.dry_run = dry_run
+        self.dry_run = dry_run or capture
+        self.capture = capture
+        self.launches: list[Launch] = []
 
     @property
     def count(self) -> int:
@@ -70,8 +95,16 @@ def launch(name: str, kernel, grid, *args, **kwargs) -> None:
     if any(g == 0 for g in grid):
         return
     record(name)
-    if not any(log.dry_run for log in _active_logs):
+    for log in _active_logs:
+        if log.capture:
+            log.launches.append(Launch(name, kernel, tuple(grid), args, kwargs))
+    if not dry_run_active():
         kernel[grid](*args, **kwargs)
+
+
+def dry_run_active() -> bool:
+    """Whether an open `count_launches(dry_run=True)` or `(capture=True)` block suppresses launches."""
+    return any(log.dry_run for log in _active_logs)
 
 
 def launch_count() -> int:
@@ -80,14 +113,15 @@ def launch_count() -> int:
 
 
 @contextlib.contextmanager
-def count_launches(dry_run: bool = False):
+def count_launches(dry_run: bool = False, capture: bool = False):
     """Context manager yielding a `LaunchLog` of the launches made inside the block.
 
     dry_run=True records the Triton launches without running them (the launch structure is
     decided on the host), e.g. to count a deep model's step under the slow interpreter. The
     step's results are then meaningless; torch fallback ops still run.
+    capture=True is a dry run that also keeps each launch (`LaunchLog.launches`).
     """
-    log = LaunchLog(dry_run)
+    log = LaunchLog(dry_run, capture)
     _active_logs.append(log)
     try:
         yield log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -11,12 +12,39 @@ from .torch_backend import TorchBackend
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI tests it)."""
+    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI tests it)
+    or during a launch dry run (`mango_kernels.count_launches(dry_run=True)`: nothing executes,
+    which is how `mango_kernels.aot` captures a GPU step's launches on a CPU-only machine)."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    from mango_kernels._launch import dry_run_active
+
+    return device.type == "cpu" and dry_run_active()
+
+
+_warned_architectures: set = set()
+
+
+def warn_if_unvalidated(device: torch.device) -> None:
+    """Once per process and GPU architecture: say that no committed GPU run has validated the
+    Triton kernels there (`mango_kernels.validated`), and name the alternative."""
+    from mango_kernels.validated import is_validated
+
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if is_validated(capability) or capability in _warned_architectures:
+        return
+    _warned_architectures.add(capability)
+    warnings.warn(
+        f"mango: the Triton kernels have not been validated on this GPU architecture ({torch.cuda.get_device_name(device)}, "
+        f"sm_{capability[0]}{capability[1]}): they are tested under the Triton interpreter and compiled ahead of time, but "
+        f"no committed GPU run has checked them on such a device yet (README: 'GPU run'). backend='torch' runs the same "
+        f"math without them.",
+        stacklevel=3,
+    )
 
 
 def make_backend(name: str, device: torch.device, sharded: bool = False):
@@ -45,5 +73,7 @@ def make_backend(name: str, device: torch.device, sharded: bool = False):
             )
         from .triton_backend import TritonBackend
 
+        if device.type == "cuda":
+            warn_if_unvalidated(device)
         return TritonBackend()
     raise ValueError(f"mango: invalid backend={name!r}: must be one of ('auto', 'torch', 'triton', 'reference')")

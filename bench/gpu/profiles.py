@@ -1,0 +1,51 @@
+"""What each stage runs, and its time budget: on the GPU machine, and in the CPU dry run.
+
+GPU (one H200, ≤ 8 min for everything; the budgets add up to 470 s, leaving start-up slack):
+tests in 3 parallel shards (most of a first run is Triton compiling on the CPU); the step
+benchmark on GPT-2 124M and 350M with torch.compile last and capped at 50 s; training at the
+GPT-2 124M shape (12 layers, d=768, 12 heads, context 1024, byte vocabulary, bf16 autocast) for
+400 steps of 16 sequences (~25 s of training per optimizer at ~60 ms/step; a run that needs
+longer is stopped at its share of the budget and compared at the common step), then the first
+50 steps again on the torch backend.
+
+Dry run (CPU, < 2 min): the same stages and files at tiny sizes, kernels under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+from .train_stage import TRITON_SPEC
+
+FIRST = ["test_kernels", "test_triton_backend"]  # kernels and backends first
+CONTENDERS = "triton,torch,reference,muon_adamw,adamw,compile"  # compile last: it is the one that can eat the budget
+
+GPU = {
+    "budget_s": 470,
+    "stages": {
+        "tests": {"budget_s": 140, "paths": ["tests"], "shards": 3, "test_timeout_s": 120, "grace_s": 20, "first": FIRST,
+                  "env": {"MANGO_TEST_DEVICE": "cuda", "TRITON_INTERPRET": None}},
+        "step": {"budget_s": 165, "args": ["--sets", "gpt2-124m,gpt2-350m", "--optimizers", CONTENDERS, "--budget", "1",
+                                           "--compile-timeout", "50"],
+                 "env": {"TRITON_INTERPRET": None}},
+        "train": {"budget_s": 155, "specs": ["adamw", "muon", TRITON_SPEC],
+                  "args": ["--size", "gpt2", "--steps", "400", "--warmup", "40", "--batch", "16", "--micro-batch", "16",
+                           "--eval-every", "100", "--eval-batches", "4", "--max-bytes", "16000000"],
+                  "agreement_steps": 50, "agreement_tolerance": 0.05, "agreement_budget_s": 25,
+                  "env": {"TRITON_INTERPRET": None}},
+    },
+}  # fmt: skip
+
+DRY = {
+    "budget_s": 115,
+    "stages": {
+        "tests": {"budget_s": 35, "paths": ["tests/test_kernels.py", "tests/test_triton_backend.py"], "shards": 2,
+                  "test_timeout_s": 60, "grace_s": 10, "first": FIRST, "sample": 2,
+                  "env": {"MANGO_TEST_DEVICE": "cpu", "TRITON_INTERPRET": "1"}},
+        "step": {"budget_s": 40, "backstop_s": 10, "args": ["--quick", "--device", "cpu", "--threads", "1"],
+                 "env": {"TRITON_INTERPRET": "1"}},
+        "train": {"budget_s": 60, "specs": ["adamw", "muon", TRITON_SPEC],
+                  "args": ["--quick", "--device", "cpu", "--threads", "1", "--steps", "4", "--warmup", "1", "--eval-every", "2",
+                           "--eval-batches", "1"],
+                  "agreement_steps": 3, "agreement_tolerance": 0.05, "agreement_budget_s": 15,
+                  "env": {"TRITON_INTERPRET": "1"}},
+    },
+}  # fmt: skip
