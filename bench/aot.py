@@ -43,6 +43,7 @@ class Config:
     ns_dtype: object = BF16  # a torch dtype or "auto"
     tied_role: str = "head"  # "embedding": no NS on the 50257-row tensor, aligned tiled NS
     unaligned: bool = False  # params and grads at odd element offsets of one buffer
+    ns_method: str = "auto"  # "gram": the Gram-form kernels (on CPU "auto" picks textbook: bf16 is fast here)
 
     @property
     def name(self) -> str:
@@ -51,6 +52,8 @@ class Config:
             parts.append("tied-" + self.tied_role)
         if self.unaligned:
             parts.append("unaligned")
+        if self.ns_method != "auto":
+            parts.append(self.ns_method)
         return "-".join(parts)
 
 
@@ -64,6 +67,7 @@ def configurations(core: bool = False) -> list[Config]:
     out = [Config("mango", p, n) for p in (F32, F64) for n in dtypes]
     out += [Config("mango", p, n, tied_role="embedding") for p in (F32, F64) for n in dtypes]
     out += [Config("mango", F32, BF16, unaligned=True), Config("novograd", F32, BF16)]
+    out += [Config("mango", F32, n, ns_method="gram") for n in ("auto", F32)]  # fp16 / fp32 Gram-form kernels
     if not core:
         out += [Config("mango", p, n) for p in (BF16, F16) for n in dtypes]
         out += [Config(p, F32, BF16) for p in ("muon", "lamb", "laprop")]
@@ -97,7 +101,7 @@ def capture(config: Config, set_name: str = "gpt2-124m") -> list:
     pset = resolve_set(set_name, tied_role=config.tied_role)
     params = _tensors(pset, config.param_dtype, config.unaligned)
     preset = getattr(mango.presets, config.preset)
-    opt = preset(mango_groups(pset, params), backend="triton", nonfinite="skip", ns_dtype=config.ns_dtype)
+    opt = preset(mango_groups(pset, params), backend="triton", nonfinite="skip", ns_dtype=config.ns_dtype, ns_method=config.ns_method)
     with mk.count_launches(capture=True) as log:
         opt.step()
     return log.launches
