@@ -24,7 +24,7 @@ from . import groups as _groups
 from .backends import make_backend
 from .groups import check_param
 from .plan import Slot, build_plan, structural_key
-from .reference import init_state
+from .reference import init_state, state_keys
 
 
 class Mango(Optimizer):
@@ -200,9 +200,10 @@ class Mango(Optimizer):
                 role = config.resolve_role(group, p)
                 norm = config.resolve_norm(group, role)
                 state = self.state[p]
-                fresh = distributed.init_state(p, group) if distributed.is_dtensor(p) else init_state(p, group)
-                for k, v in fresh.items():  # new params, or keys a changed setting now needs
-                    state.setdefault(k, v)
+                if not state_keys(group) <= state.keys():  # new params, or keys a changed setting now needs
+                    fresh = distributed.init_state(p, group) if distributed.is_dtensor(p) else init_state(p, group)
+                    for k, v in fresh.items():
+                        state.setdefault(k, v)
                 if not group["beta_offset"]:
                     state.pop("offset", None)
                 slots.append(Slot(p, self._name(group, p), gi, role, norm, state))

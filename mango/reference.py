@@ -33,6 +33,7 @@ __all__ = [
     "normalize",
     "shape_factor",
     "init_state",
+    "state_keys",
     "update",
 ]
 
@@ -145,6 +146,16 @@ def normalize(d: torch.Tensor, norm: str, settings: dict) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # The per-tensor update
 # ----------------------------------------------------------------------------------------
+
+
+def state_keys(settings: dict) -> set:
+    """The state entries a tensor needs under these settings (what `init_state` creates)."""
+    keys = {"step", "exp_avg"}
+    if settings["preconditioner"] in ("laprop", "adam", "novograd"):
+        keys.add("exp_avg_sq")
+    if settings["beta_offset"]:
+        keys.add("offset")
+    return keys
 
 
 def init_state(param: torch.Tensor, settings: dict) -> dict:

@@ -224,3 +224,13 @@ def test_nonfinite_skip_with_empty_tensors():
     before = w.detach().clone()
     opt.step()
     assert opt.skipped_steps == 1 and torch.equal(w.detach(), before)
+
+
+@pytest.mark.parametrize("pre", [None, "laprop", "adam", "novograd"], ids=str)
+@pytest.mark.parametrize("offset", [0.99, None])
+def test_state_keys_name_what_init_state_creates(pre, offset):
+    """The plan only allocates state when `state_keys` says an entry is missing: the two must agree."""
+    from mango.reference import init_state, state_keys
+
+    settings = dict(mango.config.DEFAULTS, preconditioner=pre, beta_offset=offset)
+    assert set(init_state(torch.zeros(3, 2), settings)) == state_keys(settings)
