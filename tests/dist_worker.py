@@ -301,6 +301,7 @@ def fsdp2_settings(ctx):
 #       down_proj (E, 16, 12) are Shard(0) on the expert dim, so every rank holds whole experts and
 #       orthogonalizes them locally; E = 4 divides 2 and 4 ranks, E = 3 does not (2/1, and 1/1/1/0:
 #       an empty shard, also of the router gate (3, 16)); k_proj (8, 16) at 4 ranks: half a head per shard
+#   GPT-OSS (3 experts): experts stored (E, in, out), per-expert biases (E, out) with one l2 per expert
 # --------------------------------------------------------------------------------------------
 HF_TOKENS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
 # GPT-2 ties lm_head to wte: param_groups says so in a warning (tested in test_roles_hf.py)
@@ -327,6 +328,17 @@ def hf_mixtral(n_experts):
         return _perturbed(transformers.MixtralForCausalLM(config).to(dtype))
 
     return build
+
+
+def hf_gpt_oss(dtype=torch.float64):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(
+        vocab_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+        intermediate_size=12, num_local_experts=3, num_experts_per_tok=2, **HF_TOKENS,
+    )  # fmt: skip
+    return _perturbed(transformers.GptOssForCausalLM(config).to(dtype))
 
 
 def _perturbed(model):
@@ -363,7 +375,8 @@ def hf_mango(backend="torch", **kw):
 def fsdp2_moe(ctx):
     """Mixtral under FSDP2, mango preset with no hints, 10 float64 steps: equal to one process (torch
     backend, and the float64 reference) within 1e-10, for E = 4 and E = 3 experts. The experts are
-    labelled per expert, and each rank holds whole experts (an empty shard of them for E = 3 at 4 ranks)."""
+    labelled per expert, and each rank holds whole experts (an empty shard of them for E = 3 at 4 ranks).
+    Then GPT-OSS with 3 transposed experts and their biases, likewise."""
     world, rank = ctx["world"], ctx["rank"]
     out = {}
     for n_experts in (4, 3):
@@ -380,6 +393,13 @@ def fsdp2_moe(ctx):
         out[f"E{n_experts}_vs_reference"] = run_synthetic(
             ctx, hf_mango(), tag=tag + " vs reference", build=build, shard_fn=shard_layers, ref_make_opt=hf_mango("reference")
         )
+    # GPT-OSS stores its 3 experts (E, in, out) with per-expert biases (E, out): one l2 per expert
+    probe = shard_layers(hf_gpt_oss(), ctx["mesh"])
+    assert group_of(hf_mango()(probe), "model.layers.0.mlp.experts.down_proj_bias").get("experts") is True
+    out["gpt_oss_E3"] = run_synthetic(ctx, hf_mango(), tag="gpt-oss", build=hf_gpt_oss, shard_fn=shard_layers)
+    out["gpt_oss_E3_vs_reference"] = run_synthetic(
+        ctx, hf_mango(), tag="gpt-oss vs reference", build=hf_gpt_oss, shard_fn=shard_layers, ref_make_opt=hf_mango("reference")
+    )
     return out
 
 

@@ -45,7 +45,7 @@ from test_roles_hf import BUILDERS, EXPECTED, TOKENS  # tiny configs and the han
 # GPT-2 and BERT tie their output layer to the embedding (a labelling warning, tested elsewhere)
 pytestmark = pytest.mark.filterwarnings("ignore:mango.param_groups. parameter .* is tied into modules")
 
-MODELS = ("gpt2", "neox", "llama_gqa", "qwen3", "bert", "mixtral", "qwen3_moe", "resnet18", "vit")
+MODELS = ("gpt2", "neox", "llama_gqa", "qwen3", "bert", "mixtral", "qwen3_moe", "gpt_oss", "resnet18", "vit")
 
 # mango.presets.mango's settings, and the defaults it keeps (SPEC §2, §4)
 LR, BETA1, BETA2, EPS, BETA_OFF = 0.01, 0.95, 0.95, 1e-8, 0.99
@@ -113,29 +113,31 @@ def stored(ops: torch.Tensor, shape, orientation: str) -> torch.Tensor:
     return ops.reshape(shape)
 
 
-def unit_update(d: torch.Tensor, label) -> tuple[torch.Tensor, float]:
-    """(Δ, k) for one tensor: its direction normalized as its label says (storage layout) and the
-    shape factor √max(1, rows/cols) of the blocks NS sees (1 for the other norms)."""
+def unit_update(d: torch.Tensor, label, norm: str | None = None) -> tuple[torch.Tensor, float]:
+    """(Δ, k) for one tensor: its direction normalized as its label says (or by `norm`), in storage
+    layout, and the shape factor √max(1, rows/cols) of the blocks NS sees (1 for the other norms)."""
     role, head_dim, orientation, experts = label
-    norm = ROLE_NORM[role]
+    norm = norm or ROLE_NORM[role]
     if norm == "none":
         return d, 1.0
-    if norm == "l2":  # a unit vector per tensor (per expert for an expert stack's biases)
+    if norm == "l2":  # a unit vector per tensor (per expert for an expert stack)
         rows = d.reshape(d.shape[0] if experts else 1, -1)
         return (rows / rows.norm(dim=1, keepdim=True)).reshape(d.shape), 1.0
     if norm == "l2_split":  # a unit vector per head block of a q/k/v bias
         blocks = d.reshape(-1, head_dim)
         return (blocks / blocks.norm(dim=1, keepdim=True)).reshape(d.shape), 1.0
     ops = operators(d, orientation, experts)
+    if norm == "l2_col":  # a unit vector per operator row (output neuron)
+        return stored(ops / ops.norm(dim=2, keepdim=True), d.shape, orientation), 1.0
     rows = ops.shape[1] if norm == "ns" else head_dim  # ns_split: blocks of head_dim operator rows
     cols = ops.shape[2]
     out = torch.stack([torch.cat([newton_schulz(M[r : r + rows]) for r in range(0, M.shape[0], rows)]) for M in ops])
     return stored(out, d.shape, orientation), math.sqrt(max(1.0, rows / cols))
 
 
-def expected_update(g: torch.Tensor, label) -> torch.Tensor:
+def expected_update(g: torch.Tensor, label, norm: str | None = None) -> torch.Tensor:
     """W_1 − W_0 of the first mango step: −(2 − β_off)·lr·k·Δ(d)."""
-    delta, k = unit_update(first_direction(g), label)
+    delta, k = unit_update(first_direction(g), label, norm)
     return -APPLIED * k * delta
 
 
@@ -164,14 +166,25 @@ def seeded_grads(net: nn.Module, seed: int = 7) -> dict:
     return {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in net.named_parameters()}
 
 
-def one_step(name: str, backend: str) -> dict:
+def mango_on(net: nn.Module, backend: str, **kw) -> mango.Mango:
+    """mango.presets.mango(net) on `backend`; "torch-chunked" is the torch backend sweeping each norm
+    bucket in ~50 chunks of the model's size (CHUNK_ELEMENTS is 4M: real models take that path,
+    these tiny ones would not), which cuts tensors at rows, experts, head blocks and Conv1D columns."""
+    opt = mango.presets.mango(net, backend="torch" if backend == "torch-chunked" else backend, **kw)
+    if backend == "torch-chunked":
+        numel = sum(p.numel() for p in net.parameters())
+        opt._backend_for(next(net.parameters()).device).chunk_elements = max(64, numel // 50)
+    return opt
+
+
+def one_step(name: str, backend: str, overrides=None) -> dict:
     """{parameter name: (W_0, g, W_1 − W_0)} after one step of mango.presets.mango(model) from fresh state."""
-    key = (name, backend)
+    key = (name, backend, repr(overrides))
     if key not in _steps:
         net = copy.deepcopy(net64(name))
         grads = seeded_grads(net)
         before = {n: p.detach().clone() for n, p in net.named_parameters()}
-        opt = mango.presets.mango(net, backend=backend)
+        opt = mango_on(net, backend, **({"overrides": overrides} if overrides else {}))
         for n, p in net.named_parameters():
             p.grad = grads[n].clone()
         opt.step()
@@ -179,28 +192,58 @@ def one_step(name: str, backend: str) -> dict:
     return _steps[key]
 
 
-def expected_step(name: str) -> dict:
-    """{parameter name: expected W_1 − W_0}, from the hand-written labels (cached: the same for every backend)."""
-    if name not in _expected:
+def expected_step(name: str, norms=None) -> dict:
+    """{parameter name: expected W_1 − W_0}, from the hand-written labels, with `norms` {name: norm}
+    where overridden (cached: the same for every backend)."""
+    key = (name, repr(norms))
+    if key not in _expected:
         labels, _ = EXPECTED[name]
         grads = seeded_grads(net64(name))
         assert set(grads) == set(labels), f"{name}: parameters and hand-written labels disagree"
-        _expected[name] = {n: expected_update(g, labels[n]) for n, g in grads.items()}
-    return _expected[name]
+        _expected[key] = {n: expected_update(g, labels[n], (norms or {}).get(n)) for n, g in grads.items()}
+    return _expected[key]
 
 
+def assert_step_is_the_math(name: str, backend: str, norms=None) -> None:
+    got, want = one_step(name, backend, {n: {"norm": v} for n, v in (norms or {}).items()}), expected_step(name, norms)
+    errors = {n: rel(got[n][2], want[n]) for n in want}
+    bad = {n: e for n, e in errors.items() if not e <= 1e-10}
+    assert not bad, f"{name} on {backend}: updates off the math: {bad}"
+
+
+ALL_BACKENDS = pytest.mark.parametrize("backend", ["torch", "torch-chunked", "reference"])
 BACKENDS = pytest.mark.parametrize("backend", ["torch", "reference"])
 
 
-@BACKENDS
+@ALL_BACKENDS
 @pytest.mark.parametrize("name", MODELS)
 def test_one_step_is_the_math_on_every_parameter(name, backend):
     """mango's first step on every parameter equals the float64 math above (1e-10: same operations,
     in another order and, on the torch backend, maybe the Gram form of the same polynomial)."""
-    got, want = one_step(name, backend), expected_step(name)
-    errors = {n: rel(got[n][2], want[n]) for n in want}
-    bad = {n: e for n, e in errors.items() if not e <= 1e-10}
-    assert not bad, f"{name} on {backend}: updates off the math: {bad}"
+    assert_step_is_the_math(name, backend)
+
+
+# the other matrix norms on the layouts that change what they mean: l2_col normalizes operator rows
+# (storage columns of a Conv1D, per expert of a stack), l2 one vector per expert, ns whole matrices
+OTHER_NORMS = {
+    "gpt2": {
+        "transformer.h.0.mlp.c_fc.weight": "l2_col", "transformer.h.0.mlp.c_proj.weight": "l2",
+        "transformer.h.0.attn.c_attn.weight": "ns", "transformer.h.0.attn.c_attn.bias": "l2",
+        "transformer.wte.weight": "l2_col",
+    },
+    "mixtral": {"model.layers.0.mlp.experts.gate_up_proj": "l2_col", "model.layers.0.mlp.experts.down_proj": "l2"},
+    "gpt_oss": {  # experts stored (E, in, out)
+        "model.layers.0.mlp.experts.gate_up_proj": "l2_col", "model.layers.0.mlp.experts.down_proj": "l2",
+        "model.layers.0.self_attn.q_proj.weight": "l2_col",
+    },
+    "resnet18": {"layer1.0.conv1.weight": "l2_col", "fc.weight": "l2_col"},
+}  # fmt: skip
+
+
+@ALL_BACKENDS
+@pytest.mark.parametrize("name", list(OTHER_NORMS))
+def test_one_step_with_other_norms_is_the_math(name, backend):
+    assert_step_is_the_math(name, backend, OTHER_NORMS[name])
 
 
 # --------------------------------------------------------------------------- facts the issue names
