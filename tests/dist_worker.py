@@ -295,8 +295,9 @@ def fsdp2_settings(ctx):
 # Hugging Face models labelled without hints (SPEC §3), under FSDP2 (built from configs, float64):
 #   GPT-2 (n_embd 10, 2 heads of 5): every Conv1D weight is stored (in, out), so Shard(0) splits its
 #       INPUT axis: c_attn (10, 30) 5/5 or 3/3/3/1 rows, and every shard holds a piece of every head
-#       (heads are column blocks); mlp.c_fc (10, 24), mlp.c_proj (24, 10); c_attn.bias (30,) cuts
-#       head blocks of 5 (15/15, 8/8/8/6); wte tied to lm_head
+#       (heads are column blocks); mlp.c_fc (10, 64); mlp.c_proj stored (64, 10) is more than
+#       ns_steps times taller than wide, so its NS runs row-sharded ("gram" mode) on the transposed
+#       operator; c_attn.bias (30,) cuts head blocks of 5 (15/15, 8/8/8/6); wte tied to lm_head
 #   Mixtral (4 heads of 4, 2 kv heads, intermediate 12): experts gate_up_proj (E, 24, 16) and
 #       down_proj (E, 16, 12) are Shard(0) on the expert dim, so every rank holds whole experts and
 #       orthogonalizes them locally; E = 4 divides 2 and 4 ranks, E = 3 does not (2/1, and 1/1/1/0:
@@ -312,7 +313,7 @@ def hf_gpt2(dtype=torch.float64):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=10, n_layer=2, n_head=2, n_inner=24, **HF_TOKENS)
+    config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=10, n_layer=2, n_head=2, n_inner=64, **HF_TOKENS)
     return _perturbed(transformers.GPT2LMHeadModel(config).to(dtype))
 
 
@@ -410,6 +411,8 @@ def fsdp2_conv1d(ctx):
     also with l2_col on a Conv1D (its operator rows are storage columns, spread over every shard)."""
     probe = shard_layers(hf_gpt2(), ctx["mesh"])
     assert group_of(hf_mango()(probe), "transformer.h.0.attn.c_attn.weight").get("orientation") == "in_out"
+    c_proj = dict(probe.named_parameters())["transformer.h.0.mlp.c_proj.weight"]
+    assert mango.distributed.use_gram_ns(tuple(c_proj.shape), "ns", "frobenius", 5, ctx["world"])
     out = {"gpt2": run_synthetic(ctx, hf_mango(), tag="gpt2", build=hf_gpt2, shard_fn=shard_layers)}
     out["gpt2_vs_reference"] = run_synthetic(
         ctx, hf_mango(), tag="gpt2 vs reference", build=hf_gpt2, shard_fn=shard_layers, ref_make_opt=hf_mango("reference")

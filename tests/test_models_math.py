@@ -30,6 +30,7 @@ offset momentum β_off = 0.99, lr = 0.01, ε = 1e-8, no weight decay), straight 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -45,7 +46,7 @@ from test_roles_hf import BUILDERS, EXPECTED, TOKENS  # tiny configs and the han
 # GPT-2 and BERT tie their output layer to the embedding (a labelling warning, tested elsewhere)
 pytestmark = pytest.mark.filterwarnings("ignore:mango.param_groups. parameter .* is tied into modules")
 
-MODELS = ("gpt2", "neox", "llama_gqa", "qwen3", "bert", "mixtral", "qwen3_moe", "gpt_oss", "resnet18", "vit")
+MODELS = ("gpt2", "neox", "llama_gqa", "qwen3", "bert", "mixtral", "qwen3_moe", "gpt_oss", "small_resnet", "vit")
 
 # mango.presets.mango's settings, and the defaults it keeps (SPEC §2, §4)
 LR, BETA1, BETA2, EPS, BETA_OFF = 0.01, 0.95, 0.95, 1e-8, 0.99
@@ -91,8 +92,9 @@ def quintic(s: torch.Tensor) -> torch.Tensor:
 
 
 def band(lowest: float) -> tuple[float, float]:
-    """The range the quintic maps [lowest, 1] into (singular values of an orthogonalized block)."""
-    s = quintic(torch.linspace(lowest, 1.0, 200001, dtype=torch.float64))
+    """The range the quintic maps [lowest, 1] into (singular values of an orthogonalized block), on a
+    grid: within ~1e-3 of the exact range."""
+    s = quintic(torch.linspace(lowest, 1.0, 20001, dtype=torch.float64))
     return float(s.min()), float(s.max())
 
 
@@ -147,6 +149,38 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------- models and one step
 
+
+def small_resnet(widths=(8, 16)) -> nn.Module:
+    """torchvision's resnet18 cut down to its own BasicBlocks at two small widths (the whole one is 11M
+    parameters: a minute of float64 NS per step here): conv1 (a 7×7 kernel on 3 channels), layer1.0,
+    layer2.0 with its 1×1 stride-2 downsample, fc. Parameter names and labels are resnet18's."""
+    tv = torchvision().models.resnet
+    a, b = widths
+    net = tv.resnet18(num_classes=10)
+    net.conv1, net.bn1 = nn.Conv2d(3, a, 7, 2, 3, bias=False), nn.BatchNorm2d(a)
+    net.layer1 = nn.Sequential(tv.BasicBlock(a, a))
+    down = nn.Sequential(tv.conv1x1(a, b, 2), nn.BatchNorm2d(b))
+    net.layer2 = nn.Sequential(tv.BasicBlock(a, b, stride=2, downsample=down))
+    net.layer3 = net.layer4 = nn.Identity()
+    net.fc = nn.Linear(b, 10)
+    return net
+
+
+def build(name: str) -> nn.Module:
+    """The tiny model of tests/test_roles_hf.py (or the small ResNet)."""
+    return small_resnet() if name == "small_resnet" else BUILDERS[name]()
+
+
+@functools.cache
+def labels_of(name: str) -> dict:
+    """The hand-written labels of tests/test_roles_hf.py: {parameter: (role, head_dim, orientation, experts)}."""
+    if name == "small_resnet":
+        names = [n for n, _ in small_resnet().named_parameters()]
+        return {n: EXPECTED["resnet18"][0][n] for n in names}
+    return EXPECTED[name][0]
+
+
+
 _nets: dict = {}
 _steps: dict = {}
 _expected: dict = {}
@@ -156,7 +190,7 @@ def net64(name: str) -> nn.Module:
     """The tiny model in float64, built once per test process."""
     if name not in _nets:
         torch.manual_seed(0)
-        _nets[name] = BUILDERS[name]().double()
+        _nets[name] = build(name).double()
     return _nets[name]
 
 
@@ -197,7 +231,7 @@ def expected_step(name: str, norms=None) -> dict:
     where overridden (cached: the same for every backend)."""
     key = (name, repr(norms))
     if key not in _expected:
-        labels, _ = EXPECTED[name]
+        labels = labels_of(name)
         grads = seeded_grads(net64(name))
         assert set(grads) == set(labels), f"{name}: parameters and hand-written labels disagree"
         _expected[key] = {n: expected_update(g, labels[n], (norms or {}).get(n)) for n, g in grads.items()}
@@ -236,7 +270,7 @@ OTHER_NORMS = {
         "model.layers.0.mlp.experts.gate_up_proj": "l2_col", "model.layers.0.mlp.experts.down_proj": "l2",
         "model.layers.0.self_attn.q_proj.weight": "l2_col",
     },
-    "resnet18": {"layer1.0.conv1.weight": "l2_col", "fc.weight": "l2_col"},
+    "small_resnet": {"layer1.0.conv1.weight": "l2_col", "fc.weight": "l2_col"},
 }  # fmt: skip
 
 
@@ -252,7 +286,7 @@ def test_one_step_with_other_norms_is_the_math(name, backend):
 def operator_update(name, backend, param, label_override=None):
     """(update in units of lr·(2−β_off), direction d), both as (E, out, in) operators of `param`."""
     _, g, update = one_step(name, backend)[param]
-    _, _, orientation, experts = label_override or EXPECTED[name][0][param]
+    _, _, orientation, experts = label_override or labels_of(name)[param]
     return operators(update / -APPLIED, orientation, experts), operators(first_direction(g), orientation, experts)
 
 
@@ -262,7 +296,7 @@ def assert_orthogonalized(block: torch.Tensor, direction: torch.Tensor, k: float
     s_out = torch.linalg.svdvals(block) / k
     torch.testing.assert_close(s_out, quintic(s_in).sort(descending=True).values, rtol=1e-9, atol=1e-12, msg=what)
     lo, hi = band(float(s_in.min()))
-    assert lo - 1e-9 <= float(s_out.min()) and float(s_out.max()) <= hi + 1e-9, f"{what}: σ outside [{lo:.3f}, {hi:.3f}]"
+    assert lo - 1e-3 <= float(s_out.min()) and float(s_out.max()) <= hi + 1e-3, f"{what}: σ outside [{lo:.3f}, {hi:.3f}]"
     assert lo > 0.6 and hi < 1.25, f"{what}: σ/‖d‖ down to {float(s_in.min()):.3g}: not a well-conditioned block"
 
 
@@ -398,38 +432,22 @@ def test_vit_learned_tokens_are_embeddings_and_not_orthogonalized(backend):
 @pytest.mark.parametrize(
     "param, operator, k",
     [
-        ("conv1.weight", (64, 3 * 7 * 7), 1.0),
-        ("layer1.0.conv1.weight", (64, 64 * 3 * 3), 1.0),
-        ("layer2.0.downsample.0.weight", (128, 64), math.sqrt(2.0)),  # a tall 1×1 conv
-        ("fc.weight", (10, 512), 1.0),
+        ("conv1.weight", (8, 3 * 7 * 7), 1.0),
+        ("layer1.0.conv1.weight", (8, 8 * 3 * 3), 1.0),
+        ("layer2.0.downsample.0.weight", (16, 8), math.sqrt(2.0)),  # a tall 1×1 conv
+        ("fc.weight", (10, 16), 1.0),
     ],
     ids=["conv1", "layer1.0.conv1", "downsample", "fc"],
 )
 def test_resnet_conv_kernels_are_out_by_in_kk(backend, param, operator, k):
     """A conv kernel (out, in, kh, kw) is orthogonalized as the (out, in·kh·kw) matrix it applies."""
-    ops, d = operator_update("resnet18", backend, param)
+    ops, d = operator_update("small_resnet", backend, param)
     assert tuple(ops.shape[1:]) == operator
     assert fitted_factor(ops[0], newton_schulz(d[0])) == pytest.approx(k, rel=1e-12)
     assert_orthogonalized(ops[0], d[0], k=k, what=param)
 
 
 # --------------------------------------------------------------------------- 10-step trajectories
-
-
-def small_resnet(widths=(8, 16)) -> nn.Module:
-    """torchvision's ResNet with its own BasicBlocks at two small widths (resnet18 is 11M parameters,
-    too many for the Triton interpreter): conv1, layer1.0, layer2.0 with its 1×1 downsample, fc.
-    Parameter names and labels are resnet18's."""
-    tv = torchvision().models.resnet
-    a, b = widths
-    net = tv.resnet18(num_classes=10)
-    net.conv1, net.bn1 = nn.Conv2d(3, a, 7, 2, 3, bias=False), nn.BatchNorm2d(a)
-    net.layer1 = nn.Sequential(tv.BasicBlock(a, a))
-    down = nn.Sequential(tv.conv1x1(a, b, 2), nn.BatchNorm2d(b))
-    net.layer2 = nn.Sequential(tv.BasicBlock(a, b, stride=2, downsample=down))
-    net.layer3 = net.layer4 = nn.Identity()
-    net.fc = nn.Linear(b, 10)
-    return net
 
 
 # The trajectory models: the architectures above at about a quarter of their size (the Triton
@@ -449,6 +467,9 @@ TRAJECTORY_BUILDERS = {
     "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(
         transformers.Qwen3MoeConfig(**MICRO_MOE, head_dim=8, num_experts=3, moe_intermediate_size=12)
     ),
+    "gpt_oss": lambda: transformers.GptOssForCausalLM(
+        transformers.GptOssConfig(**{**MICRO_MOE, "intermediate_size": 12}, head_dim=8, num_local_experts=3)
+    ),
     "small_resnet": lambda: small_resnet((4, 8)),
     "vit": lambda: torchvision().models.VisionTransformer(
         image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=10
@@ -462,7 +483,7 @@ def trajectory_net(name: str) -> tuple[nn.Module, dict]:
     """(float32 model, role of each parameter from the hand-written labels; the small ResNet's are resnet18's)."""
     torch.manual_seed(0)
     net = TRAJECTORY_BUILDERS[name]()
-    labels = EXPECTED["resnet18" if name == "small_resnet" else name][0]
+    labels = labels_of(name)
     roles = {n: labels[n][0] for n, _ in net.named_parameters()}
     with torch.no_grad():  # nonzero biases and norm gains, so every parameter starts from real data
         for p in net.parameters():
