@@ -481,9 +481,9 @@ NS_NORMS = ("ns", "ns_split")
 
 def trajectory_net(name: str) -> tuple[nn.Module, dict]:
     """(float32 model, role of each parameter from the hand-written labels; the small ResNet's are resnet18's)."""
+    labels = labels_of(name)  # before seeding: its first call builds a model (and draws from the RNG)
     torch.manual_seed(0)
     net = TRAJECTORY_BUILDERS[name]()
-    labels = labels_of(name)
     roles = {n: labels[n][0] for n, _ in net.named_parameters()}
     with torch.no_grad():  # nonzero biases and norm gains, so every parameter starts from real data
         for p in net.parameters():
@@ -507,11 +507,12 @@ def train(net: nn.Module, backend: str, steps: int = 10, **kw) -> dict:
 _reference_runs: dict = {}
 
 
-def reference_run(name: str) -> dict:
-    """The float64 reference trajectory from the same float32 initial values (cached per model)."""
+def reference_run(name: str) -> tuple[dict, dict]:
+    """(initial values, parameters after the float64 reference trajectory), cached per model."""
     if name not in _reference_runs:
         net, _ = trajectory_net(name)
-        _reference_runs[name] = train(net.double(), "reference")
+        start = {n: p.detach().double().clone() for n, p in net.named_parameters()}
+        _reference_runs[name] = start, train(net.double(), "reference")
     return _reference_runs[name]
 
 
@@ -522,8 +523,9 @@ def assert_trajectory_within_spec(name: str, backend: str) -> None:
     ‖W‖ ≫ ‖W_10 − W_0‖ (a bias of ±0.3 moved by 0.03) is already ~1e-6 of the displacement."""
     net, roles = trajectory_net(name)
     start = {n: p.detach().double().clone() for n, p in net.named_parameters()}
+    reference_start, want = reference_run(name)
+    assert all(torch.equal(start[n], reference_start[n]) for n in start), "the reference started elsewhere"
     got = train(net, backend, ns_dtype=torch.float32)
-    want = reference_run(name)
     bad = {}
     for n, w in want.items():
         ns = ROLE_NORM[roles[n]] in NS_NORMS
