@@ -102,7 +102,8 @@ def build_plan(key, groups, slots_by_group) -> Plan:
         for (device, dtype), eslots in by_dev_dtype.items():
             nbs: dict = {}
             for i, slot in enumerate(eslots):
-                matrix = slot.norm in ("ns", "ns_split", "l2_col", "l2_split")
+                # norms whose blocks depend on the layout (l2 too with experts: one unit vector per expert)
+                matrix = slot.norm in ("ns", "ns_split", "l2_col", "l2_split") or (slot.norm == "l2" and group["experts"])
                 shape = tuple(slot.param.shape) if matrix else None
                 if shape is not None and slot.param.numel() == 0:
                     continue  # nothing to normalize or update; its step count still advances

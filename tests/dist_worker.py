@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -227,11 +228,13 @@ def fsdp2_presets(ctx):
     return out
 
 
-def run_synthetic(ctx, make_opt, dtype=torch.float64, steps=10, tol=1e-10, tag=""):
-    """`steps` steps on seeded whole gradients, sharded (FSDP2 params) and single-process; compare."""
-    ref_model = make_model(dtype=dtype)
-    model = shard(make_model(dtype=dtype), ctx["mesh"])
-    ref_opt, opt = make_opt(ref_model), make_opt(model)
+def run_synthetic(ctx, make_opt, dtype=torch.float64, steps=10, tol=1e-10, tag="", build=make_model, shard_fn=shard, ref_make_opt=None):
+    """`steps` steps on seeded whole gradients, sharded (FSDP2 params) and single-process; compare.
+    `build(dtype=...)` makes the model, `shard_fn(model, mesh)` shards it; the single process uses
+    `ref_make_opt` (default: `make_opt`)."""
+    ref_model = build(dtype=dtype)
+    model = shard_fn(build(dtype=dtype), ctx["mesh"])
+    ref_opt, opt = (ref_make_opt or make_opt)(ref_model), make_opt(model)
     named, ref_named = list(model.named_parameters()), dict(ref_model.named_parameters())
     for step in range(steps):
         g = synthetic_grads(named, step)
@@ -286,6 +289,138 @@ def fsdp2_settings(ctx):
         return mango.Mango(groups, lr=0.02, weight_decay=0.01, backend="torch")
 
     return run_synthetic(ctx, make_opt, tag="settings")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face models labelled without hints (SPEC §3), under FSDP2 (built from configs, float64):
+#   GPT-2 (n_embd 10, 2 heads of 5): every Conv1D weight is stored (in, out), so Shard(0) splits its
+#       INPUT axis: c_attn (10, 30) 5/5 or 3/3/3/1 rows, and every shard holds a piece of every head
+#       (heads are column blocks); mlp.c_fc (10, 64); mlp.c_proj stored (64, 10) is more than
+#       ns_steps times taller than wide, so its NS runs row-sharded ("gram" mode) on the transposed
+#       operator; c_attn.bias (30,) cuts head blocks of 5 (15/15, 8/8/8/6); wte tied to lm_head
+#   Mixtral (4 heads of 4, 2 kv heads, intermediate 12): experts gate_up_proj (E, 24, 16) and
+#       down_proj (E, 16, 12) are Shard(0) on the expert dim, so every rank holds whole experts and
+#       orthogonalizes them locally; E = 4 divides 2 and 4 ranks, E = 3 does not (2/1, and 1/1/1/0:
+#       an empty shard, also of the router gate (3, 16)); k_proj (8, 16) at 4 ranks: half a head per shard
+#   GPT-OSS (3 experts): experts stored (E, in, out), per-expert biases (E, out) with one l2 per expert
+# --------------------------------------------------------------------------------------------
+HF_TOKENS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
+# GPT-2 ties lm_head to wte: param_groups says so in a warning (tested in test_roles_hf.py)
+warnings.filterwarnings("ignore", message=r"mango\.param_groups: parameter .* is tied into modules")
+
+
+def hf_gpt2(dtype=torch.float64):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=10, n_layer=2, n_head=2, n_inner=64, **HF_TOKENS)
+    return _perturbed(transformers.GPT2LMHeadModel(config).to(dtype))
+
+
+def hf_mixtral(n_experts):
+    def build(dtype=torch.float64):
+        import transformers
+
+        torch.manual_seed(0)
+        config = transformers.MixtralConfig(
+            vocab_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=12, num_local_experts=n_experts, num_experts_per_tok=2, **HF_TOKENS,
+        )  # fmt: skip
+        return _perturbed(transformers.MixtralForCausalLM(config).to(dtype))
+
+    return build
+
+
+def hf_gpt_oss(dtype=torch.float64):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(
+        vocab_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+        intermediate_size=12, num_local_experts=3, num_experts_per_tok=2, **HF_TOKENS,
+    )  # fmt: skip
+    return _perturbed(transformers.GptOssForCausalLM(config).to(dtype))
+
+
+def _perturbed(model):
+    with torch.no_grad():  # nonzero biases and gains, so every norm sees real data
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def shard_layers(model, mesh):
+    """fully_shard every decoder layer, then the model (as HF's FSDP2 recipes do)."""
+    layers = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def group_of(opt, name):
+    for g in opt.param_groups:
+        if name in g["param_names"]:
+            return g
+    raise AssertionError(f"{name} is in no param group")
+
+
+HF_CHECKS = ("fsdp2_moe", "fsdp2_conv1d")
+
+
+def hf_mango(backend="torch", **kw):
+    return lambda model: mango.presets.mango(model, weight_decay=0.01, backend=backend, **kw)
+
+
+@check
+def fsdp2_moe(ctx):
+    """Mixtral under FSDP2, mango preset with no hints, 10 float64 steps: equal to one process (torch
+    backend, and the float64 reference) within 1e-10, for E = 4 and E = 3 experts. The experts are
+    labelled per expert, and each rank holds whole experts (an empty shard of them for E = 3 at 4 ranks).
+    Then GPT-OSS with 3 transposed experts and their biases, likewise."""
+    world, rank = ctx["world"], ctx["rank"]
+    out = {}
+    for n_experts in (4, 3):
+        build = hf_mixtral(n_experts)
+        probe = shard_layers(build(), ctx["mesh"])
+        experts = dict(probe.named_parameters())["model.layers.0.mlp.experts.gate_up_proj"]
+        assert group_of(hf_mango()(probe), "model.layers.0.mlp.experts.gate_up_proj").get("experts") is True
+        local = experts.to_local().shape
+        chunk = -(-n_experts // world)  # torch.chunk: FSDP2's split of dim 0
+        expected_local = max(0, min(chunk, n_experts - rank * chunk))
+        assert tuple(local) == (expected_local, 24, 16), f"rank {rank} holds {tuple(local)} of gate_up_proj"
+        tag = f"mixtral E={n_experts}"
+        out[f"E{n_experts}"] = run_synthetic(ctx, hf_mango(), tag=tag, build=build, shard_fn=shard_layers)
+        out[f"E{n_experts}_vs_reference"] = run_synthetic(
+            ctx, hf_mango(), tag=tag + " vs reference", build=build, shard_fn=shard_layers, ref_make_opt=hf_mango("reference")
+        )
+    # GPT-OSS stores its 3 experts (E, in, out) with per-expert biases (E, out): one l2 per expert
+    probe = shard_layers(hf_gpt_oss(), ctx["mesh"])
+    assert group_of(hf_mango()(probe), "model.layers.0.mlp.experts.down_proj_bias").get("experts") is True
+    out["gpt_oss_E3"] = run_synthetic(ctx, hf_mango(), tag="gpt-oss", build=hf_gpt_oss, shard_fn=shard_layers)
+    out["gpt_oss_E3_vs_reference"] = run_synthetic(
+        ctx, hf_mango(), tag="gpt-oss vs reference", build=hf_gpt_oss, shard_fn=shard_layers, ref_make_opt=hf_mango("reference")
+    )
+    return out
+
+
+@check
+def fsdp2_conv1d(ctx):
+    """HF GPT-2 under FSDP2 (Conv1D weights sharded on their input axis), mango preset with no hints,
+    10 float64 steps: equal to one process (torch backend, and the float64 reference) within 1e-10;
+    also with l2_col on a Conv1D (its operator rows are storage columns, spread over every shard)."""
+    probe = shard_layers(hf_gpt2(), ctx["mesh"])
+    assert group_of(hf_mango()(probe), "transformer.h.0.attn.c_attn.weight").get("orientation") == "in_out"
+    c_proj = dict(probe.named_parameters())["transformer.h.0.mlp.c_proj.weight"]
+    assert mango.distributed.use_gram_ns(tuple(c_proj.shape), "ns", "frobenius", 5, ctx["world"])
+    out = {"gpt2": run_synthetic(ctx, hf_mango(), tag="gpt2", build=hf_gpt2, shard_fn=shard_layers)}
+    out["gpt2_vs_reference"] = run_synthetic(
+        ctx, hf_mango(), tag="gpt2 vs reference", build=hf_gpt2, shard_fn=shard_layers, ref_make_opt=hf_mango("reference")
+    )
+    l2_col = hf_mango(overrides={"transformer.h.*.mlp.c_fc.weight": {"norm": "l2_col"}})
+    assert group_of(l2_col(hf_gpt2()), "transformer.h.1.mlp.c_fc.weight")["norm"] == "l2_col"
+    out["gpt2_l2_col"] = run_synthetic(ctx, l2_col, tag="gpt2 l2_col", build=hf_gpt2, shard_fn=shard_layers)
+    return out
 
 
 def batch(step, rank, n=2):
@@ -627,6 +762,8 @@ if __name__ == "__main__":
     if unknown:
         sys.exit(f"unknown checks {unknown}; known: {list(CHECKS)}")
     t0 = time.perf_counter()
+    if any(n in HF_CHECKS for n in names):
+        import transformers  # noqa: F401 - once here, not in every forked rank (~2 s each)
     res = run(world, names, out)
     bad = {r: {k: v for k, v in rr.items() if not v.get("ok")} for r, rr in res.items()}
     for r, b in bad.items():

@@ -14,6 +14,13 @@ backend, itself tested against the float64 reference elsewhere; float64 unless n
   23x2 matrix tall enough for row-sharded ("gram") Newton–Schulz.
 - fsdp2_settings: every norm (l2_col with an empty shard, whole-QKV ns, l2 on matrices, sign),
   trust ratio on NS buckets, adam, spectral NS prescale, maximize; 18 param groups.
+- fsdp2_moe: HF Mixtral from a config, labelled with no hints, 10 steps: experts Shard(0) on the expert
+  dim stay whole on their rank and are orthogonalized there; E = 4 (divides 2 and 4 ranks) and E = 3
+  (does not; an empty shard at 4 ranks); and GPT-OSS (3 experts stored (E, in, out), per-expert biases
+  with one l2 each): equal to one process and to the reference within 1e-10.
+- fsdp2_conv1d: HF GPT-2 from a config: Shard(0) splits every Conv1D weight on its input axis (heads
+  are column blocks, so every shard holds part of every head), also with l2_col on a Conv1D: equal to
+  one process and to the reference within 1e-10.
 - fsdp2_float32: mango with float32 params and NS within 1e-5 (SPEC §7's fp32 NS trajectory bound
   is 1e-4); with bf16 NS operands, and with bfloat16 params, within the bf16 NS bound 2e-2.
 - fsdp2_training / hsdp: real fully_shard forward/backward (FSDP2's reduce-scatter; HSDP on a
@@ -47,9 +54,10 @@ fcntl = pytest.importorskip("fcntl")  # POSIX: the cross-worker lock (and fork) 
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 CHECKS = {
-    2: ["fsdp2_presets", "fsdp2_settings", "fsdp2_training", "ddp", "checkpoint", "collectives", "errors"],
-    4: ["fsdp2_presets", "fsdp2_settings", "fsdp2_float32", "fsdp2_training", "hsdp", "ddp", "checkpoint",
-        "load_single_process_state", "collectives", "nonfinite_skip", "errors"],
+    2: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_training", "ddp", "checkpoint",
+        "collectives", "errors"],
+    4: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_float32", "fsdp2_training", "hsdp",
+        "ddp", "checkpoint", "load_single_process_state", "collectives", "nonfinite_skip", "errors"],
 }  # fmt: skip
 _cache: dict = {}
 
@@ -120,6 +128,20 @@ def test_fsdp2_presets_equal_single_process(world, check):
 @pytest.mark.parametrize("world", _params("fsdp2_settings"))
 def test_fsdp2_every_norm_and_setting_equals_single_process(world, check):
     assert check(world, "fsdp2_settings") <= 1e-10
+
+
+@pytest.mark.parametrize("world", _params("fsdp2_moe"))
+def test_fsdp2_mixtral_experts_equal_single_process(world, check):
+    worst = check(world, "fsdp2_moe")
+    assert set(worst) == {"E4", "E4_vs_reference", "E3", "E3_vs_reference", "gpt_oss_E3", "gpt_oss_E3_vs_reference"}
+    assert max(worst.values()) <= 1e-10
+
+
+@pytest.mark.parametrize("world", _params("fsdp2_conv1d"))
+def test_fsdp2_gpt2_conv1d_equals_single_process(world, check):
+    worst = check(world, "fsdp2_conv1d")
+    assert set(worst) == {"gpt2", "gpt2_vs_reference", "gpt2_l2_col"}
+    assert max(worst.values()) <= 1e-10
 
 
 @pytest.mark.parametrize("world", _params("fsdp2_float32"))
