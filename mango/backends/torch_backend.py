@@ -161,6 +161,7 @@ class _Piece:
     r1: int
     x0: int
     x1: int
+    whole: bool = False  # the piece is the whole tensor
     seg: torch.Tensor = None  # reduce units: the segments (rows of `sums`) of this piece, in order
 
 
@@ -198,7 +199,8 @@ class _FlatLayout:
             offsets.append(offsets[-1] + n)
         self.offsets = offsets
         self.params = [slots[i].param for i in self.order]
-        self.param_rows = [_rows(p) for p in self.params]
+        self.view_cache = {}  # (buffer address, dtype, chunk) -> piece views, see TorchBackend._piece_views
+        self.raw_ptr = None  # the workspace those views are of
         dev, dt = bucket.device, bucket.dtype
         self.device, self.dtype = dev, dt
         pos = {slot_index: k for k, slot_index in enumerate(self.order)}
@@ -268,7 +270,7 @@ class _FlatLayout:
                     chunk, used = [], 0
                     continue
                 r1 = min(rows, r + max(step, fit))
-                chunk.append(_Piece(k, r, r1, x + r * row_len, x + r1 * row_len))
+                chunk.append(_Piece(k, r, r1, x + r * row_len, x + r1 * row_len, whole=(r == 0 and r1 == rows)))
                 used += (r1 - r) * row_len
                 r = r1
                 if used >= limit:
@@ -375,6 +377,9 @@ class TorchBackend:
     def _bucket_step(self, group, bucket, L: _FlatLayout, grads) -> None:
         L.steps.add_(1.0)
         raw = self._scratch(L.device, self.workspace_bytes(group, bucket, L))
+        if L.raw_ptr != raw.data_ptr():  # a new workspace: views of the old one would keep it alive
+            L.view_cache.clear()
+            L.raw_ptr = raw.data_ptr()
         for unit in L.units:
             if unit.kind == "ns":
                 self._ns_unit(group, bucket, L, unit, grads, raw)
@@ -450,7 +455,12 @@ class TorchBackend:
         chunks = L.chunks(unit, max(1, min(n, room // word)))
         biggest = max((sum(pc.x1 - pc.x0 for pc in ch) for ch in chunks), default=0)
         # one aligned group of rows larger than the free room (a tiny 1×n unit): a buffer of its own
-        T = self._typed(raw, start, biggest, L.dtype) if biggest * word <= room else torch.empty(biggest, dtype=L.dtype, device=L.device)
+        if biggest * word <= room:
+            T = self._typed(raw, start, biggest, L.dtype)
+        else:
+            T = unit.cache.get("own_buffer")
+            if T is None or T.numel() < biggest:
+                T = unit.cache["own_buffer"] = torch.empty(biggest, dtype=L.dtype, device=L.device)
         for chunk in chunks:
             t = T[: sum(pc.x1 - pc.x0 for pc in chunk)]
             self.copy_ns_result(L, unit, chunk, t, result)
@@ -458,9 +468,22 @@ class TorchBackend:
 
     # -- stages ------------------------------------------------------------------------------------
     def _piece_views(self, L, chunk, buf):
-        """Views of a chunk buffer shaped like the pieces (rows of tensors) of the chunk."""
-        base = chunk[0].x0
-        return [buf[pc.x0 - base : pc.x1 - base].view(_piece_shape(L.params[pc.k], pc)) for pc in chunk]
+        """Views of a chunk buffer shaped like the pieces (rows of tensors) of the chunk. Cached: the
+        buffers sit at fixed places of the workspace, and building ~3 views per tensor every step
+        was a third of a step's time on models with many small tensors."""
+        key = (buf.data_ptr(), buf.dtype, id(chunk))
+        views = L.view_cache.get(key)
+        if views is None:
+            base = chunk[0].x0
+            views = [buf[pc.x0 - base : pc.x1 - base].view(_piece_shape(L.params[pc.k], pc)) for pc in chunk]
+            L.view_cache[key] = views
+        return views
+
+    @staticmethod
+    def _rows_of(tensors, chunk):
+        """The chunk's pieces of per-parameter tensors (grads, params): the tensors themselves where a
+        piece is a whole tensor (params stay live through `.data =`), else a slice of rows."""
+        return [_rows(tensors[pc.k]) if pc.whole else _rows(tensors[pc.k])[pc.r0 : pc.r1] for pc in chunk]
 
     def _pre_pass(self, group, L, unit, grads):
         """What a sweep needs before it starts: NovoGrad's per-tensor ‖g‖² → v (updated here, once)."""
@@ -483,7 +506,7 @@ class TorchBackend:
         x0, x1 = chunk[0].x0, chunk[-1].x1
         G, D = G[:n], D[:n]
         g_views = self._piece_views(L, chunk, G)
-        torch._foreach_copy_(g_views, [_rows(grads[pc.k])[pc.r0 : pc.r1] for pc in chunk])
+        torch._foreach_copy_(g_views, self._rows_of(grads, chunk))
         if group["maximize"]:
             G.neg_()
         b1, b2, eps, p = group["beta1"], group["beta2"], group["eps"], group["preconditioner"]
@@ -516,7 +539,7 @@ class TorchBackend:
         elif p == "novograd":
             torch._foreach_div_(g_views, [pre[pc.k - unit.k0] for pc in chunk])
             if group["weight_decay"]:
-                torch._foreach_add_(g_views, [L.param_rows[pc.k][pc.r0 : pc.r1] for pc in chunk], alpha=group["weight_decay"])
+                torch._foreach_add_(g_views, self._rows_of(L.params, chunk), alpha=group["weight_decay"])
             U = G
         else:
             raise ValueError(f"mango: invalid preconditioner={p!r}")
@@ -631,7 +654,7 @@ class TorchBackend:
             O = L.state["offset"][x0:x1]
             O.lerp_(s, 1 - group["beta_offset"])  # O ← β_off·O + (1−β_off)·s
             s.add_(O)
-        params = [L.param_rows[pc.k][pc.r0 : pc.r1] for pc in chunk]
+        params = self._rows_of(L.params, chunk)
         decay = 0.0 if group["preconditioner"] == "novograd" else group["lr"] * group["weight_decay"]
         views = self._piece_views(L, chunk, s)
         if decay:
@@ -663,8 +686,12 @@ class TorchBackend:
         """Copy the chunk's part of `orthogonalize`'s result (norm-block form) into the chunk buffer t
         (storage layout, state dtype)."""
         nb = unit.nb
-        dst = [norm_blocks(v, v.shape, nb.norm, nb.head_dim, **nb.layout) for v in self._piece_views(L, chunk, t)]
-        torch._foreach_copy_(dst, [_result_piece(result[pc.k - unit.k0], nb, pc) for pc in chunk])
+        key = ("ns", result.data_ptr(), t.data_ptr(), id(chunk))
+        pairs = L.view_cache.get(key)
+        if pairs is None:
+            dst = [norm_blocks(v, v.shape, nb.norm, nb.head_dim, **nb.layout) for v in self._piece_views(L, chunk, t)]
+            pairs = L.view_cache[key] = (dst, [_result_piece(result[pc.k - unit.k0], nb, pc) for pc in chunk])
+        torch._foreach_copy_(*pairs)
 
     def orthogonalize(self, group, bucket, unit, X: torch.Tensor, scale: float = 1.0, buffers=None) -> torch.Tensor:
         """ns / ns_split: scale × batched NS of the unit's blocks. X is the unit's (K, *shape) stack in
