@@ -41,6 +41,7 @@ from ..reference import cpu_has_fast_bf16, ns_method_for, spectral_norm
 __all__ = ["TorchBackend", "batched_newton_schulz", "ns_work_dtype", "cpu_has_fast_bf16", "CHUNK_ELEMENTS"]
 
 CHUNK_ELEMENTS = 1 << 22  # elements per elementwise sweep (a 16 MB fp32 chunk buffer)
+MIN_CHUNK = 1 << 16  # chunks are not cut smaller than this to fit a budget (op overhead)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "offset")
 _REDUCE_NORMS = ("l2", "l2_col", "l2_split")
@@ -187,7 +188,7 @@ class _Unit:
 class _FlatLayout:
     """Flat state of one elementwise bucket, per-tensor views into it, and its units and chunks."""
 
-    def __init__(self, bucket, chunk_elements: int):
+    def __init__(self, bucket, chunk_limit):
         slots = bucket.slots
         in_buckets = [i for nb in bucket.norm_buckets for i in nb.slots]
         rest = sorted(set(range(len(slots))) - set(in_buckets))  # empty matrices: step count only
@@ -209,7 +210,7 @@ class _FlatLayout:
             ks = [pos[i] for i in nb.slots]
             kind = "ns" if nb.norm in ("ns", "ns_split") else "reduce" if nb.norm in _REDUCE_NORMS else "elementwise"
             unit = _Unit(nb, kind, ks[0], ks[-1] + 1, offsets[ks[0]], offsets[ks[-1] + 1])
-            unit.chunks = self.chunks(unit, chunk_elements)
+            unit.chunks = self.chunks(unit, chunk_limit(unit))
             self.units.append(unit)
         self.state = {}
         states = [slots[i].state for i in self.order]
@@ -339,11 +340,41 @@ class TorchBackend:
 
     def step(self, opt, plan, grads_by_bucket) -> None:
         for bucket, grads in zip(plan.buckets, grads_by_bucket):
+            group = opt.param_groups[bucket.group_index]
             layout = bucket.cache.get("flat")
             if layout is None:
-                layout = bucket.cache["flat"] = _FlatLayout(bucket, self.chunk_elements)
-            group = opt.param_groups[bucket.group_index]
+                budget = plan.cache.get("torch_budget")
+                if budget is None:
+                    budget = plan.cache["torch_budget"] = self.memory_budget(opt, plan)
+                limit = lambda unit, g=group, b=bucket: self._chunk_limit(g, b, unit, budget)  # noqa: E731
+                layout = bucket.cache["flat"] = _FlatLayout(bucket, limit)
             self._bucket_step(group, bucket, layout, [grads[i] for i in layout.order])
+
+    def memory_budget(self, opt, plan) -> int:
+        """SPEC §8's budget of scratch bytes: 2× the largest NS bucket of the plan in its NS dtype."""
+        largest = 0
+        for bucket in plan.buckets:
+            group = opt.param_groups[bucket.group_index]
+            for nb in bucket.norm_buckets:
+                if nb.norm in ("ns", "ns_split"):
+                    r, c = nb.block_shape
+                    dt = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype, ns_method_for(group, r, c, bucket.dtype, bucket.device))
+                    numel = sum(bucket.slots[i].param.numel() for i in nb.slots)
+                    largest = max(largest, numel * (torch.finfo(dt).bits // 8))
+        return 2 * largest
+
+    def _chunk_limit(self, group, bucket, unit, budget: int) -> int:
+        """Elements per chunk of a unit: two fp32 chunk buffers must fit where they live — in an NS
+        unit's second buffer (its size in the NS dtype), elsewhere in the plan's budget; where the plan
+        has no NS bucket, the default chunk."""
+        word = torch.finfo(bucket.dtype).bits // 8
+        if unit.kind == "ns":
+            room = unit.numel * (torch.finfo(self._ns_dtype(group, bucket, unit)).bits // 8)
+        else:
+            room = budget
+        if not room:
+            return self.chunk_elements
+        return min(self.chunk_elements, max(MIN_CHUNK, room // (2 * word)))
 
     # -- workspace -------------------------------------------------------------------------------
     def workspace_bytes(self, group, bucket, L: _FlatLayout) -> int:
