@@ -15,7 +15,8 @@ torch backend runs) for k = 1, 2, ... steps and records the singular values of t
     shapes           a GPT-2 MLP weight 768x3072 and an attention head block 64x768; on CPU at reduced
                      size by default (192x768, 64x768), --full for the real sizes
     time             median wall time of the whole schedule on a batch of the MLP-shaped input in
-                     each form/dtype mango runs (bf16 and fp32 textbook, fp32 Gram)
+                     each form/dtype mango runs on a CPU (bf16 and fp32 textbook, fp32 Gram), all
+                     of them in interleaved rounds
 
 Writes schedules_<device>_<time>.{json,md,png} under --out (default bench/results/).
 "Best" (what bench.train compares with Muon's 5 steps): among schedules of at most 5 steps, the
@@ -31,8 +32,8 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
+import statistics
 import sys
 import time
 
@@ -41,8 +42,7 @@ import torch
 from mango import config
 from mango.backends.torch_backend import batched_newton_schulz
 
-from .kernels import time_call
-from .measure import configure_threads
+from .measure import configure_threads, time_interleaved
 
 __all__ = ["VARIANTS", "make_input", "sigma_range", "schedule_coefficients", "run", "best_schedule", "markdown", "main"]
 
@@ -126,17 +126,27 @@ def run(shapes, kinds=("gaussian", "gradient"), schedules=None, variants=VARIANT
                     per[f"{method}/{_name(dt)}"] = curve
                 inp["rows_by_schedule"][name] = per
             out["inputs"].append(inp)
-    # time per schedule (at its default length), on a batch shaped like the first (MLP) shape
+    # time per schedule (at its default length), on a batch shaped like the first (MLP) shape; every
+    # schedule x form/dtype is one stepper of interleaved rounds (load drift hits all alike)
     label, (r, c) = shapes[0]
     Xb = make_input("gaussian", r, c, seed=seed, batch=time_batch)
+    steppers, keys = [], []
     for name in schedules:
         co = config.normalize_ns_coefficients(name, None)  # the schedule's own length (5 for any-length ones)
-        row = {"schedule": name, "steps": len(co), "shape": f"{time_batch}x{r}x{c}"}
         for method, dt in TIMED:
             Xd = Xb.to(dt)
-            row[f"{method}/{_name(dt)}_s"] = time_call(
-                lambda: batched_newton_schulz(Xd, co, "frobenius", 1e-7, dtype=dt, method=method), "cpu", budget_s=time_budget_s)
-        out["timing"].append(row)
+            steppers.append((lambda Xd=Xd, co=co, method=method, dt=dt: batched_newton_schulz(Xd, co, "frobenius", 1e-7, dtype=dt, method=method),
+                             lambda: None))  # fmt: skip
+            keys.append((name, len(co), f"{method}/{_name(dt)}"))
+    plan = dict(warmup=1, min_steps=2, max_steps=2, budget_s=0.0) if time_budget_s <= 0 else dict(warmup=2, min_steps=15, max_steps=200, budget_s=time_budget_s)
+    timings = time_interleaved(steppers, "cpu", **plan)
+    rows = {}
+    for (name, steps, v), t in zip(keys, timings):
+        row = rows.setdefault(name, {"schedule": name, "steps": steps, "shape": f"{time_batch}x{r}x{c}"})
+        row[f"{v}_s"] = statistics.median(t["times_s"])
+        row[f"{v}_rounds"] = len(t["times_s"])
+    out["timing"] = list(rows.values())
+    out["timing_method"] = f"median wall time over {plan['min_steps']}+ interleaved rounds (bench.measure.time_interleaved), warm-up excluded"
     return out
 
 
@@ -203,7 +213,7 @@ def markdown(result: dict) -> str:
     t = result["timing"]
     if t:
         cols = [k[:-2] for k in t[0] if k.endswith("_s")]
-        lines += [f"Time per schedule (median ms, batch {t[0]['shape']}):", "",
+        lines += [f"Time per schedule (ms, batch {t[0]['shape']}; {result.get('timing_method', '')}):", "",
                   "| schedule | steps | " + " | ".join(cols) + " |", "| --- | ---: | " + " | ".join("---:" for _ in cols) + " |"]  # fmt: skip
         for row in t:
             lines.append(f"| {row['schedule']} | {row['steps']} | " + " | ".join(f"{row[c + '_s'] * 1e3:.2f}" for c in cols) + " |")
@@ -270,7 +280,7 @@ def main(argv=None) -> dict:
     else:
         shapes = [("mlp/4", (192, 768)), ("head block", (64, 768))]
     t0 = time.perf_counter()
-    result = run(shapes, time_budget_s=0.0 if args.quick else 0.5)
+    result = run(shapes, time_budget_s=0.0 if args.quick else 0.3)
     result["best"] = best_schedule(result)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     try:

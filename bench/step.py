@@ -9,10 +9,15 @@ bench/optimizers.py) it measures, in one run on one device:
   to mango's own step measured in the same run;
 - launches per step: mango_kernels' counter for the Triton backend, the torch profiler's CUDA
   kernel count on GPU, its count of dispatched aten ops on CPU;
-- state bytes, and on CUDA the peak memory the optimizer adds (max_memory_allocated);
+- optimizer-owned memory, counted exactly for every contender (bench/memory.py): state bytes,
+  persistent work buffers, peak transient bytes of a step (torch.profiler allocation events, CPU
+  and CUDA; on CUDA also max_memory_allocated), as multiples of the fp32 parameter bytes, and
+  mango's extra beyond state against SPEC §8's 2x the largest NS bucket in its NS dtype;
+- NS FLOPs per method (textbook, Gram, what ns_method="auto" picks per bucket) and their floors;
 - per NS bucket: mango's batched NS vs the bare torch.bmm NS; the torch backend's stages (GB/s);
 - SPEC §8 CPU targets where the set carries them (24L d64: torch vs reference >= 3x;
-  12L d256: torch step <= 1.3x the bare NS matmuls).
+  12L d256: torch step <= 1.3x the bare NS matmuls; issue 14: <= 0.7x, for every torch-backend
+  variant asked for with --optimizers, e.g. torch_textbook, torch_fp32, torch_pe4).
 
 It writes step_<device>_<time>.json / .md / .png under --out (default bench/results/) and
 prints the markdown report. `--quick` runs every code path at tiny sizes (CI; no timing claims).
@@ -21,6 +26,8 @@ prints the markdown report. `--quick` runs every code path at tiny sizes (CI; no
     python -m bench.step --sets gpt2-124m,gpt2-350m       # GPU: GPT-2 shapes
     python -m bench.step --cpu-targets --skip compile     # only the SPEC §8 CPU targets, fast
     python -m bench.step --quick --out /tmp/b             # CI smoke run
+    python -m bench.step --sets gpt-12l-d256 --optimizers torch,torch_textbook,torch_fp32,torch_fp32_textbook,muon_adamw
+                                                          # issue 14: NS methods vs the bare textbook NS
 """
 
 from __future__ import annotations
