@@ -224,25 +224,50 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _families(result: dict) -> dict:
+    """name -> (family curve name, marker): a schedule whose coefficients are a prefix of another's
+    (mango_jax of muon, polar_express_4/5 of polar_express) is drawn as a marker on that curve."""
+    sch = result["schedules"]
+    out = {}
+    for name, s in sch.items():
+        fam = next((f for f, t in sch.items() if f != name and t["steps"] > s["steps"]
+                    and t["coefficients"][: s["steps"]] == s["coefficients"]), None)  # fmt: skip
+        out[name] = fam
+    return out
+
+
 def plot(result: dict, path: str) -> None:
+    """σ_min and σ_max of X_k vs k per input: one curve per distinct schedule (fp64 textbook solid,
+    bf16 textbook dashed, fp32 Gram dotted), named fixed-length schedules as markers at their length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     inputs = result["inputs"]
+    fams = _families(result)
+    curves = [n for n, f in fams.items() if f is None]
     fig, axes = plt.subplots(len(inputs), 2, figsize=(11, 2.8 * len(inputs)), squeeze=False)
-    colors = dict(zip(result["schedules"], ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]))
+    colors = dict(zip(curves, ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b"]))
+    markers = ["o", "s", "^", "D", "v"]
     styles = {"textbook/float64": "-", "textbook/bfloat16": "--", "gram/float32": ":"}
-    for row, inp in zip(axes, inputs):
-        for name, per in inp["rows_by_schedule"].items():
+    for i, (row, inp) in enumerate(zip(axes, inputs)):
+        per_s = inp["rows_by_schedule"]
+        for name in curves:
             for v, ls in styles.items():
-                if v not in per:
+                curve = per_s[name].get(v)
+                if not curve:
                     continue
-                ks = range(1, len(per[v]) + 1)
-                lab = f"{name} ({v})" if row is axes[0] else None
-                row[0].plot(ks, [c["min"] for c in per[v]], ls, color=colors[name], lw=1.2, label=lab)
-                row[1].plot(ks, [c["max"] for c in per[v]], ls, color=colors[name], lw=1.2)
+                ks = range(1, len(curve) + 1)
+                lab = f"{name} ({v})" if i == 0 else None
+                row[0].plot(ks, [c["min"] for c in curve], ls, color=colors[name], lw=1.2, label=lab)
+                row[1].plot(ks, [c["max"] for c in curve], ls, color=colors[name], lw=1.2)
+        for j, (name, fam) in enumerate((n, f) for n, f in fams.items() if f is not None):
+            k = result["schedules"][name]["steps"]
+            c = per_s[name]["textbook/float64"][k - 1]
+            lab = f"{name} ({k} steps)" if i == 0 else None
+            row[0].plot([k], [c["min"]], markers[j % len(markers)], color=colors.get(fam, "k"), ms=7, mfc="none", label=lab)
+            row[1].plot([k], [c["max"]], markers[j % len(markers)], color=colors.get(fam, "k"), ms=7, mfc="none")
         row[0].set_yscale("log")
         row[0].set_ylabel("σ_min of X_k")
         row[1].set_ylabel("σ_max of X_k")
@@ -252,8 +277,8 @@ def plot(result: dict, path: str) -> None:
             ax.set_title(f"{inp['kind']} {inp['rows']}x{inp['cols']}", fontsize=9)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=2)
-    fig.suptitle("Newton–Schulz schedules: singular-value range of the output vs steps (solid fp64 textbook, dashed bf16 textbook, dotted fp32 Gram)",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle("Newton–Schulz schedules: singular-value range of the output vs steps (solid fp64 textbook, dashed bf16 textbook, "
+                 "dotted fp32 Gram; markers: named schedules at their length)", fontsize=8)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -267,11 +292,21 @@ def build_parser():
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), help="results folder")
     p.add_argument("--threads", default="auto", help="torch CPU threads: N or auto")
     p.add_argument("--no-png", action="store_true")
+    p.add_argument("--redraw", metavar="JSON", help="only redraw the .md and .png of a schedules_*.json")
     return p
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.redraw:
+        with open(args.redraw) as f:
+            result = json.load(f)
+        stem = args.redraw[: -len(".json")]
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(result) + "\n")
+        plot(result, stem + ".png")
+        print(markdown(result))
+        return result
     threads = configure_threads(args.threads)
     if args.quick:
         shapes = [("mlp/4", (24, 96)), ("head block", (8, 96))]
