@@ -28,8 +28,6 @@ would show its allocations only — `net_bytes` of a steady-state step shows whe
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 __all__ = ["AllocationTrace", "storage_bytes", "account", "ns_bucket_budget"]
@@ -67,6 +65,7 @@ class AllocationTrace:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.sizes: list = []  # signed bytes per event, in order (+ allocation, - free)
+        self.error = None  # set when the profiler's events could not be read
         self._prof = None
 
     def __enter__(self):
@@ -92,11 +91,14 @@ class AllocationTrace:
             self._prof.__exit__(*exc)
         finally:
             self._quiet.__exit__(*exc)
-        tree = self._prof.profiler.kineto_results.experimental_event_tree()
-        allocs = [e for e in _walk(tree) if e.tag == _EventType.Allocation]
-        allocs = [e for e in allocs if _same_device(e.extra_fields.device, self.device)]
-        allocs.sort(key=lambda e: e.start_time_ns)  # sort is stable: same-time events keep their order
-        self.sizes = [int(e.extra_fields.alloc_size) for e in allocs]
+        try:  # a private API of torch.profiler: if it moves, say so instead of failing the benchmark
+            tree = self._prof.profiler.kineto_results.experimental_event_tree()
+            allocs = [e for e in _walk(tree) if e.tag == _EventType.Allocation]
+            allocs = [e for e in allocs if _same_device(e.extra_fields.device, self.device)]
+            allocs.sort(key=lambda e: e.start_time_ns)  # sort is stable: same-time events keep their order
+            self.sizes = [int(e.extra_fields.alloc_size) for e in allocs]
+        except Exception as e:  # noqa: BLE001
+            self.error = f"{type(e).__name__}: {e}"
         self._prof = None
         return False
 
@@ -203,6 +205,9 @@ def account(resident: AllocationTrace, step: AllocationTrace, state_tensors, par
     if cuda_peak_extra is not None:
         rec["cuda_max_allocated_extra_bytes"] = cuda_peak_extra
         rec["x_params"]["cuda_max_allocated_extra"] = x(cuda_peak_extra)
-    if persistent < 0 and not math.isclose(persistent, 0):
+    if persistent < 0:
         rec["note"] = "resident < state: some state was allocated before the traced window"
+    errors = [t.error for t in (resident, step) if t.error]
+    if errors:
+        rec["error"] = "; ".join(errors)
     return rec
