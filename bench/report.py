@@ -297,7 +297,7 @@ def plot(result: dict, path: str) -> None:
         vals = [o["median_s"] * 1e3 if o.get("median_s") else 0.0 for o in opts]
         y = list(range(len(opts)))[::-1]
         ok_vals = [v for v in vals if v > 0]
-        ax.barh(y, [v if v > 0 else float("nan") for v in vals], color=[colors.get(o["key"], "#333") for o in opts])
+        ax.barh(y, [v if v > 0 else float("nan") for v in vals], color=[colors.get(o["key"], "#fdd0a2" if o["key"].startswith("torch") else "#333") for o in opts])
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=8)
         ax.set_xscale("log")
