@@ -80,10 +80,10 @@ def _stack(bucket, device, dtype, oriented: bool, seed: int = 0):
     return X.to(device=device, dtype=dtype)
 
 
-def _torch_ns_dtype(device) -> torch.dtype:
+def _torch_ns_dtype(device, method: str = "textbook") -> torch.dtype:
     from mango.backends.torch_backend import ns_work_dtype
 
-    return ns_work_dtype("auto", torch.device(device), torch.float32)
+    return ns_work_dtype("auto", torch.device(device), torch.float32, method)
 
 
 class TritonNS:
@@ -156,14 +156,26 @@ def _ours_ns(device, bucket):
             why = f"; Triton NS unavailable: {type(e).__name__}: {str(e)[:80]}"
     else:
         why = ""
-    dt = _torch_ns_dtype(device)
+    method = auto_method(bucket, device)
+    dt = _torch_ns_dtype(device, method)
     Xb = _stack(bucket, device, torch.float32, oriented=False)
-    label = f"mango torch NS ({str(dt).replace('torch.', '')}{why})"
-    return label, None, lambda: batched_newton_schulz(Xb.to(dt), COEFFS, "frobenius", 1e-7)
+    label = f"mango torch NS (ns_method=auto{why})"
+    return label, None, lambda: batched_newton_schulz(Xb.to(dt), COEFFS, "frobenius", 1e-7, method=method)
 
 
-def ns_buckets_bench(pset: ParamSet, device, rates: dict, budget_s: float = 0.3) -> dict:
-    """Per NS bucket: ours vs bare bmm NS in bf16 (and in the torch backend's dtype)."""
+def auto_method(bucket, device, settings=None) -> str:
+    """What ns_method="auto" picks for this bucket's blocks on `device` (mango.reference.ns_method_for)."""
+    from mango.reference import ns_method_for
+
+    r, c = bucket.block
+    return ns_method_for(dict(config.DEFAULTS, **(settings or {})), r, c, torch.float32, torch.device(device))
+
+
+def ns_buckets_bench(pset: ParamSet, device, rates: dict, budget_s: float = 0.3, forms: bool | None = None) -> dict:
+    """Per NS bucket: ours (what ns_method="auto" picks) vs bare bmm NS in bf16 (and in the torch
+    backend's dtype); with `forms` (default: on CPU) also the torch backend's NS in fp32 in each
+    form, textbook and Gram."""
+    forms = torch.device(device).type == "cpu" if forms is None else forms
     device = torch.device(device)
     same = _torch_ns_dtype(device)
     rows, label = [], None
@@ -172,7 +184,19 @@ def ns_buckets_bench(pset: ParamSet, device, rates: dict, budget_s: float = 0.3)
         label, setup, ours = _ours_ns(device, b)
         t_ours = time_call(ours, device, budget_s=budget_s, setup=setup)
         row = {"bucket": b.label, "block": list(b.block), "batch": b.batch, "ns_flops": flops, "ours_s": t_ours}
-        row["ours_tflops"] = flops / t_ours / 1e12
+        row["ours_method"] = auto_method(b, device)
+        row["ours_tflops"] = flops / t_ours / 1e12  # textbook-equivalent rate (ns_flops / time)
+        if forms:  # the torch backend's batched NS in each form, fp32 (the regime of CPUs without bf16)
+            from mango import newton_schulz as ns
+            from mango.backends.torch_backend import batched_newton_schulz
+
+            X32 = _stack(b, device, torch.float32, oriented=False)
+            r, c = b.block
+            row["gram_flops"] = b.batch * ns.gram_flops(r, c, len(COEFFS))
+            for method in ("textbook", "gram"):
+                row[f"fp32_{method}_s"] = time_call(
+                    lambda m=method: batched_newton_schulz(X32, COEFFS, "frobenius", 1e-7, method=m), device, budget_s=budget_s)
+            row["fp32_gram_vs_textbook"] = row["fp32_gram_s"] / row["fp32_textbook_s"]
         dts = [("bfloat16", torch.bfloat16)] + ([(str(same).replace("torch.", ""), same)] if same != torch.bfloat16 else [])
         for name, dt in dts:
             X = _stack(b, device, dt, oriented=True)
@@ -207,27 +231,35 @@ def ns_buckets_bench(pset: ParamSet, device, rates: dict, budget_s: float = 0.3)
 # stage breakdown of the torch backend
 # ----------------------------------------------------------------------------------------
 
-# stage -> TorchBackend methods whose time it is (the sharding hooks `orthogonalize`, `unit_rows`,
-# `tensor_norms` and the moments pass `_direction`); everything else in a step is "apply_and_rest"
-_STAGES = (("moments", ("_direction",)), ("ns", ("orthogonalize",)), ("other_norms", ("unit_rows", "tensor_norms")))
+# stage -> TorchBackend methods whose time it is: the moments pass `_direction`, the NS
+# `orthogonalize`, the l2-type norms' `_add_segment_sums` / `_scale_segments` and the whole-tensor
+# norms `tensor_norms` (NovoGrad, trust ratio); everything else in a step is "apply_and_rest"
+STAGES = (("moments", ("_direction",)), ("ns", ("orthogonalize",)),
+          ("other_norms", ("_add_segment_sums", "_scale_segments", "tensor_norms")))  # fmt: skip
 
 
 def stage_breakdown(runner, prepare, device, numel: int, copy_bw: float, steps: int = 3) -> dict:
     """Time the stages of mango's torch backend inside real steps (CPU: exact; CUDA: synchronizes
-    around each stage, which removes overlap). `apply_and_rest` = step - the timed stages."""
+    around each stage, which removes overlap). `apply_and_rest` = step - the timed stages.
+
+    Every method of `STAGES` must exist on the backend: a renamed one is an error here, never a
+    stage silently reported as 0 ms. `calls` says how often each stage ran (0 where a set has
+    no such unit, e.g. no l2 norms)."""
     opt = runner.optimizer
-    backends = [b for b in getattr(opt, "_backends", {}).values() if type(b).__name__ == "TorchBackend"]
+    backends = [b for b in getattr(opt, "_backends", {}).values() if isinstance(b, _torch_backend_class())]
     if not backends:
         return {"error": "no torch backend instance on this optimizer"}
     be = backends[0]
-    acc = {name: 0.0 for name, _ in _STAGES}
+    missing = [m for _, methods in STAGES for m in methods if not callable(getattr(be, m, None))]
+    if missing:
+        return {"error": f"TorchBackend has no method(s) {', '.join(missing)}: update bench.kernels.STAGES"}
+    acc = {name: 0.0 for name, _ in STAGES}
+    calls = {name: 0 for name, _ in STAGES}
     depth = [0]
-    wrapped, found = [], set()
-    for name, methods in _STAGES:
+    wrapped = []
+    for name, methods in STAGES:
         for meth in methods:
-            orig = getattr(be, meth, None)
-            if orig is None:
-                continue
+            orig = getattr(be, meth)
 
             def timed(*a, _orig=orig, _name=name, **k):
                 if depth[0]:  # nested inside another timed stage: counted there
@@ -241,11 +273,11 @@ def stage_breakdown(runner, prepare, device, numel: int, copy_bw: float, steps: 
                 finally:
                     depth[0] -= 1
                 acc[_name] += time.perf_counter() - t0
+                calls[_name] += 1
                 return out
 
             setattr(be, meth, timed)
             wrapped.append(meth)
-            found.add(name)
     totals = []
     try:
         for _ in range(steps):
@@ -259,14 +291,21 @@ def stage_breakdown(runner, prepare, device, numel: int, copy_bw: float, steps: 
         for meth in wrapped:
             delattr(be, meth)  # back to the class method
     n = len(totals)
-    out = {name: acc[name] / n for name, _ in _STAGES if name in found}
+    out = {name: acc[name] / n for name, _ in STAGES}
+    out["calls"] = {name: calls[name] // n for name, _ in STAGES}
     out["step"] = sum(totals) / n
-    out["apply_and_rest"] = out["step"] - sum(out.get(name, 0.0) for name, _ in _STAGES)
+    out["apply_and_rest"] = out["step"] - sum(out[name] for name, _ in STAGES)
     out["moments_gbs"] = stage_bytes(numel, "moments") / out["moments"] / 1e9 if out.get("moments") else None
     out["apply_gbs"] = stage_bytes(numel, "apply") / out["apply_and_rest"] / 1e9 if out["apply_and_rest"] > 0 else None
     out["copy_gbs"] = copy_bw / 1e9
     out["method"] = f"wall time of TorchBackend methods {', '.join(wrapped)} inside {n} real steps; apply_and_rest = step - those"
     return out
+
+
+def _torch_backend_class():
+    from mango.backends.torch_backend import TorchBackend
+
+    return TorchBackend
 
 
 def kernel_breakdown(step, device, numel: int, copy_bw: float) -> dict | None:

@@ -11,6 +11,16 @@
                 offset, whole-matrix NS for QKV); AdamW fused where the device supports it
     adamw       torch.optim.AdamW on everything: an elementwise-only yardstick
 
+Variants of the torch backend, run only when --optimizers names them (the NS-method comparison of
+issue 14; `VARIANTS` says what each sets):
+
+    torch_textbook       ns_method="textbook" (the auto dtype)
+    torch_fp32           ns_dtype=float32, ns_method="auto": the regime of CPUs without bf16, where
+                         "auto" picks the Gram form for wide blocks
+    torch_fp32_textbook  ns_dtype=float32, ns_method="textbook"
+    torch_pe4            ns_coefficients="polar_express_4" (4 steps instead of 5)
+    torch_fp32_pe4       the same in fp32 (Gram form where auto picks it)
+
 All MANGO contenders use the preset's defaults (LaProp, Nesterov, offset momentum, NS norms per role).
 """
 
@@ -28,7 +38,7 @@ from mango import config, reference
 
 from .params import ParamSet, mango_groups
 
-__all__ = ["CONTENDERS", "LABELS", "Runner", "Unavailable", "build", "kernel_launch_counter", "state_nbytes"]
+__all__ = ["CONTENDERS", "VARIANTS", "ALL_CONTENDERS", "MANGO_KEYS", "LABELS", "Runner", "Unavailable", "build", "kernel_launch_counter", "state_nbytes"]
 
 CONTENDERS = ("triton", "torch", "torch_bf16", "reference", "compile", "muon_adamw", "adamw")
 LABELS = {
@@ -40,6 +50,18 @@ LABELS = {
     "muon_adamw": "torch Muon + AdamW",
     "adamw": "torch AdamW",
 }
+# torch-backend variants: key -> (label, mango group settings)
+VARIANTS = {
+    "torch_textbook": ("mango torch (textbook NS)", {"ns_method": "textbook"}),
+    "torch_fp32": ("mango torch (fp32 NS, auto)", {"ns_dtype": torch.float32}),
+    "torch_fp32_textbook": ("mango torch (fp32 NS, textbook)", {"ns_dtype": torch.float32, "ns_method": "textbook"}),
+    "torch_pe4": ("mango torch (polar_express_4)", {"ns_coefficients": "polar_express_4"}),
+    "torch_fp32_pe4": ("mango torch (fp32 NS, polar_express_4)", {"ns_dtype": torch.float32, "ns_coefficients": "polar_express_4"}),
+}
+LABELS.update({k: v[0] for k, v in VARIANTS.items()})
+ALL_CONTENDERS = CONTENDERS + tuple(VARIANTS)
+# contenders that run mango's math (SPEC §8's memory budget applies to them)
+MANGO_KEYS = ("triton", "torch", "torch_bf16", "reference", "compile") + tuple(VARIANTS)
 MUON_ROLES = ("matrix", "qkv_weight")
 
 
@@ -108,9 +130,11 @@ def _mango(backend, pset, params, device) -> Runner:
     kw = {}
     if backend == "torch_bf16":
         backend, kw = "torch", {"ns_dtype": torch.bfloat16}
+    elif backend in VARIANTS:
+        backend, kw = "torch", dict(VARIANTS[key][1])
     opt = mango.presets.mango(mango_groups(pset, params), backend=backend, **kw)
     counter = kernel_launch_counter() if backend == "triton" else None
-    return Runner(key, LABELS[key], opt.step, _opt_state(opt), opt, launch_counter=counter)
+    return Runner(key, LABELS[key], opt.step, _opt_state(opt), opt, info={"ns_settings": kw}, launch_counter=counter)
 
 
 class _Timeout(Exception):
@@ -216,7 +240,7 @@ def _adamw(pset, params, device) -> Runner:
 
 def build(key: str, pset: ParamSet, params: list, device, compile_backend="inductor", compile_timeout_s=None) -> Runner:
     """The Runner for contender `key` on `params` (a fresh ParamSet.build); raises Unavailable."""
-    if key in ("triton", "torch", "torch_bf16", "reference"):
+    if key in ("triton", "torch", "torch_bf16", "reference") or key in VARIANTS:
         return _mango(key, pset, params, device)
     if key == "compile":
         return _compiled_reference(pset, params, device, compile_backend, compile_timeout_s)
@@ -224,4 +248,4 @@ def build(key: str, pset: ParamSet, params: list, device, compile_backend="induc
         return _muon_adamw(pset, params, device)
     if key == "adamw":
         return _adamw(pset, params, device)
-    raise ValueError(f"unknown optimizer {key!r}; known: {', '.join(CONTENDERS)}")
+    raise ValueError(f"unknown optimizer {key!r}; known: {', '.join(ALL_CONTENDERS)}")

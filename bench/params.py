@@ -55,7 +55,7 @@ class ParamSet:
     title: str
     tensors: tuple
     config: dict = field(default_factory=dict)
-    targets: tuple = ()  # "overhead" (torch vs reference speedup), "ns" (torch step / bare NS matmuls)
+    targets: tuple = ()  # "overhead" (torch vs reference speedup), "ns"/"ns_gram" (torch step / bare NS matmuls; bench.step.TARGETS)
     note: str = ""
     default_skip: tuple = ()  # optimizers left out unless --optimizers names them
 
@@ -164,9 +164,9 @@ _SET_ARGS = {
     "gpt-24l-d64": dict(n_layer=24, d=64, vocab=256, block=128, title="GPT 24L d64 (per-tensor overhead)",
                         targets=("overhead",), default_skip=("compile",)),
     "gpt-12l-d256": dict(n_layer=12, d=256, vocab=256, block=128, title="GPT 12L d256 (NS matmuls)",
-                         targets=("ns",), default_skip=("compile",)),
+                         targets=("ns", "ns_gram"), default_skip=("compile",)),
     # --quick: exercises every path (both targets included) in seconds; no timing claims.
-    "tiny": dict(n_layer=2, d=64, vocab=64, block=16, title="tiny GPT 2L d64 (--quick)", targets=("overhead", "ns")),
+    "tiny": dict(n_layer=2, d=64, vocab=64, block=16, title="tiny GPT 2L d64 (--quick)", targets=("overhead", "ns", "ns_gram")),
 }
 
 # gpt-cpu: the largest of these whose estimated mango step fits the machine (see resolve_set).

@@ -76,6 +76,9 @@ def _device_line(result) -> str:
     extra = f", {th.get('threads')} threads" if d["type"] == "cpu" else ""
     if th.get("reason"):
         extra += f" ({th['reason']})"
+    if d["type"] == "cpu" and th.get("loadavg_1min") is not None:
+        end = th.get("loadavg_end")
+        extra += f"; load average {th['loadavg_1min']:.1f} at start" + (f", {end[0]:.1f} at end" if end else "")
     return (f"**Device:** {d.get('name')} ({d['type']}{extra}) · torch {v.get('torch')} · triton {v.get('triton')} · "
             f"python {v.get('python')} · {result['created']}")  # fmt: skip
 
@@ -110,10 +113,90 @@ def markdown(result: dict) -> str:
         "the timed span. × floor: step time / roofline floor of the set on this device. vs mango: step time / the mango "
         "step (triton on CUDA, else torch) measured in the same run. Launches: mango_kernels' counter (triton), profiler "
         "CUDA kernels (GPU), or top-level aten ops dispatched (CPU). Memory: state bytes; peak extra (CUDA only) = "
-        "max_memory_allocated minus the memory before the optimizer existed.",
+        "max_memory_allocated minus the memory before the optimizer existed; the memory table counts every allocation "
+        "through PyTorch's allocators (CPU and CUDA) with torch.profiler.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _mbx(b, unit) -> str:
+    """MB and the multiple of the fp32 parameter bytes."""
+    if b is None:
+        return "-"
+    return f"{b / 1e6:.2f} ({b / unit:.2f}×)" if unit else f"{b / 1e6:.2f}"
+
+
+def _memory_markdown(s) -> list:
+    rows = [o for o in s["optimizers"] if o["status"] == "ok" and o.get("memory")]
+    if not rows:
+        return []
+    unit = rows[0]["memory"]["param_bytes_fp32"]
+    cuda = any("cuda_max_allocated_extra_bytes" in o["memory"] for o in rows)
+    out = [f"Optimizer-owned memory, MB (× the fp32 parameter bytes, {unit / 1e6:.2f} MB): state; persistent work buffers "
+           "(kept between steps beyond the state: mango torch's workspace, ...); peak transient (the most a step "
+           "allocates at once above that); extra = persistent + peak transient, against SPEC §8's budget of 2× the "
+           "largest NS bucket in its NS dtype. From torch.profiler's allocation events (bench/memory.py)"
+           + ("; CUDA: max_memory_allocated above the memory before the optimizer existed." if cuda else "."), "",
+           "| optimizer | state | persistent | of which workspace | peak transient | extra beyond state | budget (2× largest NS bucket) | extra / budget |"
+           + (" CUDA max_allocated extra |" if cuda else ""),
+           "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |" + (" ---: |" if cuda else "")]  # fmt: skip
+    for o in rows:
+        m = o["memory"]
+        b = m.get("budget") or {}
+        bud = f"{b['budget_bytes'] / 1e6:.2f} ({b['bucket']}, {b['dtype']})" if b.get("budget_bytes") else "-"
+        ratio = m.get("extra_vs_budget")
+        rc = "-" if ratio is None else (f"{ratio:.2f}×" if m.get("within_budget") else f"**{ratio:.2f}×**")
+        row = (f"| {o['label']} | {_mbx(m['state_bytes'], unit)} | {_mbx(m['persistent_bytes'], unit)} | "
+               f"{_mbx(m.get('workspace_bytes'), unit)} | {_mbx(m['peak_transient_bytes'], unit)} | "
+               f"{_mbx(m['extra_beyond_state_bytes'], unit)} | {bud} | {rc} |")  # fmt: skip
+        if cuda:
+            row += f" {_mbx(m.get('cuda_max_allocated_extra_bytes'), unit)} |"
+        out.append(row)
+    out.append("")
+    return out
+
+
+def _methods_markdown(s) -> list:
+    nm = s.get("ns_methods")
+    if not nm:
+        return []
+    regimes = [(k, v) for k, v in nm.items() if v]
+    out = ["NS FLOPs of one step per method (mango.newton_schulz counts: 2 per multiply-add, no symmetry; Gram form "
+           "with its restarts) and each method's floor (its FLOPs / the measured matmul rate of the dtype it runs in "
+           "here + state traffic / copy bandwidth):", "",
+           "| ns_dtype | textbook GFLOP | Gram GFLOP | auto GFLOP | auto / textbook | textbook floor ms | Gram floor ms | auto floor ms |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for name, r in regimes:
+        f, fl = r["flops"], r["floors"]
+        dt = lambda m: "/".join(fl[m]["dtypes"])  # noqa: E731
+        out.append(f"| {name} | {f['textbook'] / 1e9:.3g} | {f['gram'] / 1e9:.3g} | {f['auto'] / 1e9:.3g} | "
+                   f"{f['auto'] / f['textbook']:.3f} | {_ms(fl['textbook']['floor_s'])} ({dt('textbook')}) | "
+                   f"{_ms(fl['gram']['floor_s'])} ({dt('gram')}) | {_ms(fl['auto']['floor_s'])} ({dt('auto')}) |")  # fmt: skip
+    out.append("")
+    first = regimes[0][1]
+    picks = {name: {b["bucket"]: b["auto"] for b in r["buckets"]} for name, r in regimes}
+    out += ["| NS bucket | textbook GFLOP | Gram GFLOP | Gram / textbook | " + " | ".join(f"auto picks ({n})" for n, _ in regimes) + " |",
+            "| --- | ---: | ---: | ---: | " + " | ".join("---" for _ in regimes) + " |"]  # fmt: skip
+    for b in first["buckets"]:
+        out.append(f"| {b['bucket']} | {b['textbook_flops'] / 1e9:.3g} | {b['gram_flops'] / 1e9:.3g} | "
+                   f"{b['gram_vs_textbook_flops']:.3f} | " + " | ".join(picks[n][b["bucket"]] for n, _ in regimes) + " |")  # fmt: skip
+    out.append("")
+    return out
+
+
+def _issue14_markdown(s) -> list:
+    t = next((t for t in s.get("targets", []) if t["id"] == "ns_gram" and t.get("variants")), None)
+    if not t:
+        return []
+    out = [f"Issue 14 target: step ≤ {t['target']}× the bare batched textbook NS matmuls in the contender's NS dtype, "
+           "timed in the same rounds:", "",
+           "| contender | step ms | bare textbook NS ms (dtype) | step / bare NS | ≤ 0.7× |", "| --- | ---: | ---: | ---: | :---: |"]  # fmt: skip
+    for key, v in t["variants"].items():
+        met = "yes" if v["value"] <= t["target"] else "no"
+        out.append(f"| {v['label']} | {_ms(v['step_s'])} | {_ms(v['bare_ns_s'])} ({v['bare_ns_dtype']}) | {v['value']:.2f}× | {met} |")
+    out.append("")
+    return out
 
 
 def _set_markdown(result, s) -> list:
@@ -147,6 +230,9 @@ def _set_markdown(result, s) -> list:
             out.append(f"| *bare NS matmuls only ({name} bmm)* | {_ms(b['median_s'])} | {_x(b['median_s'] / fl['floor_s'], 1)} | "
                        f"{_x(vs)} | - | - | - |")  # fmt: skip
     out.append("")
+    out += _memory_markdown(s)
+    out += _methods_markdown(s)
+    out += _issue14_markdown(s)
     nb = s.get("ns_buckets")
     if nb and nb["buckets"]:
         same = nb["same_dtype"]
@@ -154,10 +240,16 @@ def _set_markdown(result, s) -> list:
         head = "| NS bucket | GFLOP | ours ms | ours TFLOP/s | " + " | ".join(f"bare bmm {c} ms | ours / bare {c}" for c in cols) + " |"
         out += [f"NS per shape bucket — ours: {nb['ours']}; bare: torch.bmm/baddbmm NS only.", "", head,
                 "| --- | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in cols) + " |"]  # fmt: skip
+        forms = any("fp32_gram_s" in b for b in nb["buckets"])
+        if forms:
+            out[-2] = out[-2][:-1] + "| auto picks | fp32 textbook ms | fp32 Gram ms | Gram / textbook |"
+            out[-1] = out[-1] + " --- | ---: | ---: | ---: |"
         for b in nb["buckets"]:
             cells = []
             for c in cols:
                 cells += [_ms(b.get(f"bare_{c}_s")), _x(b.get(f"ours_vs_bare_{c}"))]
+            if forms:
+                cells += [b.get("ours_method", "-"), _ms(b.get("fp32_textbook_s")), _ms(b.get("fp32_gram_s")), _x(b.get("fp32_gram_vs_textbook"))]
             out.append(f"| {b['bucket']} | {b['ns_flops'] / 1e9:.3g} | {_ms(b['ours_s'])} | {b['ours_tflops']:.3g} | " + " | ".join(cells) + " |")
         out.append("")
     torch_rec = next((o for o in s["optimizers"] if o["key"] == "torch" and o["status"] == "ok"), None)
@@ -205,7 +297,7 @@ def plot(result: dict, path: str) -> None:
         vals = [o["median_s"] * 1e3 if o.get("median_s") else 0.0 for o in opts]
         y = list(range(len(opts)))[::-1]
         ok_vals = [v for v in vals if v > 0]
-        ax.barh(y, [v if v > 0 else float("nan") for v in vals], color=[colors.get(o["key"], "#333") for o in opts])
+        ax.barh(y, [v if v > 0 else float("nan") for v in vals], color=[colors.get(o["key"], "#fdd0a2" if o["key"].startswith("torch") else "#333") for o in opts])
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=8)
         ax.set_xscale("log")

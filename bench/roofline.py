@@ -16,6 +16,13 @@ NS FLOPs per step for one block X (r x c, used transposed so r <= c), per Newton
 State bytes: the least traffic a step can do: read the gradient, read and write the parameter
 and every state tensor (m, v, offset for MANGO), once each. For fp32 MANGO that is 36 bytes per
 parameter.
+
+Per NS method (`ns_methods`): the textbook and the Gram form of the same polynomial (SPEC §6),
+counted by `mango.newton_schulz.textbook_flops` / `gram_flops` (2 FLOPs per multiply-add, no
+symmetry, the Gram form with its restarts), and what ``ns_method="auto"`` picks per bucket on the
+device (`mango.reference.ns_method_for`). Each method's floor uses the measured matmul rate of the
+dtype that method runs in there (`mango.newton_schulz.operand_dtype`: bf16 textbook on CUDA and
+bf16 CPUs, fp16 Gram on CUDA, fp32 otherwise) plus the state traffic over the copy bandwidth.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ __all__ = [
     "stage_bytes",
     "measure_device",
     "floor",
+    "ns_methods",
 ]
 
 NS_STEPS = config.DEFAULT_NS_STEPS
@@ -168,14 +176,16 @@ def measure_device(device, quick: bool = False) -> dict:
         n = 256 if device.type == "cpu" else 2048
     reps = 2 if quick else 5
     rates = {}
-    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    # fp16 only where a default NS runs in it (the Gram form on CUDA); it does not enter the peak
+    dtypes = (("float32", torch.float32), ("bfloat16", torch.bfloat16)) + ((("float16", torch.float16),) if device.type == "cuda" else ())
+    for name, dt in dtypes:
         try:
             rates[name] = measure_matmul(device, dt, n=n, reps=reps)
         except RuntimeError as e:  # a dtype the device cannot multiply
             rates[name] = None
             rates[name + "_error"] = str(e).splitlines()[0]
     bw = measure_copy(device, nbytes=(16 << 20) if quick else None, reps=reps)
-    measured = {k: v for k, v in rates.items() if isinstance(v, float)}
+    measured = {k: v for k, v in rates.items() if isinstance(v, float) and k != "float16"}
     best_dtype = max(measured, key=measured.get) if measured else None
     best = measured.get(best_dtype)
     return {
@@ -206,3 +216,58 @@ def floor(pset: ParamSet, rates: dict, steps: int = NS_STEPS) -> dict:
         "floor_s": t_ns + t_state,
         "floor_full_s": full / mm + t_state,
     }
+
+
+def ns_methods(pset: ParamSet, rates: dict, device, settings: dict | None = None) -> dict:
+    """NS FLOPs of one step per method — textbook, Gram, and what ``ns_method="auto"`` picks per
+    bucket on `device` — with each method's floor (see the module docstring). `settings`: mango
+    group settings over the defaults (ns_dtype, ns_coefficients, ns_steps, ns_method)."""
+    from mango import newton_schulz as ns
+    from mango.reference import cpu_has_fast_bf16, ns_method_for
+
+    device = torch.device(device)
+    s = dict(config.DEFAULTS, **(settings or {}))
+    steps = len(config.ns_schedule(s))
+    fast = cpu_has_fast_bf16()
+    mm = rates["matmul_flops"]
+    t_state = state_bytes(pset) / rates["copy_bytes_per_s"]
+
+    def dtype_of(method):
+        return str(ns.operand_dtype(s["ns_dtype"], method, device, torch.float32, fast)).replace("torch.", "")
+
+    def rate_of(dtype_name):
+        return mm.get(dtype_name) if isinstance(mm.get(dtype_name), float) else None
+
+    buckets, tot = [], {"textbook": 0, "gram": 0, "auto": 0}
+    t_ns = {"textbook": 0.0, "gram": 0.0, "auto": 0.0}
+    missing = set()
+    for b in ns_buckets(pset):
+        r, c = b.block
+        flops = {"textbook": b.batch * ns.textbook_flops(r, c, steps), "gram": b.batch * ns.gram_flops(r, c, steps)}
+        auto = ns_method_for(s, r, c, torch.float32, device)
+        dts = {m: dtype_of(m) for m in ("textbook", "gram")}
+        row = {"bucket": b.label, "block": list(b.block), "batch": b.batch, "textbook_flops": flops["textbook"],
+               "gram_flops": flops["gram"], "gram_restarts": list(ns.gram_restarts(steps)), "auto": auto,
+               "textbook_dtype": dts["textbook"], "gram_dtype": dts["gram"],
+               "gram_vs_textbook_flops": flops["gram"] / flops["textbook"] if flops["textbook"] else None}  # fmt: skip
+        buckets.append(row)
+        for m, f in (("textbook", flops["textbook"]), ("gram", flops["gram"]), ("auto", flops[auto])):
+            tot[m] += f
+            dt = dts[auto] if m == "auto" else dts[m]
+            rate = rate_of(dt)
+            if rate:
+                t_ns[m] += f / rate
+            else:
+                missing.add(dt)
+    out = {"steps": steps, "settings": {k: str(s[k]) for k in ("ns_dtype", "ns_method", "ns_coefficients", "ns_steps")},
+           "buckets": buckets, "flops": tot, "state_s": t_state,
+           "flop_convention": "mango.newton_schulz.textbook_flops / gram_flops: 2 FLOPs per multiply-add, no symmetry"}  # fmt: skip
+    out["floors"] = {}
+    for m in ("textbook", "gram", "auto"):
+        dts = sorted({r[f"{m}_dtype"] if m != "auto" else r[r["auto"] + "_dtype"] for r in buckets})
+        ok = not any(d in missing for d in dts)
+        out["floors"][m] = {"ns_s": t_ns[m] if ok else None, "floor_s": t_ns[m] + t_state if ok else None, "dtypes": dts}
+    out["gram_vs_textbook_flops"] = tot["gram"] / tot["textbook"] if tot["textbook"] else None
+    if missing:
+        out["rates_missing"] = sorted(missing)
+    return out

@@ -9,10 +9,15 @@ bench/optimizers.py) it measures, in one run on one device:
   to mango's own step measured in the same run;
 - launches per step: mango_kernels' counter for the Triton backend, the torch profiler's CUDA
   kernel count on GPU, its count of dispatched aten ops on CPU;
-- state bytes, and on CUDA the peak memory the optimizer adds (max_memory_allocated);
+- optimizer-owned memory, counted exactly for every contender (bench/memory.py): state bytes,
+  persistent work buffers, peak transient bytes of a step (torch.profiler allocation events, CPU
+  and CUDA; on CUDA also max_memory_allocated), as multiples of the fp32 parameter bytes, and
+  mango's extra beyond state against SPEC §8's 2x the largest NS bucket in its NS dtype;
+- NS FLOPs per method (textbook, Gram, what ns_method="auto" picks per bucket) and their floors;
 - per NS bucket: mango's batched NS vs the bare torch.bmm NS; the torch backend's stages (GB/s);
 - SPEC §8 CPU targets where the set carries them (24L d64: torch vs reference >= 3x;
-  12L d256: torch step <= 1.3x the bare NS matmuls).
+  12L d256: torch step <= 1.3x the bare NS matmuls; issue 14: <= 0.7x, for every torch-backend
+  variant asked for with --optimizers, e.g. torch_textbook, torch_fp32, torch_pe4).
 
 It writes step_<device>_<time>.json / .md / .png under --out (default bench/results/) and
 prints the markdown report. `--quick` runs every code path at tiny sizes (CI; no timing claims).
@@ -21,6 +26,8 @@ prints the markdown report. `--quick` runs every code path at tiny sizes (CI; no
     python -m bench.step --sets gpt2-124m,gpt2-350m       # GPU: GPT-2 shapes
     python -m bench.step --cpu-targets --skip compile     # only the SPEC §8 CPU targets, fast
     python -m bench.step --quick --out /tmp/b             # CI smoke run
+    python -m bench.step --sets gpt-12l-d256 --optimizers torch,torch_textbook,torch_fp32,torch_fp32_textbook,muon_adamw
+                                                          # issue 14: NS methods vs the bare textbook NS
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ import torch
 from . import kernels as K
 from . import optimizers as O
 from . import report as R
+from .memory import AllocationTrace, account, ns_bucket_budget
 from .measure import Memory, configure_threads, count_launches, summarize, sync, time_interleaved, time_steps
 from .params import SETS, TIED_ROLES, ParamSet, resolve_set
-from .roofline import floor, measure_device, ns_flops, state_bytes
+from .roofline import floor, measure_device, ns_flops, ns_methods, state_bytes
 
 DEFAULT_SETS = {
     "cpu": ("gpt-cpu", "gpt-24l-d64", "gpt-12l-d256"),
@@ -58,6 +66,13 @@ TARGETS = {
         name="torch step / bare NS matmuls",
         spec="SPEC §8: torch backend on CPU <= 1.3x the bare NS matmul time where FLOPs dominate (12 layers, d=256)",
         target=1.3,
+        better="lower",
+    ),
+    "ns_gram": dict(
+        name="torch step / bare textbook NS matmuls (issue 14)",
+        spec="issue 14: mango's step <= 0.7x the bare batched textbook NS matmul time on the FLOP-bound CPU set "
+             "(12 layers, d=256), by the Gram form and schedules",
+        target=0.7,
         better="lower",
     ),
 }
@@ -135,10 +150,16 @@ class Contender:
         self.mem = Memory(device)
         self.mem.start()
         self.runner = None
+        # memory at rest: every allocation of building the optimizer and of its first step (where
+        # state and work buffers are created) that is still alive afterwards (bench/memory.py)
+        self.resident = AllocationTrace(device)
         try:
-            self.prepare()
-            self.runner = O.build(key, pset, self.params, device, compile_backend=args.compile_backend,
-                                  compile_timeout_s=args.compile_timeout)  # fmt: skip
+            with self.resident:
+                self.prepare()
+                self.runner = O.build(key, pset, self.params, device, compile_backend=args.compile_backend,
+                                      compile_timeout_s=args.compile_timeout)  # fmt: skip
+                self.prepare()
+                self.runner.step()
         except O.Unavailable as e:
             reason = str(e)
             self.rec.update(status="failed" if reason.startswith("compile failed") else "n/a", reason=reason)
@@ -181,11 +202,13 @@ class Contender:
             rec["launches"], rec["launches_source"] = rec["profiler"]["ops"], "profiler aten ops (top-level)"
         rec["state_bytes"] = O.state_nbytes(runner.state())
         rec["peak_extra_bytes"] = self.mem.peak_extra() if own_memory else None
+        rec["memory"] = self.account_memory(pset, own_memory)
+        prof = "torch.profiler allocation events (bench/memory.py): rec['memory']"
         if device.type == "cuda":
-            rec["memory_source"] = ("cuda max_memory_allocated - allocated before the optimizer was built" if own_memory
-                                    else "not measured (optimizers were interleaved); state_bytes only")  # fmt: skip
+            rec["memory_source"] = prof + ("; peak_extra_bytes: cuda max_memory_allocated - allocated before the optimizer was built"
+                                           if own_memory else "; cuda max_memory_allocated not measured (optimizers were interleaved)")  # fmt: skip
         else:
-            rec["memory_source"] = "not measured on CPU; state_bytes only"
+            rec["memory_source"] = prof
         bw = args._rates["copy_bytes_per_s"]
         if key == "torch":
             self.prepare()
@@ -196,6 +219,25 @@ class Contender:
         if device.type == "cuda" and key in ("triton", "torch"):
             self.prepare()
             rec["kernels"] = K.kernel_breakdown(runner.step, device, pset.numel, bw)
+
+    def account_memory(self, pset: ParamSet, own_memory: bool) -> dict:
+        """State, persistent work buffers and peak transient bytes (bench/memory.py): the resident
+        trace taken at build, and one more steady-state step traced here."""
+        self.prepare()
+        step = AllocationTrace(self.device)
+        with step:
+            self.runner.step()
+        workspace, budget = None, None
+        opt = self.runner.optimizer
+        for be in getattr(opt, "_backends", {}).values():
+            ws = getattr(be, "_workspace", None)
+            if isinstance(ws, dict):
+                workspace = (workspace or 0) + sum(b.numel() * b.element_size() for b in ws.values() if b is not None)
+        if self.key in O.MANGO_KEYS:
+            budget = ns_bucket_budget(pset, self.device, (self.runner.info or {}).get("ns_settings"))
+        cuda = self.mem.peak_extra() if own_memory and self.device.type == "cuda" else None
+        return account(self.resident, step, list(self.runner.state()), 4 * pset.numel, self.device,
+                       workspace_bytes=workspace, budget=budget, cuda_peak_extra=cuda)  # fmt: skip
 
     def close(self):
         self.runner = None
@@ -230,6 +272,26 @@ def _interleave(args, device, pset: ParamSet) -> bool:
     return need < 0.25 * ram
 
 
+def _bare_dtype(rec: dict, device_same: str) -> str:
+    """The dtype of the bare textbook NS a torch-backend contender is compared with: the one its own
+    textbook NS runs in (its ns_dtype, or the device's auto dtype)."""
+    dt = ((rec.get("info") or {}).get("ns_settings") or {}).get("ns_dtype")
+    return str(dt).replace("torch.", "") if dt is not None and dt != "auto" else device_same
+
+
+def _variant_ratios(by_key: dict, bare_ns: dict, same: str) -> dict:
+    out = {}
+    for key, rec in by_key.items():
+        if rec.get("status") != "ok" or not (key.startswith("torch") or key == "muon_adamw"):
+            continue
+        dt = _bare_dtype(rec, same) if key.startswith("torch") else same
+        bare = (bare_ns.get(dt) or {}).get("median_s")
+        if bare:
+            out[key] = {"label": rec["label"], "step_s": rec["median_s"], "bare_ns_dtype": dt, "bare_ns_s": bare,
+                        "value": rec["median_s"] / bare}  # fmt: skip
+    return out
+
+
 def _targets(pset: ParamSet, by_key: dict, ns_bench: dict | None, bare_ns: dict, same: str) -> list:
     """The SPEC §8 CPU targets `pset` carries; `same`: the torch backend's NS dtype here."""
     out = []
@@ -246,7 +308,7 @@ def _targets(pset: ParamSet, by_key: dict, ns_bench: dict | None, bare_ns: dict,
                 rec["torch_s"], rec["reference_s"] = t_torch, t_ref
             else:
                 rec["why_missing"] = "needs both mango torch and mango reference timings"
-        else:
+        else:  # "ns" and "ns_gram": the same ratio against two bounds
             bare = (bare_ns.get(same) or {}).get("median_s")
             rec["bare_ns_source"] = "bare NS matmuls timed in the same rounds as the optimizers"
             if bare is None and ns_bench:  # fall back to the per-bucket benchmark, timed separately
@@ -258,6 +320,8 @@ def _targets(pset: ParamSet, by_key: dict, ns_bench: dict | None, bare_ns: dict,
                 rec["torch_s"], rec["bare_ns_s"], rec["bare_ns_dtype"] = t_torch, bare, same
             else:
                 rec["why_missing"] = "needs mango torch timing and the bare NS timing"
+        if tname == "ns_gram":  # every torch-backend variant and Muon against the bare NS in its dtype
+            rec["variants"] = _variant_ratios(by_key, bare_ns, same)
         t_bf = by_key.get("torch_bf16", {}).get("median_s")
         if t_bf and tname == "overhead" and by_key.get("reference", {}).get("median_s"):
             rec["value_bf16_ns"] = by_key["reference"]["median_s"] / t_bf
@@ -284,6 +348,8 @@ def _out_of_time(args) -> str | None:
 def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
     fl = floor(pset, rates)
     res = {"set": pset.describe(), "floor": fl, "optimizers": []}
+    # NS FLOPs per method and their floors, for the auto NS dtype and for fp32 (CPUs without bf16)
+    res["ns_methods"] = {"auto": ns_methods(pset, rates, device), "float32": ns_methods(pset, rates, device, {"ns_dtype": torch.float32})}
     print(f"\n[{pset.name}] {pset.title}: {pset.numel:,} params in {len(pset.tensors)} tensors; "
           f"NS {fl['ns_flops'] / 1e9:.2f} GFLOP ({fl['ns_flops_symmetric'] / 1e9:.2f} sym), "
           f"state {fl['state_bytes'] / 1e6:.1f} MB -> floor {fl['floor_s'] * 1e3:.3f} ms", flush=True)  # fmt: skip
@@ -299,8 +365,9 @@ def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
             _print_rec(res["optimizers"][-1])
     # yardsticks timed like the optimizers: the bare NS matmuls of one step (the "ns" target)
     yard = []
-    if "ns" in pset.targets:
+    if {"ns", "ns_gram"} & set(pset.targets):
         dts = [None] + ([torch.bfloat16] if "torch_bf16" in keys else [])
+        dts += [torch.float32] if any(k.startswith("torch_fp32") for k in keys) else []
         for dt in dts:
             name, fn = K.bare_ns_step(pset, device, dt)
             if name not in [y[0] for y in yard]:
@@ -343,7 +410,7 @@ def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
             res["bare_ns"][name] = {**summarize(t["times_s"]), "times_s": t["times_s"]}
     for name, b in res["bare_ns"].items():
         print(f"  {'bare NS matmuls (' + name + ')':<32} {b['median_s'] * 1e3:10.3f} ms  ({b['steps']} steps)", flush=True)
-    order = {k: i for i, k in enumerate(O.CONTENDERS)}
+    order = {k: i for i, k in enumerate(O.ALL_CONTENDERS)}
     res["optimizers"].sort(key=lambda r: order.get(r["key"], len(order)))
     by_key = {r["key"]: r for r in res["optimizers"]}
     primary = next((k for k in ("triton", "torch") if by_key.get(k, {}).get("status") == "ok"), None)
@@ -374,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sets", help=f"comma-separated parameter sets ({', '.join(SETS)}); default: CPU {','.join(DEFAULT_SETS['cpu'])}, "
                                   f"CUDA {','.join(DEFAULT_SETS['cuda'])}")  # fmt: skip
     p.add_argument("--cpu-targets", action="store_true", help=f"only the SPEC §8 CPU target sets ({', '.join(CPU_TARGET_SETS)})")
-    p.add_argument("--optimizers", help=f"comma-separated, from {', '.join(O.CONTENDERS)} (default: all; torch_bf16 only "
-                                        "where the torch backend's NS is not bf16 already, i.e. CPU)")
+    p.add_argument("--optimizers", help=f"comma-separated, from {', '.join(O.ALL_CONTENDERS)} (default: {', '.join(O.CONTENDERS)}; "
+                                        "torch_bf16 only where the torch backend's NS is not bf16 already)")
     p.add_argument("--skip", default="", help="comma-separated optimizers to leave out (e.g. compile)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), help="results folder")
@@ -412,8 +479,8 @@ def main(argv=None) -> dict:
         args.optimizers = ",".join(k for k in O.CONTENDERS if k != "torch_bf16" or ns_dt != "bfloat16")
     args.optimizers = [k for k in args.optimizers.split(",") if k and k not in skip]
     for k in args.optimizers:
-        if k not in O.CONTENDERS:
-            raise SystemExit(f"unknown optimizer {k!r}; known: {', '.join(O.CONTENDERS)}")
+        if k not in O.ALL_CONTENDERS:
+            raise SystemExit(f"unknown optimizer {k!r}; known: {', '.join(O.ALL_CONTENDERS)}")
     if args.compile_backend is None:
         args.compile_backend = "aot_eager" if args.quick else "inductor"
     threads = configure_threads(args.threads)
@@ -462,6 +529,10 @@ def main(argv=None) -> dict:
         result["sets"].append(run_set(ps, device, args, rates, plan))
     result["targets"] = [t for s in result["sets"] for t in s["targets"]]
     result["wall_s"] = time.perf_counter() - started
+    try:  # the load other processes put on the machine, at the end too (timings under load are noisy)
+        result["device"]["threads"]["loadavg_end"] = list(os.getloadavg())
+    except (AttributeError, OSError):
+        pass
     paths = R.write(result, args.out, png=not args.no_png)
     result["files"] = paths
     print()

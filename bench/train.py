@@ -20,6 +20,9 @@ differs. A run is named by a spec ``NAME[:key=value[,key=value...]]``:
                                offset=none (no offset momentum, i.e. beta_offset=None) | offset=FLOAT,
                                nosplit (QKV weight "ns", bias "l2" instead of the head-wise norms),
                                wd, and any other mango.Mango group setting (e.g. nesterov=false)
+    muon, mango                ns=NAME picks a Newton-Schulz coefficient schedule by name (mango.config
+                               .NS_SCHEDULES: muon, mango_jax, polar_express, polar_express_4,
+                               polar_express_5; = ns_coefficients=NAME), ns_steps=INT its length
     muon, mango                lr_ROLE=FLOAT sets one role's peak lr (ROLE: matrix, qkv_weight,
                                qkv_bias, embedding, head, vector_weight, vector_bias), lr_ns=FLOAT
                                every Newton-Schulz-normalized group (for tuning sweeps)
@@ -184,6 +187,8 @@ def build_optimizer(run: RunSpec, model: GPT, lrs: dict):
     mango = _import_mango()
     qkv = model.qkv_heads
     role_lrs = {k: float(o.pop(k)) for k in list(o) if k.startswith("lr_")}
+    if "ns" in o:  # a named NS coefficient schedule (mango validates the name)
+        o["ns_coefficients"] = o.pop("ns")
     if run.optimizer == "muon":
         o.pop("adamw_lr", None)
         opt = mango.presets.muon(model, qkv_heads=qkv, lr=lrs["lr"], adamw_lr=lrs["adamw_lr"], **o)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mango
-from bench import kernels, optimizers, params, report, roofline
+from bench import kernels, memory, optimizers, params, report, roofline, schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = os.environ.get("MANGO_TEST_DEVICE", "cpu")  # as tests/conftest.py
@@ -97,7 +97,28 @@ def test_quick_json_has_every_field(quick_run):
         for k in ("torch", "reference", "compile", "muon_adamw", "adamw"):
             assert by[k]["status"] == "ok", (k, by[k].get("reason"))
         st = by["torch"]["stages"]
-        assert st["step"] > 0 and st["moments"] > 0 and st["ns"] > 0
+        assert "error" not in st, st.get("error")
+        # the tiny set has l2 (biases) and l2_split (QKV bias) norms: that stage ran, and is not a silent 0
+        assert st["step"] > 0 and st["moments"] > 0 and st["ns"] > 0 and st["other_norms"] > 0
+        assert st["calls"]["other_norms"] > 0 and st["apply_and_rest"] > 0
+        # memory: every contender counted; resident = state + persistent; extra = persistent + transient
+        for o in s["optimizers"]:
+            if o["status"] != "ok":
+                continue
+            m = o["memory"]
+            assert m["state_bytes"] == o["state_bytes"] or o["key"] == "compile", o["key"]
+            assert m["resident_bytes"] == m["state_bytes"] + m["persistent_bytes"]
+            assert m["extra_beyond_state_bytes"] == m["persistent_bytes"] + m["peak_transient_bytes"]
+            assert m["persistent_bytes"] >= 0 and m["peak_transient_bytes"] >= 0
+            assert m["step_net_bytes"] == 0, (o["key"], m)  # nothing grows from step to step
+            assert ("budget" in m) == (o["key"] in optimizers.MANGO_KEYS)
+        # mango torch keeps its workspace between steps (and little else); AdamW keeps nothing but state
+        mt = by["torch"]["memory"]
+        assert mt["workspace_bytes"] > 0 and 0 <= mt["persistent_other_bytes"] < 4096
+        assert by["adamw"]["memory"]["persistent_bytes"] == 0
+        assert by["torch"]["memory"]["budget"]["budget_bytes"] > 0
+        nm = s["ns_methods"]
+        assert nm["auto"]["flops"]["textbook"] == nm["float32"]["flops"]["textbook"] > nm["float32"]["flops"]["auto"]
         # mango's state: m, v, offset in fp32 for every parameter
         assert by["torch"]["state_bytes"] >= 3 * 4 * s["set"]["numel"]
         assert s["ns_buckets"]["buckets"] and all(b["ours_s"] > 0 and b["bare_bfloat16_s"] > 0 for b in s["ns_buckets"]["buckets"])
@@ -114,7 +135,11 @@ def test_quick_triton_not_faked_without_cuda(quick_run):
 def test_quick_reports_both_cpu_targets(quick_run):
     _, _, result, _ = quick_run
     names = sorted(t["id"] for t in result["targets"])
-    assert names == ["ns", "overhead"]
+    assert names == ["ns", "ns_gram", "overhead"]
+    ns, gram = (next(t for t in result["targets"] if t["id"] == i) for i in ("ns", "ns_gram"))
+    assert gram["value"] == ns["value"] and (gram["target"], ns["target"]) == (0.7, 1.3)  # one ratio, two bounds
+    assert gram["variants"]["torch"]["value"] == pytest.approx(gram["value"])
+    assert "muon_adamw" in gram["variants"]
     for t in result["targets"]:
         assert t["value"] is not None and t["value"] > 0 and isinstance(t["met"], bool)
         assert t["dominant_stage"] in t["stage_fractions"]
@@ -266,3 +291,142 @@ def test_sequential_mode_and_explicit_optimizers(tmp_path):
     ns = next(t for t in s["targets"] if t["id"] == "ns")
     bare = s["bare_ns"][ns["bare_ns_dtype"]]["median_s"]  # the torch backend's NS dtype on this device
     assert ns["value"] == pytest.approx(s["optimizers"][0]["median_s"] / bare)
+
+
+# ----------------------------------------------------------------------------------------
+# memory accounting (bench/memory.py)
+# ----------------------------------------------------------------------------------------
+
+
+def test_allocation_trace_counts_known_allocations():
+    """The profiler-event method on allocations whose sizes and order are known."""
+    with memory.AllocationTrace("cpu") as tr:
+        a = torch.empty(1000)  # +4000            -> 4000
+        b = torch.empty(2000)  # +8000            -> 12000
+        del a  # -4000                            -> 8000
+        c = torch.empty(500, dtype=torch.float64)  # +4000 -> 12000
+        x = torch.ones(64, 64)  # +16384          -> 28384
+        y = x @ x  # +16384 (the product)         -> 44768 (peak)
+        del x, y, b  # -40768                     -> 4000
+    assert tr.peak_bytes == 44768
+    assert tr.net_bytes == c.numel() * c.element_size() == 4000
+    assert tr.allocated_bytes == 48768
+    flat = torch.zeros(100)
+    assert memory.storage_bytes([flat[:50], flat[50:], flat, torch.zeros(3)]) == 412  # one storage counted once
+
+
+def test_account_of_optimizers_with_known_memory():
+    """torch.optim.SGD with momentum keeps one buffer per parameter and nothing else; mango's torch
+    backend keeps its state plus exactly its workspace (and a few index tensors)."""
+    n = 10_000
+    p = torch.nn.Parameter(torch.randn(n))
+    p.grad = torch.randn(n)
+    with memory.AllocationTrace("cpu") as res:
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, foreach=False)
+        opt.step()
+    with memory.AllocationTrace("cpu") as step:
+        opt.step()
+    state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    rec = memory.account(res, step, state, 4 * n, "cpu")
+    assert rec["state_bytes"] == 4 * n and rec["persistent_bytes"] == 0 and rec["x_params"]["state"] == 1.0
+    assert rec["step_net_bytes"] == 0
+
+    ps = params.resolve_set("tiny")
+    ws = ps.build("cpu")
+    with memory.AllocationTrace("cpu") as res:
+        opt = mango.presets.mango(params.mango_groups(ps, ws), backend="torch")
+        opt.step()
+    with memory.AllocationTrace("cpu") as step:
+        opt.step()
+    (be,) = opt._backends.values()
+    work = sum(b.numel() for b in be._workspace.values())
+    state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    budget = memory.ns_bucket_budget(ps, "cpu")
+    rec = memory.account(res, step, state, 4 * ps.numel, "cpu", workspace_bytes=work, budget=budget)
+    assert rec["state_bytes"] == 3 * 4 * ps.numel + 4 * len(ps.tensors)  # m, v, O in fp32 + one fp32 step count per tensor
+    assert 0 <= rec["persistent_other_bytes"] < 4096
+    assert rec["peak_transient_bytes"] > 0 and rec["step_net_bytes"] == 0
+    assert rec["extra_vs_budget"] == pytest.approx(rec["extra_beyond_state_bytes"] / budget["budget_bytes"])
+
+
+def test_ns_bucket_budget_follows_the_ns_dtype():
+    ps = params.gpt_set("t", n_layer=1, d=64, vocab=32, block=8)
+    b32 = memory.ns_bucket_budget(ps, "cpu", {"ns_dtype": torch.float32})
+    b16 = memory.ns_bucket_budget(ps, "cpu", {"ns_dtype": torch.bfloat16})
+    assert b32["bucket"] == b16["bucket"] == "matrix 256x64 x1" and b32["bucket_bytes"] == 256 * 64 * 4
+    assert b32["budget_bytes"] == 2 * b32["bucket_bytes"] == 2 * b16["budget_bytes"]
+
+
+# ----------------------------------------------------------------------------------------
+# NS FLOPs per method (bench/roofline.py) and the stage breakdown (bench/kernels.py)
+# ----------------------------------------------------------------------------------------
+
+
+def test_ns_methods_flops_and_floors_by_hand():
+    from mango import newton_schulz as ns
+
+    ps = params.ParamSet("w", "one wide matrix and one square", (params.TensorSpec("a", (64, 256), "matrix"),
+                                                                   params.TensorSpec("b", (32, 32), "matrix")))  # fmt: skip
+    rates = {"matmul_flops": {"float32": 1e11, "bfloat16": 4e11}, "copy_bytes_per_s": 1e10}
+    r = roofline.ns_methods(ps, rates, "cpu", {"ns_dtype": torch.float32})
+    tb = 5 * (4 * 64 * 64 * 256 + 2 * 64**3) + 5 * 6 * 32**3
+    big, small = 2 * 64 * 64 * 256, 2 * 64**3  # Gram, 5 steps, restart before step 2: 4 big products, 14 small
+    assert ns.gram_flops(64, 256, 5) == 4 * big + 14 * small
+    assert r["flops"]["textbook"] == tb
+    assert r["flops"]["gram"] == ns.gram_flops(64, 256, 5) + ns.gram_flops(32, 32, 5)
+    assert [b["auto"] for b in r["buckets"]] == ["gram", "textbook"]  # fp32: Gram where wide, textbook where square
+    assert r["flops"]["auto"] == ns.gram_flops(64, 256, 5) + 5 * 6 * 32**3
+    t_state = roofline.state_bytes(ps) / 1e10
+    assert r["floors"]["textbook"]["floor_s"] == pytest.approx(tb / 1e11 + t_state)
+    assert r["floors"]["auto"]["floor_s"] == pytest.approx(r["flops"]["auto"] / 1e11 + t_state)
+    r4 = roofline.ns_methods(ps, rates, "cpu", {"ns_dtype": torch.float32, "ns_coefficients": "polar_express_4"})
+    assert r4["steps"] == 4 and r4["flops"]["textbook"] == tb * 4 // 5
+
+
+def test_stage_breakdown_refuses_renamed_methods(monkeypatch):
+    ps = params.resolve_set("tiny")
+    runner = optimizers.build("torch", ps, ps.build("cpu"), "cpu")
+    runner.step()
+    monkeypatch.setattr(kernels, "STAGES", kernels.STAGES + (("gone", ("_no_such_stage",)),))
+    out = kernels.stage_breakdown(runner, lambda: None, torch.device("cpu"), ps.numel, 1e10, steps=1)
+    assert "_no_such_stage" in out["error"] and "gone" not in out
+
+
+# ----------------------------------------------------------------------------------------
+# python -m bench.schedules
+# ----------------------------------------------------------------------------------------
+
+
+def test_schedules_quick_writes_a_table_with_every_schedule(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench.schedules", "--quick", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(os.listdir(tmp_path))
+    (js,) = [f for f in files if f.endswith(".json")]
+    assert js.replace(".json", ".md") in files and js.replace(".json", ".png") in files
+    with open(tmp_path / js) as f:
+        result = json.load(f)
+    assert set(result["schedules"]) == set(mango.config.NS_SCHEDULES)
+    assert {(i["kind"], i["shape"]) for i in result["inputs"]} >= {("gaussian", "mlp/4"), ("gradient", "head block")}
+    for inp in result["inputs"]:
+        for name, per in inp["rows_by_schedule"].items():
+            assert set(per) == {f"{m}/{str(d).replace('torch.', '')}" for m, d in schedules.VARIANTS}
+            for curve in per.values():
+                assert len(curve) == result["schedules"][name]["steps"]
+                assert all(0 <= c["min"] <= c["p10"] <= c["median"] <= c["max"] for c in curve)
+            # the Gram form is the same polynomial: in float64 it gives the textbook's singular values
+            for a, b in zip(per["textbook/float64"], per["gram/float64"]):
+                assert a["min"] == pytest.approx(b["min"], rel=1e-6) and a["max"] == pytest.approx(b["max"], rel=1e-6)
+    assert {t["schedule"] for t in result["timing"]} == set(mango.config.NS_SCHEDULES)
+    assert result["best"]["steps"] <= 5 and result["best"]["schedule"] in mango.config.NS_SCHEDULES
+    assert "| polar_express_5 | 5 |" in proc.stdout
+
+
+def test_schedule_sigma_range_by_hand():
+    X = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))[None]
+    s = schedules.sigma_range(X)
+    assert (s["min"], s["median"], s["max"]) == (1.0, 2.0, 3.0)
+    G = schedules.make_input("gradient", 16, 48, seed=1)
+    sv = torch.linalg.svdvals(G[0])
+    torch.testing.assert_close(sv / sv[0], (torch.arange(16, dtype=torch.float64) + 1) ** -1.5)

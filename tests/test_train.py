@@ -130,6 +130,23 @@ def test_mango_ablations_change_exactly_what_they_say():
     assert all(g["norm"] in (None, mango.config.ROLE_DEFAULT_NORM[g["role"]]) for g in others)
 
 
+def test_named_ns_schedule_spec():
+    """mango:ns=NAME / muon:ns=NAME select a named NS schedule (bench.schedules' comparison), and change the step."""
+    for spec, want in (("mango:ns=polar_express_5", "polar_express_5"), ("muon:ns=polar_express_4", "polar_express_4")):
+        model, opt, settings = _build(spec)
+        assert settings["ns_coefficients"] == want
+        assert all(g["ns_coefficients"] == want for g in opt.param_groups)
+        assert len(mango.config.ns_schedule(opt.param_groups[0])) == int(want[-1])
+    runs = {}
+    for spec in ("mango", "mango:ns=polar_express_5"):
+        model, opt, _ = _build(spec)
+        _one_step(model, opt)
+        runs[spec] = model.h[0].mlp.c_fc.weight.detach().clone()
+    assert not torch.equal(runs["mango"], runs["mango:ns=polar_express_5"])
+    with pytest.raises(ValueError, match="unknown schedule"):
+        _build("mango:ns=no_such_schedule")
+
+
 def test_adamw_baseline_is_explicit():
     model, opt, settings = _build("adamw")
     assert isinstance(opt, torch.optim.AdamW)

@@ -60,8 +60,9 @@ def ns_work_dtype(setting, device: torch.device, dtype: torch.dtype, method: str
 
 
 def _frobenius(X: torch.Tensor) -> torch.Tensor:
-    wide = torch.float32 if X.dtype in _LOW_PRECISION else None
-    return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=wide)
+    # in X's dtype: the reduction accumulates in fp32 internally either way, while dtype=float32
+    # would first copy the whole (bf16) stack to fp32 — an X-sized fp32 temporary per NS call
+    return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
 
 
 def batched_newton_schulz(
@@ -89,6 +90,8 @@ def batched_newton_schulz(
     else:
         scale = spectral_norm(src)[..., None, None]
     scale = scale.clamp_min(eps)
+    if src.dtype == dtype:  # divide in the operand dtype: an fp32 scale would promote the division to an
+        scale = scale.to(dtype)  # X-sized fp32 temporary before the cast into `cur`
     if buffers is None:
         buffers = (torch.empty(B * m * n, dtype=dtype, device=X.device), torch.empty(B * m * n, dtype=dtype, device=X.device))
     cur, other = (buf.view(-1)[: B * m * n].view(B, m, n) for buf in (buffers[1], buffers[0]))
