@@ -342,7 +342,8 @@ class TorchBackend:
         self._workspace: dict = {}  # device -> uint8 buffer, grown to the largest need of any plan
 
     def step(self, opt, plan, grads_by_bucket) -> None:
-        for bucket, grads in zip(plan.buckets, grads_by_bucket):
+        layouts, need = [], {}
+        for bucket in plan.buckets:
             group = opt.param_groups[bucket.group_index]
             layout = bucket.cache.get("flat")
             if layout is None:
@@ -351,7 +352,12 @@ class TorchBackend:
                     budget = plan.cache["torch_budget"] = self.memory_budget(opt, plan)
                 limit = lambda unit, g=group, b=bucket: self._chunk_limit(g, b, unit, budget)  # noqa: E731
                 layout = bucket.cache["flat"] = _FlatLayout(bucket, limit)
-            self._bucket_step(group, bucket, layout, [grads[i] for i in layout.order])
+            layouts.append(layout)
+            need[bucket.device] = max(need.get(bucket.device, 0), self.workspace_bytes(group, bucket, layout))
+        for device, nbytes in need.items():  # sized for the whole plan up front: never regrown mid-step
+            self._scratch(device, nbytes)
+        for bucket, layout, grads in zip(plan.buckets, layouts, grads_by_bucket):
+            self._bucket_step(opt.param_groups[bucket.group_index], bucket, layout, [grads[i] for i in layout.order])
 
     def memory_budget(self, opt, plan) -> int:
         """SPEC §8's budget of scratch bytes: 2× the largest NS bucket of the plan in its NS dtype."""
