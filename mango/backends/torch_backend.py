@@ -42,6 +42,7 @@ __all__ = ["TorchBackend", "batched_newton_schulz", "ns_work_dtype", "cpu_has_fa
 
 CHUNK_ELEMENTS = 1 << 22  # elements per elementwise sweep (a 16 MB fp32 chunk buffer)
 MIN_CHUNK = 1 << 16  # chunks are not cut smaller than this to fit a budget (op overhead)
+TEMP_FLOOR_BYTES = 1 << 20  # NS batches are not sliced to keep their m×m temporaries under this
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "offset")
 _REDUCE_NORMS = ("l2", "l2_col", "l2_split")
@@ -67,7 +68,7 @@ def _frobenius(X: torch.Tensor) -> torch.Tensor:
 
 def batched_newton_schulz(
     X: torch.Tensor, coefficients, prescale: str, eps: float, dtype=None, out_scale: float = 1.0,
-    method: str = "textbook", buffers=None,
+    method: str = "textbook", buffers=None, max_temp_bytes: int = None,
 ) -> torch.Tensor:  # fmt: skip
     """Newton–Schulz on every (r, c) matrix of a (..., r, c) batch (any strides); returns
     out_scale × the result as a (..., r, c) tensor (possibly a transposed view).
@@ -77,7 +78,8 @@ def batched_newton_schulz(
     and scale in one pass. `buffers`: two tensors of at least X's size in `dtype` to iterate in
     (ping-pong, nothing else of that size is allocated; X may live in the first); without them,
     fresh ones. `method`: "textbook" (A = X·Xᵀ, B = b·A + c·A², X ← a·X + B·X) or "gram"
-    (mango.newton_schulz.gram).
+    (mango.newton_schulz.gram). `max_temp_bytes`: iterate on slices of the batch so the m×m
+    temporaries (A, B; or R, Q, P) stay under this many bytes (at least one matrix at a time).
     """
     dtype = dtype or X.dtype
     lead, (r, c) = X.shape[:-2], X.shape[-2:]
@@ -96,21 +98,24 @@ def batched_newton_schulz(
         buffers = (torch.empty(B * m * n, dtype=dtype, device=X.device), torch.empty(B * m * n, dtype=dtype, device=X.device))
     cur, other = (buf.view(-1)[: B * m * n].view(B, m, n) for buf in (buffers[1], buffers[0]))
     torch.div(src, scale, out=cur.view(*lead, m, n))  # X may be in buffers[0]: it is read here, once
-    if method == "gram":
-        Y = _gram_iterate(cur, other, coefficients, out_scale)
-    else:
-        Y = _textbook_iterate(cur, other, coefficients, out_scale)
-    Y = Y.view(*lead, m, n)
+    iterate = _gram_iterate if method == "gram" else _textbook_iterate
+    per_matrix = (5 if method == "gram" else 2) * m * m * (torch.finfo(dtype).bits // 8)
+    step = B if max_temp_bytes is None else max(1, max_temp_bytes // per_matrix)
+    for b0 in range(0, B, step):  # every slice takes the same number of ping-pongs: one result buffer
+        Y = iterate(cur[b0 : b0 + step], other[b0 : b0 + step], coefficients, out_scale)
+    Y = (cur if B == 0 or Y.data_ptr() == cur[b0:].data_ptr() else other).view(*lead, m, n)
     return Y.mT if transposed else Y
 
 
 def _textbook_iterate(Y, other, coefficients, out_scale):
+    """The textbook steps on a contiguous (B, m, n) stack: A and B in two m×m buffers, X ping-ponging."""
     last = len(coefficients) - 1
     fold = out_scale != 0.0  # CPU bf16 baddbmm with alpha = beta = 0 returns garbage, not zeros
+    A, Bm = (Y.new_empty(Y.shape[0], Y.shape[1], Y.shape[1]) for _ in range(2)) if coefficients else (None, None)
     for step, (a, b, c) in enumerate(coefficients):
         k = out_scale if step == last and fold else 1.0
-        A = torch.bmm(Y, Y.mT)
-        Bm = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        torch.bmm(Y, Y.mT, out=A)
+        torch.baddbmm(A, A, A, beta=b, alpha=c, out=Bm)
         torch.baddbmm(Y, Bm, Y, beta=a * k, alpha=k, out=other)  # a·X added in the fp32 accumulator
         Y, other = other, Y
     if (not coefficients or not fold) and out_scale != 1.0:
@@ -119,22 +124,32 @@ def _textbook_iterate(Y, other, coefficients, out_scale):
 
 
 def _gram_iterate(Y, other, coefficients, out_scale):
-    """mango.newton_schulz.gram on a contiguous (B, m, n) stack, X-sized work in the two buffers only."""
+    """mango.newton_schulz.gram on a contiguous (B, m, n) stack: X-sized work in the two X buffers only,
+    the m×m iterates (R, P, Q and two products) in five buffers reused every step."""
     steps = len(coefficients)
     if steps == 0:
         return Y.mul_(out_scale) if out_scale != 1.0 else Y
     restarts = _ns.gram_restarts(steps)
-    R, Q = torch.bmm(Y, Y.mT), None
+    R, P, Q, T, U = (Y.new_empty(Y.shape[0], Y.shape[1], Y.shape[1]) for _ in range(5))
+    torch.bmm(Y, Y.mT, out=R)
+    fresh = True  # Q = I
     for k, (a, b, c) in enumerate(coefficients):
-        if k in restarts and Q is not None:
+        if k in restarts and not fresh:
             torch.bmm(Q, Y, out=other)
             Y, other = other, Y
-            R, Q = torch.bmm(Y, Y.mT), None
-        P = torch.baddbmm(R, R, R, beta=b, alpha=c)  # Z = b·R + c·R²
+            torch.bmm(Y, Y.mT, out=R)
+            fresh = True
+        torch.baddbmm(R, R, R, beta=b, alpha=c, out=P)  # Z = b·R + c·R²
         P.diagonal(dim1=-2, dim2=-1).add_(a)  # P = a·I + Z
-        Q = P if Q is None else torch.bmm(Q, P)
+        if fresh:
+            Q.copy_(P)
+        else:
+            torch.bmm(Q, P, out=T)
+            Q, T = T, Q
+        fresh = False
         if k + 1 < steps and k + 1 not in restarts:
-            R = torch.bmm(torch.bmm(P, R), P)
+            torch.bmm(P, R, out=U)
+            torch.bmm(U, P, out=R)
     if out_scale != 1.0:
         Q.mul_(out_scale)
     torch.bmm(Q, Y, out=other)
@@ -340,6 +355,7 @@ class TorchBackend:
     def __init__(self, chunk_elements: int = CHUNK_ELEMENTS):
         self.chunk_elements = chunk_elements
         self._workspace: dict = {}  # device -> uint8 buffer, grown to the largest need of any plan
+        self._budget = 0  # SPEC §8's scratch budget of the plan being stepped (bytes; 0: none)
 
     def step(self, opt, plan, grads_by_bucket) -> None:
         layouts, need = [], {}
@@ -353,6 +369,7 @@ class TorchBackend:
                 limit = lambda unit, g=group, b=bucket: self._chunk_limit(g, b, unit, budget)  # noqa: E731
                 layout = bucket.cache["flat"] = _FlatLayout(bucket, limit)
             layouts.append(layout)
+            self._budget = plan.cache.get("torch_budget", 0)
             need[bucket.device] = max(need.get(bucket.device, 0), self.workspace_bytes(group, bucket, layout))
         for device, nbytes in need.items():  # sized for the whole plan up front: never regrown mid-step
             self._scratch(device, nbytes)
@@ -744,8 +761,11 @@ class TorchBackend:
         r, c = nb.block_shape
         method = ns_method_for(group, r, c, bucket.dtype, bucket.device)
         coeffs = ns_schedule(group)
-        out = batched_newton_schulz(blocks, coeffs, group["ns_prescale"], group["ns_eps"], dtype=X.dtype,
-                                    out_scale=scale, method=method, buffers=buffers)  # fmt: skip
+        # the m×m temporaries (A, B or the Gram iterates) stay under 1/16 of the budget (1 MB at least:
+        # slicing smaller batches only adds calls)
+        limit = max(self._budget // 16, TEMP_FLOOR_BYTES) if self._budget else None
+        out = batched_newton_schulz(blocks, coeffs, group["ns_prescale"], group["ns_eps"], dtype=X.dtype, out_scale=scale,
+                                    method=method, buffers=buffers, max_temp_bytes=limit)  # fmt: skip
         return out
 
 
