@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from .backends.torch_backend import TorchBackend, batched_newton_schulz, ns_work_dtype
-from .config import NS_NORMS, normalize_ns_coefficients
+from .config import NS_NORMS, ns_schedule
 from .dtensor import is_dtensor, local_tensor
 from .layout import norm_blocks
 from .reference import ns_method_for
@@ -643,7 +643,7 @@ class ShardedTorchBackend(TorchBackend):
             eps = group["ns_eps"]
             X = X / sumsq.sqrt().clamp_min(eps).to(X.dtype)[:, None, None]
             Xs.append(X)
-            coeffs_of.append(normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"]))
+            coeffs_of.append(ns_schedule(group))
         t0 = self._clock() if self.profile else 0.0
         steps = len(coeffs_of[0])
         if any(len(c) != steps for c in coeffs_of):  # different step counts: serve one at a time
@@ -690,7 +690,7 @@ class ShardedTorchBackend(TorchBackend):
                 continue
             pieces = [b[:, :n] for b, n in zip(blocks, info.rows)]
             X = torch.cat(pieces, dim=1)  # (owned, rows, cols): whole tensors in storage layout
-            coeffs = normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+            coeffs = ns_schedule(group)
             owned = X.view(X.shape[0], *info.shape)
             Y = batched_newton_schulz(norm_blocks(owned, info.shape, nb.norm, nb.head_dim, **nb.layout), coeffs,
                                       group["ns_prescale"], group["ns_eps"], method=_method(group, bucket, nb))  # fmt: skip
@@ -807,7 +807,7 @@ class ShardedTorchBackend(TorchBackend):
                 offsets = [sum(rows[:q]) for q in range(P)]
                 info = _ShardInfo(pg, P, me, rows, offsets, tuple(nb.shape), tuple(nb.block_shape), math.prod(nb.shape[1:]))
                 if nb.norm in NS_NORMS and not nb.experts:  # experts: whole on their rank, NS stays local
-                    steps = len(normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"]))
+                    steps = len(ns_schedule(group))
                     jobs = ns_jobs.setdefault(pg, dict(jobs=[], base=[0.0] * P))
                     if use_gram_ns(nb.shape, nb.norm, group["ns_prescale"], steps, P):
                         info.ns_mode = "gram"

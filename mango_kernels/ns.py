@@ -175,15 +175,19 @@ def _sum_squares(row_ptr, row_mask, cols, C, sc, BLOCK_C: tl.constexpr):
 
 
 @device_function
+def _item_rows(x, R, sr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row indices, row pointers, the row mask and column offsets of an on-chip item."""
+    r = tl.arange(0, BLOCK_R)
+    return r, x + r.to(tl.int64)[:, None] * sr, (r < R)[:, None], tl.arange(0, BLOCK_C)
+
+
+@device_function
 def _ns_small_item(
     x, R, C, sr, sc, item, coef, SUMS, steps,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Pre-scale and every textbook NS step of one item in place; A and M stay in registers."""
-    r = tl.arange(0, BLOCK_R)
-    row_ptr = x + r.to(tl.int64)[:, None] * sr
-    row_mask = (r < R)[:, None]
-    cols = tl.arange(0, BLOCK_C)
+    r, row_ptr, row_mask, cols = _item_rows(x, R, sr, BLOCK_R, BLOCK_C)
     inv = _inverse_scale(item, coef, SUMS, _sum_squares(row_ptr, row_mask, cols, C, sc, BLOCK_C))
     for c0 in range(0, C, BLOCK_C):  # X ← X / max(‖X‖, ε)
         ptrs = row_ptr + (c0 + cols).to(tl.int64)[None, :] * sc
@@ -238,10 +242,7 @@ def _ns_small_gram_item(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Every Gram-form NS step of one item: R = X·Xᵀ, Q and P on-chip; X rewritten at restarts and the end."""
-    r = tl.arange(0, BLOCK_R)
-    row_ptr = x + r.to(tl.int64)[:, None] * sr
-    row_mask = (r < R_)[:, None]
-    cols = tl.arange(0, BLOCK_C)
+    r, row_ptr, row_mask, cols = _item_rows(x, R_, sr, BLOCK_R, BLOCK_C)
     eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
     R = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):  # R = X·Xᵀ of X as stored; ‖X‖² = trace(R)
