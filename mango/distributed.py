@@ -514,15 +514,10 @@ class ShardedTorchBackend(TorchBackend):
         sq = torch.stack(torch._foreach_norm(tensors, 2, dtype=entry.bucket.dtype)) ** 2  # bf16 params: fp32 sums
         return self._request("sum", sq).sqrt()
 
-    def _scratch(self, device, nbytes: int) -> torch.Tensor:
+    def _workspace_key(self, device):
         """One workspace per bucket: buckets' steps interleave (they pause at collectives), so a
         buffer shared between them would be overwritten while a paused step still needs it."""
-        key = (device, id(self._entry()))
-        buf = self._workspace.get(key)
-        if buf is None or buf.numel() < nbytes:
-            self._workspace[key] = None
-            buf = self._workspace[key] = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=device)
-        return buf
+        return (device, id(self._entry()))
 
     def finish_sums(self, unit, sums: torch.Tensor) -> torch.Tensor:
         """Per-segment sums of squares: all-reduced over the shard group, except where every segment

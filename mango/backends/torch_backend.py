@@ -340,6 +340,15 @@ def _block_counts(nb, shape):
     return block_shape(tuple(shape), nb.norm, nb.head_dim, **nb.layout)
 
 
+def _span(chunk) -> int:
+    """Elements of a chunk (its pieces are consecutive in the flat layout)."""
+    return chunk[-1].x1 - chunk[0].x0 if chunk else 0
+
+
+def _longest(chunks) -> int:
+    return max((_span(ch) for ch in chunks), default=0)
+
+
 def _piece_shape(p: torch.Tensor, pc: _Piece) -> tuple:
     return (pc.r1 - pc.r0, *p.shape[1:]) if p.dim() else (1,)
 
@@ -371,10 +380,11 @@ class TorchBackend:
             layouts.append(layout)
             self._budget = plan.cache.get("torch_budget", 0)
             need[bucket.device] = max(need.get(bucket.device, 0), self.workspace_bytes(group, bucket, layout))
-        for device, nbytes in need.items():  # sized for the whole plan up front: never regrown mid-step
-            self._scratch(device, nbytes)
+        # sized for the whole plan up front: never regrown mid-step
+        raws = {device: self._scratch(device, nbytes) for device, nbytes in need.items()}
         for bucket, layout, grads in zip(plan.buckets, layouts, grads_by_bucket):
-            self._bucket_step(opt.param_groups[bucket.group_index], bucket, layout, [grads[i] for i in layout.order])
+            group = opt.param_groups[bucket.group_index]
+            self._bucket_step(group, bucket, layout, [grads[i] for i in layout.order], raws[bucket.device])
 
     def memory_budget(self, opt, plan) -> int:
         """SPEC §8's budget of scratch bytes: 2× the largest NS bucket of the plan in its NS dtype."""
@@ -408,7 +418,7 @@ class TorchBackend:
         need = 0
         word = torch.finfo(L.dtype).bits // 8
         for unit in L.units:
-            chunk = max((sum(pc.x1 - pc.x0 for pc in ch) for ch in unit.chunks), default=0)
+            chunk = _longest(unit.chunks)
             if unit.kind == "ns":
                 item = torch.finfo(self._ns_dtype(group, bucket, unit)).bits // 8
                 x = unit.numel * item
@@ -417,11 +427,16 @@ class TorchBackend:
                 need = max(need, 2 * chunk * word)
         return need + 64  # the 16-byte alignment of up to three regions
 
+    def _workspace_key(self, device):
+        """Which workspace a step uses: one per device (buckets run one after another)."""
+        return device
+
     def _scratch(self, device, nbytes: int) -> torch.Tensor:
-        buf = self._workspace.get(device)
+        key = self._workspace_key(device)
+        buf = self._workspace.get(key)
         if buf is None or buf.numel() < nbytes:
-            buf = self._workspace[device] = None  # free the old one before allocating the new
-            buf = self._workspace[device] = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=device)
+            self._workspace[key] = None  # free the old one before allocating the new
+            buf = self._workspace[key] = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=device)
         return buf
 
     @staticmethod
@@ -431,9 +446,8 @@ class TorchBackend:
         return raw[start : start + n * word].view(dtype)
 
     # -- one bucket --------------------------------------------------------------------------------
-    def _bucket_step(self, group, bucket, L: _FlatLayout, grads) -> None:
+    def _bucket_step(self, group, bucket, L: _FlatLayout, grads, raw) -> None:
         L.steps.add_(1.0)
-        raw = self._scratch(L.device, self.workspace_bytes(group, bucket, L))
         if L.raw_ptr != raw.data_ptr():  # a new workspace: views of the old one would keep it alive
             L.view_cache.clear()
             L.raw_ptr = raw.data_ptr()
@@ -451,13 +465,10 @@ class TorchBackend:
         D = self._typed(raw, start_bytes + n * word + 16, n, L.dtype)
         return G, D
 
-    def _unit_chunk_len(self, unit) -> int:
-        return max((sum(pc.x1 - pc.x0 for pc in ch) for ch in unit.chunks), default=0)
-
     # -- the three kinds of units ---------------------------------------------------------------------
     def _elementwise_unit(self, group, L, unit, grads, raw) -> None:
         """none / sign: one sweep — direction, Δ, scale, offset, apply."""
-        n = self._unit_chunk_len(unit)
+        n = _longest(unit.chunks)
         G, D = self._chunk_buffers(raw, L, n)
         pre = self._pre_pass(group, L, unit, grads)
         trust = self._trust(group, L, unit)
@@ -470,7 +481,7 @@ class TorchBackend:
     def _reduce_unit(self, group, L, unit, grads, raw) -> None:
         """l2 / l2_col / l2_split: sums of squares per segment, then Δ = d / ‖segment‖."""
         nb = unit.nb
-        n = self._unit_chunk_len(unit)
+        n = _longest(unit.chunks)
         G, D = self._chunk_buffers(raw, L, n)
         pre = self._pre_pass(group, L, unit, grads)
         sums = torch.zeros(unit.n_segments, dtype=L.dtype, device=L.device)
@@ -481,7 +492,7 @@ class TorchBackend:
         inv = _safe_inverse(self.finish_sums(unit, sums).sqrt())
         trust = self._trust(group, L, unit)
         for chunk in unit.chunks:
-            d = D[: sum(pc.x1 - pc.x0 for pc in chunk)] if one_sweep else self._direction(
+            d = D[: _span(chunk)] if one_sweep else self._direction(
                 group, L, unit, chunk, grads, G, D, pre, update_state=False)  # fmt: skip
             raw_d = self._raw_copy(group, d, G) if trust is not None and nb.norm == "l2" else None
             self._scale_segments(L, unit, chunk, d, inv)
@@ -496,7 +507,7 @@ class TorchBackend:
         x_bytes = unit.numel * item
         X = self._typed(raw, 0, unit.numel, ns_dtype)
         Y = self._typed(raw, x_bytes + 16, unit.numel, ns_dtype)
-        n = self._unit_chunk_len(unit)
+        n = _longest(unit.chunks)
         G, D = self._chunk_buffers(raw, L, n, start_bytes=x_bytes + 16)  # in Y's room until NS starts
         pre = self._pre_pass(group, L, unit, grads)
         for chunk in unit.chunks:
@@ -510,7 +521,7 @@ class TorchBackend:
         y_start = -(-(x_bytes + 16) // 16) * 16
         start, room = (0, x_bytes) if isinstance(result, torch.Tensor) and _within(result, Y) else (y_start, raw.numel() - y_start)
         chunks = L.chunks(unit, max(1, min(n, room // word)))
-        biggest = max((sum(pc.x1 - pc.x0 for pc in ch) for ch in chunks), default=0)
+        biggest = _longest(chunks)
         # one aligned group of rows larger than the free room (a tiny 1×n unit): a buffer of its own
         if biggest * word <= room:
             T = self._typed(raw, start, biggest, L.dtype)
@@ -519,7 +530,7 @@ class TorchBackend:
             if T is None or T.numel() < biggest:
                 T = unit.cache["own_buffer"] = torch.empty(biggest, dtype=L.dtype, device=L.device)
         for chunk in chunks:
-            t = T[: sum(pc.x1 - pc.x0 for pc in chunk)]
+            t = T[: _span(chunk)]
             self.copy_ns_result(L, unit, chunk, t, result)
             self._apply(group, L, unit, chunk, t, lr_k=None, trust=trust, raw_d=None)
 
@@ -559,7 +570,7 @@ class TorchBackend:
         """Preconditioner + momentum over one chunk: returns d (a view of D). With update_state the
         moments are updated first; without, d is recomputed from the already-updated moments
         (bit-identical to the first sweep: the same operations on the same values)."""
-        n = sum(pc.x1 - pc.x0 for pc in chunk)
+        n = _span(chunk)
         x0, x1 = chunk[0].x0, chunk[-1].x1
         G, D = G[:n], D[:n]
         g_views = self._piece_views(L, chunk, G)
