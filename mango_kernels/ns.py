@@ -726,7 +726,8 @@ class NSBatch:
 
     def _run_large_gram(self, sums, common) -> None:
         """The Gram form of the large items: R by the `gram` kernel, the m×m iteration as batched
-        matmuls (one per product for all items of a size, in the NS dtype), Q·X by `update`."""
+        matmuls (one per product for all items of a size, in the NS dtype), Q·X by `update`.
+        Per item size m: R (the current Gram matrix), Q, and the pre-scale s not yet applied to X."""
         s = self.specs[self.items[self.large[0]].spec]
         steps, coefficients = s.steps, s.coefficients
         if steps == 0:
@@ -734,74 +735,54 @@ class NSBatch:
         restarts = gram_restarts(steps)
         rewrite = 0
         self._launch_gram(rewrite, common)
-        first = True
-        qs = {}
+        Rs, Qs, scales = {}, {}, {}
+        for m, ks in self.large_by_rows.items():  # R of the pre-scaled X: s²·X·Xᵀ
+            A = self._ws_view(self.workspace_a, m, ks)
+            scales[m] = self._inverse_scales(ks, A, sums)
+            Rs[m] = (A * scales[m][:, None, None] ** 2).to(self.dtype)
+            record("ns_gram_prepare", 5)
         for k, (a, b, c) in enumerate(coefficients):
-            if k in restarts:
-                self._store_q(qs)
+            if k in restarts:  # X ← Q·X (× s the first time), R = X·Xᵀ, Q = I
+                self._store_q(Qs, scales)
                 self._launch_update(rewrite, 0, common)
                 rewrite += 1
                 self._launch_gram(rewrite, common)
-                qs = {}
-            for m, ks in self.large_by_rows.items():
-                R = self._gram_matrices(m, ks, first_of_run=(k == 0), prescale_sums=sums)
-                q = qs.get(m)
+                Rs = {m: self._ws_view(self.workspace_a, m, ks).to(self.dtype) for m, ks in self.large_by_rows.items()}
+                Qs, scales = {}, {}
+                record("ns_gram_prepare", len(Rs))
+            for m in self.large_by_rows:
+                R, q = Rs[m], Qs.get(m)
                 P = torch.baddbmm(R, R, R, beta=b, alpha=c)  # Z = b·R + c·R²
                 P.diagonal(dim1=-2, dim2=-1).add_(a)
-                qs[m] = P if q is None else torch.bmm(q, P)
-                if k + 1 < steps and k + 1 not in restarts:
-                    self._set_gram_matrices(m, ks, torch.bmm(torch.bmm(P, R), P))
-                record("ns_gram_iterate", 3 if q is None else 4)
-            first = False
-        self._store_q(qs)
+                Qs[m] = P if q is None else torch.bmm(q, P)
+                update = k + 1 < steps and k + 1 not in restarts
+                if update:
+                    Rs[m] = torch.bmm(torch.bmm(P, R), P)
+                record("ns_gram_iterate", 2 + (q is not None) + 2 * update)
+        self._store_q(Qs, scales)
         self._launch_update(rewrite, 0, common)
 
     def _ws_view(self, ws: torch.Tensor, m: int, ks: list) -> torch.Tensor:
         start = self.items[ks[0]].workspace
         return ws[start : start + len(ks) * m * m].view(len(ks), m, m)
 
-    def _gram_matrices(self, m, ks, first_of_run: bool, prescale_sums) -> torch.Tensor:
-        """R of the items (n, m, m) in the NS dtype; at step 0 of the run × s² (the pre-scale)."""
-        cache = getattr(self, "_r_cache", None)
-        if not first_of_run and cache is not None and m in cache:
-            return cache[m]
-        A = self._ws_view(self.workspace_a, m, ks)
-        if first_of_run:
-            s2 = self._inverse_scales(ks, A, prescale_sums) ** 2
-            R = (A * s2[:, None, None]).to(self.dtype)
-            self._s = getattr(self, "_s", {})
-            self._s[m] = s2.sqrt()
-        else:
-            R = A.to(self.dtype)
-        self._r_cache = getattr(self, "_r_cache", {})
-        self._r_cache[m] = R
-        record("ns_gram_prepare")
-        return R
-
-    def _set_gram_matrices(self, m, ks, R) -> None:
-        self._r_cache[m] = R
-
     def _inverse_scales(self, ks, A, prescale_sums) -> torch.Tensor:
+        """1 / max(‖X‖, ε) per item: ‖X‖² = trace(A) of the unscaled Gram matrix, or the host's sums."""
         eps = torch.tensor([self.specs[self.items[k].spec].eps for k in ks], dtype=torch.float32, device=A.device)
         from_sums = torch.tensor([self.specs[self.items[k].spec].prescale_from_sums for k in ks], device=A.device)
         seg = torch.tensor([self.specs[self.items[k].spec].segment + self.items[k].block for k in ks], device=A.device)
         sq = torch.where(from_sums, prescale_sums[seg], A.diagonal(dim1=-2, dim2=-1).sum(-1))
         return 1.0 / torch.maximum(sq.sqrt(), eps)
 
-    def _store_q(self, qs: dict) -> None:
-        """Q of every large item into workspace B (fp32), × the pending pre-scale s on the run's first rewrite."""
+    def _store_q(self, Qs: dict, scales: dict) -> None:
+        """Q of every large item into workspace B (fp32), × the pre-scale s where X does not carry it yet."""
         for m, ks in self.large_by_rows.items():
-            q = qs.get(m)
             W = self._ws_view(self.workspace_b, m, ks)
-            if q is None:
-                W.copy_(torch.eye(m, device=W.device).expand_as(W))
-            else:
-                W.copy_(q)
-            s = getattr(self, "_s", {}).pop(m, None)
-            if s is not None:
-                W.mul_(s[:, None, None])
-        self._r_cache = {}
-        record("ns_gram_store")
+            q = Qs.get(m)
+            W.copy_(torch.eye(m, device=W.device).expand_as(W) if q is None else q)
+            if m in scales:
+                W.mul_(scales[m][:, None, None])
+            record("ns_gram_store", 2 if m in scales else 1)
 
 
 def newton_schulz(
