@@ -245,8 +245,8 @@ def validate_group(group: dict) -> None:
 
         if group["ns_dtype"] not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
             raise _err("ns_dtype", group["ns_dtype"], "must be 'auto' or a torch float dtype")
-    if group["ns_method"] == "gram" and group["ns_dtype"] is torch_bfloat16():
-        raise _err("ns_method", "gram", "bfloat16 cannot hold the Gram iterates (~4% error); use ns_dtype=torch.float16, float32 or 'auto'")
+        if group["ns_method"] == "gram" and group["ns_dtype"] == torch.bfloat16:
+            raise _err("ns_method", "gram", "bfloat16 cannot hold the Gram iterates (~4% error); use ns_dtype=torch.float16, float32 or 'auto'")
     _check_choice("shape_scale", group["shape_scale"], SHAPE_SCALES)
     _check_real("beta_offset", group["beta_offset"], lo=0.0, hi=1.0, hi_open=True, allow_none=True)
     _check_real("weight_decay", group["weight_decay"], lo=0.0)
@@ -263,11 +263,6 @@ def _check_betas(group: dict) -> None:
     if tuple(betas) != (group["beta1"], group["beta2"]):
         raise _err("betas", betas, f"disagrees with beta1={group['beta1']!r}, beta2={group['beta2']!r}; set one spelling")
 
-
-def torch_bfloat16():
-    import torch
-
-    return torch.bfloat16
 
 
 def resolve_role(group: dict, param) -> str:
