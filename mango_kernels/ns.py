@@ -499,6 +499,30 @@ def _tiles(n_row_tiles: torch.Tensor, n_col_tiles: torch.Tensor, lower_only: boo
     return torch.cat(rows).contiguous() if rows else torch.zeros((0, 3), dtype=torch.int64)
 
 
+def _aligned(numel: int) -> int:
+    return -(-numel // ALIGN) * ALIGN
+
+
+def _is_large(rows: int, cols: int, method: str, config: NSConfig) -> bool:
+    """Whether an item takes the tiled path (rows of its wide orientation above the on-chip limit)."""
+    limit = config.gram_small_max_rows if method == "gram" else config.small_max_rows
+    return min(rows, cols) > limit
+
+
+def ns_buffer_elems(specs: list, method: str = "textbook", config: NSConfig = None) -> tuple:
+    """Elements of an NSBatch's buffers for these specs: (stack, second buffer, each m×m fp32
+    workspace). Lets a caller size memory before building batches (the triton backend's rounds)."""
+    config = config or NSConfig()
+    stack = second = ws = 0
+    for s in specs:
+        stack += _aligned(s.numel)
+        large = [min(r, c) for _, r, c, _, _ in s.blocks if _is_large(r, c, method, config)]
+        if large:
+            second += _aligned(s.numel)
+            ws += sum(m * m for m in large)
+    return stack, second, ws
+
+
 @dataclass
 class _Item:
     spec: int
@@ -527,7 +551,7 @@ class NSBatch:
     tables, tile tables and workspaces. Built once per plan; `set_schedule` follows per-step changes
     of ns_steps / coefficients / ns_eps without rebuilding."""
 
-    def __init__(self, specs: list, dtype: torch.dtype, device, config: NSConfig = None, method: str = "textbook"):
+    def __init__(self, specs: list, dtype: torch.dtype, device, config: NSConfig = None, method: str = "textbook", bind: bool = True):
         if dtype not in NS_DTYPES:
             raise ValueError(f"mango_kernels: Newton–Schulz kernels take {NS_DTYPES}, got {dtype}")
         if method not in METHODS:
@@ -541,16 +565,30 @@ class NSBatch:
         off = 0
         for s in self.specs:
             self.spec_offset.append(off)
-            off += -(-s.numel // ALIGN) * ALIGN  # keep every tensor's d 16-element aligned
-        self.stack = torch.empty(max(off, 1), dtype=dtype, device=self.device)
+            off += _aligned(s.numel)  # keep every tensor's d 16-element aligned
         self.sums = torch.zeros(max(1, sum(s.n_blocks for s in self.specs)), dtype=torch.float32, device=self.device)
         self._build_items()
         self._schedule_key = None
+        n0, n1, nws = ns_buffer_elems(self.specs, method, self.config)
+        self.buffer_sizes = {"stack": (n0, dtype), "buffer1": (n1, dtype), "workspace_a": (nws, torch.float32), "workspace_b": (nws, torch.float32)}
+        if bind:
+            self.bind()
+
+    def bind(self, alloc=None) -> None:
+        """Give the batch its work buffers: fresh ones, or views from `alloc(numel, dtype)` (a
+        caller's arena, shared by batches that never run at the same time)."""
+        alloc = alloc or (lambda n, dt: torch.empty(n, dtype=dt, device=self.device))
+        for name, (n, dt) in self.buffer_sizes.items():
+            setattr(self, name, alloc(max(n, 1), dt))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the work buffers `bind` hands out."""
+        return sum(max(n, 1) * (torch.finfo(dt).bits // 8) for n, dt in self.buffer_sizes.values())
 
     # -- structure -------------------------------------------------------------------------
     def _build_items(self) -> None:
         cfg = self.config
-        limit = cfg.gram_small_max_rows if self.method == "gram" else cfg.small_max_rows
         items = []
         seg = 0
         for si, s in enumerate(self.specs):
@@ -559,7 +597,7 @@ class NSBatch:
             for j, (boff, r, c, sr, sc) in enumerate(s.blocks):
                 if r > c:  # use the transpose: rows ≤ cols
                     r, c, sr, sc = c, r, sc, sr
-                items.append(_Item(si, j, self.spec_offset[si] + boff, r, c, sr, sc, large=r > limit))
+                items.append(_Item(si, j, self.spec_offset[si] + boff, r, c, sr, sc, large=_is_large(r, c, self.method, cfg)))
         self.items = items
         self.small = [k for k, it in enumerate(items) if not it.large]
         self.large = [k for k, it in enumerate(items) if it.large]
@@ -567,12 +605,13 @@ class NSBatch:
         for k in self.large:
             self.spec_is_large[items[k].spec] = True
         # large items: the second buffer mirrors each large spec's stretch of the stack (strides carry
-        # over); R×R fp32 workspaces, consecutive for items of the same size (batched host matmuls)
+        # over); R×R fp32 workspaces, consecutive for items of the same size (batched host matmuls).
+        # `ns_buffer_elems` counts the same sizes.
         self.large_second_offset, n1 = {}, 0
         for si, s in enumerate(self.specs):
             if self.spec_is_large[si]:
                 self.large_second_offset[si] = n1
-                n1 += -(-s.numel // ALIGN) * ALIGN
+                n1 += _aligned(s.numel)
         nws = 0
         for k in sorted(self.large, key=lambda k: (items[k].rows, k)):
             it = items[k]
@@ -602,9 +641,6 @@ class NSBatch:
         self.small_block_r = max(16, triton.next_power_of_2(max((items[k].rows for k in self.small), default=1)))
 
         dev = self.device
-        self.buffer1 = torch.empty(max(n1, 1), dtype=self.dtype, device=dev)
-        self.workspace_a = torch.empty(max(nws, 1), dtype=torch.float32, device=dev)
-        self.workspace_b = torch.empty(max(nws, 1), dtype=torch.float32, device=dev)
         R = self.large_items_host[:, IC.ROWS]
         C = self.large_items_host[:, IC.COLS]
         bm, bn = cfg.block_m, cfg.block_n

@@ -131,7 +131,9 @@ class ElementwiseLayout:
     The partial-sum vector has three regions of n_tiles each: d², W², g².
     """
 
-    def __init__(self, tensors: list[TensorLayout], block: int, device):
+    def __init__(self, tensors: list[TensorLayout], block: int, device, rows=None):
+        """`rows`: the tensor-table row of each tensor (default 0..n-1), so that several layouts
+        (the triton backend's rounds) can share one table."""
         self.block = int(block)
         self.device = torch.device(device)
         n = len(tensors)
@@ -163,7 +165,10 @@ class ElementwiseLayout:
         start = seg_local * L + k * self.block
         end = seg_local * L + L
         seg = torch.where(segmented[tensor_of], self.d_segment_base[tensor_of] + seg_local, torch.full_like(seg_local, -1))
-        self.tiles_host = torch.stack([tensor_of, start, end, seg], dim=1).contiguous()
+        rows = torch.arange(n) if rows is None else torch.as_tensor(rows, dtype=torch.int64)
+        self.n_rows = int(rows.max()) + 1 if n else 0  # per-tensor scratch is indexed by table row
+        row_of = rows[tensor_of]
+        self.tiles_host = torch.stack([row_of, start, end, seg], dim=1).contiguous()
         self.tiles_aligned = bool((start % 16 == 0).all() and (end % 16 == 0).all())  # + aligned addresses: vector loads
 
         # segments: (first partial index, count) for d², then W², then g². Segment j of a
@@ -204,5 +209,5 @@ class ElementwiseLayout:
             partials=torch.empty(3 * max(self.n_tiles, 1), dtype=compute_dtype, device=dev),
             sums=torch.empty(max(self.n_sums, 1), dtype=compute_dtype, device=dev),
             tile_flags=torch.empty(max(self.n_tiles, 1), dtype=torch.int8, device=dev),
-            v_snapshot=torch.empty(max(len(self.tile_first), 1), dtype=compute_dtype, device=dev),
+            v_snapshot=torch.empty(max(self.n_rows, 1), dtype=compute_dtype, device=dev),
         )

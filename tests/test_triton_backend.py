@@ -268,41 +268,127 @@ def test_gpt2_trajectory_matches_reference(ns_dtype, tol, device):
 GPT2_LIKE = mk.NSConfig(small_max_rows=16, block_m=16, block_n=16, block_k=16)
 
 
-def launches_per_step(n_layer, device, dry_run=True, n_embd=32, tie=True, ns_config=GPT2_LIKE):
-    model = tiny_gpt(n_layer=n_layer, n_embd=n_embd, n_head=4, vocab=64, tie=tie)
+def gpt_step_optimizer(n_layer, device, n_embd=32, tie=True, ns_config=GPT2_LIKE, memory_budget=None, seed=0):
+    """A GPT-2-structured model's triton optimizer with gradients set, its plan built by one dry step."""
+    model = tiny_gpt(n_layer=n_layer, n_embd=n_embd, n_head=4, vocab=64, tie=tie, seed=seed)
     model.to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = mango.Mango(mango.param_groups(model, qkv_heads=model.qkv_heads), backend="triton")
-    opt._backend_for(torch.device(device)).ns_config = ns_config
+    backend = opt._backend_for(torch.device(device))
+    backend.ns_config, backend.memory_budget = ns_config, memory_budget
     for p in model.parameters():
         p.grad = torch.randn_like(p)
+    return opt
+
+
+def launch_group(opt):
+    (lg,) = opt._plan.cache["triton"][1]
+    return lg
+
+
+def launches_per_step(n_layer, device, dry_run=True, **kw):
+    opt = gpt_step_optimizer(n_layer, device, **kw)
     with mk.count_launches(dry_run=True):
         opt.step()  # builds the plan and tables
     with mk.count_launches(dry_run=dry_run) as log:
         opt.step()
-    return log
+    return log, launch_group(opt)
+
+
+def expected_launches(lg, device, ns_steps=5) -> dict:
+    """Per round: moments, segment sums (if it has l2 segments), one on-chip NS launch (if it has
+    head blocks), 3 per NS step for its tiled matrices, apply; one table copy per step on CUDA."""
+    out: dict = {}
+    for r in lg.rounds:
+        names = ["moments", "apply"] + ["segment_sums"] * bool(r.layout.n_post_segments)
+        for batch, _ in r.ns_batches:
+            names += ["ns_small"] * bool(batch.small) + ["ns_gram", "ns_poly", "ns_update"] * ns_steps * bool(batch.large)
+        for n in names:
+            out[n] = out.get(n, 0) + 1
+    if torch.device(device).type == "cuda":
+        out["table_copy"] = 1
+    return out
 
 
 def test_launches_per_step_gpt2_structure_independent_of_depth(device):
-    """GPT-2 structure (tied embedding/head, fused QKV, 12 layers): ≤ 64 launches per step and
-    the same count for 6 and 12 layers and another width. Counted in dry-run mode (the launch
-    structure is host-side); test below checks dry-run counts equal real ones."""
-    twelve, six = launches_per_step(12, device), launches_per_step(6, device)
-    wider = launches_per_step(6, device, n_embd=48)
-    assert twelve.by_name() == six.by_name() == wider.by_name()
-    assert twelve.count <= 64
-    # moments, segment sums, one on-chip NS launch, 3 per NS step for the tiled matrices, apply
+    """GPT-2 structure (tied embedding/head, fused QKV): one round — everything in its buffers at
+    once — is 19 launches (≤ 64) at any depth: moments, segment sums, one on-chip NS launch, 3 per
+    NS step for the tiled matrices, apply. Within SPEC §8's memory budget the same step runs in
+    rounds, and the count follows the rounds: the same for 6 and 12 layers and another width.
+    Counted in dry-run mode (the launch structure is host-side); the test below checks dry-run
+    counts equal real ones."""
+    one = {n: launches_per_step(n, device, memory_budget=float("inf")) for n in (6, 12)}
     expected = {"moments": 1, "segment_sums": 1, "ns_small": 1, "ns_gram": 5, "ns_poly": 5, "ns_update": 5, "apply": 1}
     copies = {"table_copy": 1} if torch.device(device).type == "cuda" else {}
-    assert twelve.by_name() == {**expected, **copies}
+    for log, lg in one.values():
+        assert len(lg.rounds) == 1
+        assert log.by_name() == {**expected, **copies} and log.count <= 64
+    (twelve, lg12), (six, lg6) = launches_per_step(12, device), launches_per_step(6, device)
+    wider, lgw = launches_per_step(6, device, n_embd=48)
+    assert len(lg12.rounds) == len(lg6.rounds) == len(lgw.rounds) > 1
+    assert twelve.by_name() == six.by_name() == wider.by_name() == expected_launches(lg12, device)
 
 
 def test_dry_run_counts_what_a_real_step_launches(device):
     config = mk.NSConfig(small_max_rows=16, block_m=32, block_n=64, block_k=32)  # few tiles: fast to interpret
-    real = launches_per_step(1, device, dry_run=False, tie=False, ns_config=config)
-    assert real.by_name() == launches_per_step(1, device, dry_run=True, tie=False, ns_config=config).by_name()
-    assert real.by_name()["ns_update"] == 5
+    real, lg = launches_per_step(1, device, dry_run=False, tie=False, ns_config=config)
+    dry, _ = launches_per_step(1, device, dry_run=True, tie=False, ns_config=config)
+    assert real.by_name() == dry.by_name() == expected_launches(lg, device)
+    assert real.by_name()["ns_update"] == 5 * sum(any(b.large for b, _ in r.ns_batches) for r in lg.rounds)
+
+
+# ----------------------------------------------------------------------------------------
+# memory: rounds within SPEC §8's budget
+# ----------------------------------------------------------------------------------------
+
+
+def test_rounds_keep_work_buffers_within_the_budget(device):
+    """The arena (every work buffer of a step: NS stacks, second buffers, m×m workspaces, the
+    direction buffer) is at most the budget, 2× the largest bucket in its NS dtype — except a round
+    holding one tensor whose own buffers exceed it. It is far below one round's need, and the
+    budget is what the plan's buckets say."""
+    opt = gpt_step_optimizer(12, device)
+    with mk.count_launches(dry_run=True):
+        opt.step()
+    lg = launch_group(opt)
+    largest = max(sum(e.numel for e in lg.entries if e.nb is nb) for nb in {id(e.nb): e.nb for e in lg.entries if e.ns_kernel}.values())
+    assert lg.budget == 2 * largest * 2  # bf16 NS
+    mem = lg.memory()
+    assert mem["arena"] == max(mem["round_bytes"])
+    for r, nbytes in zip(lg.rounds, mem["round_bytes"]):
+        costly = [e for e in r.entries if e.ns_kernel or not e.fused]
+        assert nbytes <= lg.budget or len([e for e in costly if e.numel]) == 1
+    one = gpt_step_optimizer(12, device, memory_budget=float("inf"))
+    with mk.count_launches(dry_run=True):
+        one.step()
+    assert mem["arena"] <= lg.budget < launch_group(one).memory()["arena"] / 2
+
+
+@pytest.mark.parametrize("ns_dtype", ["auto", torch.float32], ids=["bf16-NS", "fp32-NS"])
+def test_rounds_give_the_same_step_as_one_round(ns_dtype, device):
+    """Rounds change when each tensor's stages run, not what they compute: 3 steps in rounds and in
+    one round give the same parameters and state, bit for bit."""
+    config = mk.NSConfig(small_max_rows=16, block_m=16, block_n=16, block_k=16)
+    runs = []
+    for budget in (None, float("inf")):
+        model = tiny_gpt(n_layer=2, n_embd=32, n_head=4, vocab=64, tie=True)
+        model.to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = mango.Mango(mango.param_groups(model, qkv_heads=model.qkv_heads), backend="triton", ns_dtype=ns_dtype)
+        backend = opt._backend_for(torch.device(device))
+        backend.ns_config, backend.memory_budget = config, budget
+        params = trajectory(opt, 3)
+        runs.append((len(launch_group(opt).rounds), [p.detach().clone() for p in params], state_snapshot(opt)))
+    (rounds, p_rounds, s_rounds), (single, p_one, s_one) = runs
+    assert rounds > 1 and single == 1
+    for a, b in zip(p_rounds, p_one):
+        assert torch.equal(a, b)
+    assert s_rounds.keys() == s_one.keys()
+    for i in s_rounds:
+        for k, v in s_rounds[i].items():
+            assert torch.equal(v, s_one[i][k]), (i, k)
 
 
 # ----------------------------------------------------------------------------------------

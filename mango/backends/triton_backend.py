@@ -10,8 +10,16 @@ tensors of the step at once:
     ns_gram/poly/update × ns_steps   NS of the larger matrices, every shape in one grid
     apply           Δ, lr·k, trust ratio, offset momentum, weight decay, write W
 
-so a GPT-2 step is 4 + 3·ns_steps launches (19 with the default 5 steps) plus one table copy,
-whatever the depth (see `mango_kernels.count_launches`).
+per round. SPEC §8 bounds the memory a step may use beyond the state by 2× the largest NS bucket
+(in its NS dtype), so the tensors are packed into **rounds** that each fit that budget — the NS
+stacks, second buffers and m×m workspaces of a round, and the direction buffer of its non-NS
+tensors, are views into one arena the size of the largest round, reused by every round. A round
+runs moments → NS → apply for its tensors only. A plan whose NS buffers fit the budget is one round:
+4 + 3·ns_steps launches (19 with the default 5 steps) plus one table copy; GPT-2 124M packs into 4
+rounds (its vocabulary head alone fills one). The number of rounds follows the number of distinct
+shape buckets, not the depth (see `mango_kernels.count_launches`). A single tensor whose own NS
+buffers exceed the budget (its X, the second buffer and its m×m workspaces against 2× its X when it
+is the largest bucket) gets a round of its own, the one case above the budget.
 
 Everything that depends only on the plan (tile tables, segment tables, NS item and tile
 tables, work buffers) is built once into a `_LaunchGroup` cached in `plan.cache`; a step then
@@ -102,16 +110,220 @@ class _Entry:
         self.torch_norm = False  # Δ by torch in the work buffer (l2_col on a transposed layout)
         self.fused = False  # none/sign without trust ratio: applied in the moments pass, no direction buffer
         self.spec = None  # index into its NS batch
-        self.batch_key = None  # (NS dtype, form, schedule) of that batch
-        self.work_offset = None  # offset in the direction work buffer (non-kernel-NS entries)
+        self.batch = None  # its NSBatch
+        self.work_offset = None  # offset in its round's direction work buffer (non-kernel-NS entries)
         self.param_copy = None  # contiguous stand-in for a non-contiguous param
         self.row = None  # row in the tensor table
 
 
-class _LaunchGroup:
-    """All buckets of one (device, compute dtype): one table, one launch per stage."""
+_ARENA_ALIGN = 256  # bytes: every view of the arena starts at a multiple (vector loads, any dtype)
 
-    def __init__(self, buckets, groups, device, compute_dtype, ns_config, block):
+
+def _span(requests) -> int:
+    """Bytes of arena that `requests` [(numel, dtype)] take when carved one after another."""
+    end = 0
+    for n, dt in requests:
+        end = -(-end // _ARENA_ALIGN) * _ARENA_ALIGN + n * (torch.finfo(dt).bits // 8)
+    return end
+
+
+class _Arena:
+    """One byte buffer that every round's work buffers are views of (rounds run one after another
+    on one stream, so they can share it)."""
+
+    def __init__(self, nbytes: int, device):
+        self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+
+    def allocator(self):
+        """A fresh bump allocator `alloc(numel, dtype)` from the start of the arena (one per round)."""
+        end = 0
+
+        def alloc(n, dtype):
+            nonlocal end
+            start = -(-end // _ARENA_ALIGN) * _ARENA_ALIGN
+            end = start + n * (torch.finfo(dtype).bits // 8)
+            return self.buffer[start:end].view(dtype)
+
+        return alloc
+
+
+def _segment_len(e) -> int:
+    """Elements per reduction segment of the moments pass: a tensor or expert (l2), a head block
+    of a split bias (l2_split), an operator row (l2_col, rows contiguous). NS items pre-scale from
+    their own data, so NS tensors need none."""
+    nb, norm = e.nb, e.nb.norm
+    if e.numel == 0 or e.torch_norm:
+        return 0
+    if norm == "l2":
+        return e.numel // e.slot.param.shape[0] if nb.experts else e.numel
+    if norm in ("l2_split", "l2_col"):
+        return nb.block_shape[0] * nb.block_shape[1] if norm == "l2_split" else nb.block_shape[1]
+    return 0
+
+
+def _needs_work(e) -> bool:
+    """Whether an entry's direction lives in its round's work buffer (not an NS stack, not fused)."""
+    return not e.ns_kernel and not e.fused
+
+
+def _pack_rounds(entries, cost, budget: int) -> list:
+    """Entries packed into rounds of at most `budget` bytes: each norm bucket whole where it fits
+    (its same-shape NS items stay one batch), first-fit by decreasing size; a bucket over the
+    budget is cut into runs of consecutive tensors, a tensor over it alone gets a round of its own.
+    Entries that cost nothing (fused none/sign, empty) join the first round."""
+    units: dict = {}
+    for e in entries:
+        if cost[e.row]:
+            units.setdefault(id(e.nb), []).append(e)
+    pieces = []
+    for unit in units.values():
+        if sum(cost[e.row] for e in unit) <= budget:
+            pieces.append(unit)
+            continue
+        run, used = [], 0
+        for e in unit:
+            if run and used + cost[e.row] > budget:
+                pieces.append(run)
+                run, used = [], 0
+            run.append(e)
+            used += cost[e.row]
+        pieces.append(run)
+    rounds, room = [], []
+    for piece in sorted(pieces, key=lambda p: -sum(cost[e.row] for e in p)):  # stable: plan order among equals
+        size = sum(cost[e.row] for e in piece)
+        for i, free in enumerate(room):
+            if size <= free:
+                rounds[i].extend(piece)
+                room[i] -= size
+                break
+        else:
+            rounds.append(list(piece))
+            room.append(budget - size)
+    free_entries = [e for e in entries if not cost[e.row]]
+    if not rounds:
+        return [free_entries]
+    rounds[0].extend(free_entries)
+    return [sorted(r, key=lambda e: e.row) for r in rounds]
+
+
+class _Round:
+    """The tensors of one round: their tile layout and kernel scratch, their NS batches (one per NS
+    dtype and form, and for the Gram form per schedule: its large items iterate as one batch) and the
+    direction work buffer of the others. The big buffers are bound to the arena afterwards."""
+
+    def __init__(self, entries, groups, device, compute_dtype, ns_config, block):
+        self.entries = entries
+        self.device, self.dtype = device, compute_dtype
+        specs = []
+        for e in entries:
+            group = groups[e.bucket.group_index]
+            specs.append(
+                TensorLayout(
+                    numel=e.numel,
+                    segment_len=_segment_len(e),
+                    trust_ratio=bool(group["trust_ratio"]) and e.numel > 0,
+                    novograd=group["preconditioner"] == "novograd" and e.numel > 0,
+                )
+            )
+        self.layout = ElementwiseLayout(specs, block, device, rows=[e.row for e in entries])
+        self.ws = self.layout.workspaces(compute_dtype)
+        self.has_novograd = self.layout.n_pre_segments > 0
+        self.work_elems = 0
+        for e in entries:
+            if _needs_work(e):
+                e.work_offset = self.work_elems
+                self.work_elems += -(-e.numel // 16) * 16  # 16-element aligned, for vector loads
+        self.ns_batches = []
+        by_key: dict = {}
+        for e in entries:
+            if e.ns_kernel:
+                group = groups[e.bucket.group_index]
+                sched = ns_schedule(group) if e.ns_method == "gram" else None
+                by_key.setdefault((e.ns_dtype, e.ns_method, sched), []).append(e)
+        for (dtype, method, _), members in by_key.items():
+            specs = [mk.NSSpec(e.numel, ns_blocks(e.nb, e.numel)) for e in members]
+            batch = mk.NSBatch(specs, dtype, device, ns_config, method=method, bind=False)
+            for n, e in enumerate(members):
+                e.spec, e.batch = n, batch
+            self.ns_batches.append((batch, members))
+
+    def requests(self) -> list:
+        """The (numel, dtype) of every big buffer of the round, in binding order."""
+        reqs = [(max(self.work_elems, 1), self.dtype)]
+        for batch, _ in self.ns_batches:
+            reqs += [(max(n, 1), dt) for n, dt in batch.buffer_sizes.values()]
+        return reqs
+
+    def bind(self, arena: _Arena) -> None:
+        alloc = arena.allocator()
+        self.work = alloc(max(self.work_elems, 1), self.dtype)
+        for batch, _ in self.ns_batches:
+            batch.bind(alloc)
+
+    def set_ns_schedules(self, groups) -> None:
+        for batch, members in self.ns_batches:
+            steps, coefficients, eps, spectral = [], [], [], []
+            for e in members:
+                group = groups[e.bucket.group_index]
+                co = ns_schedule(group)
+                steps.append(len(co))
+                coefficients.append(co)
+                eps.append(group["ns_eps"])
+                spectral.append(group["ns_prescale"] == "spectral")
+            batch.set_schedule(steps, coefficients, eps, spectral)
+
+    def run(self, tables, groups, aligned: bool) -> None:
+        """moments → segment sums → NS → apply, for this round's tensors."""
+        layout, ws, dtype = self.layout, self.ws, self.dtype
+        if layout.n_tiles == 0:
+            return
+        if self.has_novograd:
+            mk.launch_novograd_prepass(tables, layout, ws, dtype, aligned)
+        mk.launch_moments(tables, layout, ws, dtype, aligned)
+        if layout.n_post_segments:
+            mk.launch_segment_sums(layout.post_segments, ws["partials"], ws["sums"], 0, dtype)
+        self._newton_schulz(groups)
+        mk.launch_apply(tables, layout, ws, dtype, aligned)
+
+    def _newton_schulz(self, groups) -> None:
+        for batch, members in self.ns_batches:
+            for e in members:
+                group = groups[e.bucket.group_index]
+                if group["ns_prescale"] == "spectral":  # option, not the hot path: torch fills the batch's sums
+                    blocks = torch.stack(batch.block_views(e.spec)).float()
+                    s = batch.specs[e.spec]
+                    batch.sums[s.segment : s.segment + s.n_blocks] = spectral_norm(blocks).square()
+                    mk.record("spectral_norm")
+            batch.run()
+            mk.prescale_only(batch, [e.spec for e in members if batch.specs[e.spec].steps == 0])
+        for e in self.entries:  # float64 NS, and l2_col of transposed layouts: torch, on the work buffer
+            if (e.ns_dtype is not None and not e.ns_kernel) or e.torch_norm:
+                group = groups[e.bucket.group_index]
+                nb = e.nb
+                d = self.work[e.work_offset : e.work_offset + e.numel].view(nb.shape)
+                blocks = norm_blocks(d, nb.shape, nb.norm, nb.head_dim, **nb.layout)
+                if e.torch_norm:
+                    blocks.mul_(_safe_inverse(torch.linalg.vector_norm(blocks, dim=-1, keepdim=True)))
+                    mk.record("torch_row_norm")
+                    continue
+                out = batched_newton_schulz(blocks.to(e.ns_dtype), ns_schedule(group), group["ns_prescale"], group["ns_eps"],
+                                            method=e.ns_method)  # fmt: skip
+                blocks.copy_(out)
+                mk.record("torch_newton_schulz")
+
+    def nonfinite_tiles(self, bad: torch.Tensor) -> None:
+        """Mark in `bad` (one per table row) the tensors whose tiles flagged a NaN/Inf gradient."""
+        n = self.layout.n_tiles
+        if n:
+            rows = self.layout.tiles_host[:, 0]
+            bad.scatter_reduce_(0, rows, self.ws["tile_flags"][:n].cpu().to(torch.int64), "amax")
+
+
+class _LaunchGroup:
+    """All buckets of one (device, compute dtype): one tensor table, uploaded once per step, and
+    the rounds that run one after another (moments, NS, apply each), sharing one arena."""
+
+    def __init__(self, buckets, groups, device, compute_dtype, ns_config, block, memory_budget=None):
         self.buckets = buckets
         self.device = device
         self.dtype = compute_dtype
@@ -132,77 +344,73 @@ class _LaunchGroup:
                         e.param_copy = torch.empty(e.slot.param.shape, dtype=e.slot.param.dtype, device=device)
                     e.row = len(self.entries)
                     self.entries.append(e)
-        self._build_layout(groups, block)
-        self._build_ns(groups, ns_config)
+        cost = [self._cost(e, ns_config) for e in self.entries]
+        self.budget = self._budget() if memory_budget is None else memory_budget
+        # a round's buffers each start on an aligned byte: room for that padding (at most one batch
+        # per NS dtype, form and group in a round, 4 buffers each, and the work buffer)
+        batches = len({(e.ns_dtype, e.ns_method, e.bucket.group_index) for e in self.entries if e.ns_kernel})
+        capacity = self.budget - _ARENA_ALIGN * (1 + 4 * batches)
+        self.rounds = [_Round(es, groups, device, compute_dtype, ns_config, block)
+                       for es in _pack_rounds(self.entries, cost, capacity)]  # fmt: skip
+        self.arena = _Arena(max(_span(r.requests()) for r in self.rounds), device)
+        for r in self.rounds:
+            r.bind(self.arena)
         self.table = TensorTable(len(self.entries), device)
         self._init_static_columns(groups)
 
     # -- plan-time structure ---------------------------------------------------------------
-    def _segment_len(self, e) -> int:
-        """Elements per reduction segment of the moments pass: a tensor or expert (l2), a head block
-        of a split bias (l2_split), an operator row (l2_col, rows contiguous). NS items pre-scale from
-        their own data, so NS tensors need none."""
-        nb, norm = e.nb, e.nb.norm
-        if e.numel == 0 or e.torch_norm:
+    def _cost(self, e, ns_config) -> int:
+        """Arena bytes an entry takes in its round: its NS stack stretch, second buffer and m×m
+        workspaces, or its direction in the work buffer."""
+        if e.numel == 0:
             return 0
-        if norm == "l2":
-            return e.numel // e.slot.param.shape[0] if nb.experts else e.numel
-        if norm in ("l2_split", "l2_col"):
-            return nb.block_shape[0] * nb.block_shape[1] if norm == "l2_split" else nb.block_shape[1]
+        if e.ns_kernel:
+            n0, n1, nws = mk.ns_buffer_elems([mk.NSSpec(e.numel, ns_blocks(e.nb, e.numel))], e.ns_method, ns_config)
+            return (n0 + n1) * (torch.finfo(e.ns_dtype).bits // 8) + 2 * nws * 4
+        if _needs_work(e):
+            return -(-e.numel // 16) * 16 * (torch.finfo(self.dtype).bits // 8)
         return 0
 
-    def _build_layout(self, groups, block) -> None:
-        specs = []
-        for e in self.entries:
-            group = groups[e.bucket.group_index]
-            specs.append(
-                TensorLayout(
-                    numel=e.numel,
-                    segment_len=self._segment_len(e),
-                    trust_ratio=bool(group["trust_ratio"]) and e.numel > 0,
-                    novograd=group["preconditioner"] == "novograd" and e.numel > 0,
-                )
-            )
-        self.layout = ElementwiseLayout(specs, block, self.device)
-        self.ws = self.layout.workspaces(self.dtype)
-        self.has_novograd = self.layout.n_pre_segments > 0
-        # direction work buffer for every tensor not written into an NS stack
-        offset = 0
-        for e in self.entries:
-            if not e.ns_kernel and not e.fused:
-                e.work_offset = offset
-                offset += -(-e.numel // 16) * 16  # 16-element aligned, for vector loads
-        self.work = torch.empty(max(offset, 1), dtype=self.dtype, device=self.device)
-
-    def _build_ns(self, groups, ns_config) -> None:
-        """One NSBatch per (NS dtype, form), and for the Gram form per schedule (its large items
-        iterate as one batch)."""
-        self.ns_batches = {}
-        by_key: dict = {}
+    def _budget(self) -> int:
+        """SPEC §8: 2× the largest bucket, in the dtype its direction is held in (the NS dtype for NS
+        buckets; the compute dtype for the work buffer of the others, e.g. LAMB's l2 tensors)."""
+        by_bucket: dict = {}
         for e in self.entries:
             if e.ns_kernel:
-                group = groups[e.bucket.group_index]
-                sched = ns_schedule(group) if e.ns_method == "gram" else None
-                by_key.setdefault((e.ns_dtype, e.ns_method, sched), []).append(e)
-        for (dtype, method, _), entries in by_key.items():
-            specs = []
-            for n, e in enumerate(entries):
-                specs.append(mk.NSSpec(e.numel, ns_blocks(e.nb, e.numel)))
-                e.spec, e.batch_key = n, (dtype, method, _)
-            self.ns_batches[(dtype, method, _)] = (mk.NSBatch(specs, dtype, self.device, ns_config, method=method), entries)
+                word = torch.finfo(e.ns_dtype).bits // 8
+            elif _needs_work(e):
+                word = torch.finfo(self.dtype).bits // 8
+            else:
+                continue
+            by_bucket[id(e.nb)] = by_bucket.get(id(e.nb), 0) + e.numel * word
+        return 2 * max(by_bucket.values(), default=0)
+
+    def memory(self) -> dict:
+        """Bytes of the big work buffers (the arena every round's buffers are views of) against the
+        SPEC §8 budget, and what each round takes of it."""
+        return dict(
+            budget=self.budget,
+            arena=self.arena.buffer.numel(),
+            rounds=len(self.rounds),
+            round_bytes=[_span(r.requests()) for r in self.rounds],
+        )
 
     def _init_static_columns(self, groups) -> None:
         t = self.table
         ints = t.ints
+        for r in self.rounds:
+            for local, e in enumerate(r.entries):
+                ints[e.row, ICOL.W_SEGMENT] = int(r.layout.w_segment[local])
+                ints[e.row, ICOL.G_SEGMENT] = int(r.layout.g_segment[local])
+                if e.ns_kernel:
+                    ints[e.row, ICOL.DIRECTION] = e.batch.input_view(e.spec).data_ptr()
+                elif not e.fused:
+                    ints[e.row, ICOL.DIRECTION] = ints[e.row, ICOL.DELTA] = r.work[e.work_offset :].data_ptr()
         for row, e in enumerate(self.entries):
             group = groups[e.bucket.group_index]
             ints[row, ICOL.NUMEL] = e.numel
             ints[row, ICOL.PRECONDITIONER] = PRECONDITIONER_CODES[group["preconditioner"]]
-            ints[row, ICOL.W_SEGMENT] = int(self.layout.w_segment[row])
-            ints[row, ICOL.G_SEGMENT] = int(self.layout.g_segment[row])
             if e.ns_kernel:
-                batch = self.ns_batches[e.batch_key][0]
-                ints[row, ICOL.DIRECTION] = batch.input_view(e.spec).data_ptr()
                 ints[row, ICOL.DIRECTION_DTYPE] = DTYPE_CODES[e.ns_dtype]
                 ints[row, ICOL.DELTA_DTYPE] = DTYPE_CODES[e.ns_dtype]
                 ints[row, ICOL.NORM_KIND] = NORM_PRECOMPUTED
@@ -211,8 +419,6 @@ class _LaunchGroup:
                 ints[row, ICOL.DIRECTION_DTYPE] = ints[row, ICOL.DELTA_DTYPE] = DTYPE_CODES[self.dtype]
                 ints[row, ICOL.NORM_KIND] = _NORM_KIND[e.nb.norm]
             else:
-                addr = self.work[e.work_offset :].data_ptr()
-                ints[row, ICOL.DIRECTION] = ints[row, ICOL.DELTA] = addr
                 ints[row, ICOL.DIRECTION_DTYPE] = ints[row, ICOL.DELTA_DTYPE] = DTYPE_CODES[self.dtype]
                 precomputed = e.ns_dtype is not None or e.torch_norm
                 ints[row, ICOL.NORM_KIND] = NORM_PRECOMPUTED if precomputed else _NORM_KIND[e.nb.norm]
@@ -286,24 +492,12 @@ class _LaunchGroup:
         ints[:, ICOL.EXP_AVG] = torch.tensor([s["exp_avg"].data_ptr() for s in self.states], dtype=torch.int64)
         ints[:, ICOL.EXP_AVG_SQ] = torch.tensor([s["exp_avg_sq"].data_ptr() if "exp_avg_sq" in s else 0 for s in self.states], dtype=torch.int64)
         ints[:, ICOL.OFFSET] = torch.tensor([s["offset"].data_ptr() if "offset" in s else 0 for s in self.states], dtype=torch.int64)
-        for batch, entries in self.ns_batches.values():
-            for e in entries:  # where the NS result is depends on the parity of ns_steps
-                ints[e.row, ICOL.DELTA] = batch.output_view(e.spec).data_ptr()
+        for e in self.entries:  # where the NS result is depends on the parity of ns_steps
+            if e.ns_kernel:
+                ints[e.row, ICOL.DELTA] = e.batch.output_view(e.spec).data_ptr()
         if any(e.numel and not s["exp_avg"].is_contiguous() for e, s in zip(self.entries, self.states)):
             raise RuntimeError("mango: triton backend needs contiguous optimizer state tensors")
         return gs
-
-    def _set_ns_schedules(self, groups) -> None:
-        for batch, entries in self.ns_batches.values():
-            steps, coefficients, eps, spectral = [], [], [], []
-            for e in entries:
-                group = groups[e.bucket.group_index]
-                co = ns_schedule(group)
-                steps.append(len(co))
-                coefficients.append(co)
-                eps.append(group["ns_eps"])
-                spectral.append(group["ns_prescale"] == "spectral")
-            batch.set_schedule(steps, coefficients, eps, spectral)
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, groups, grads) -> None:
@@ -311,48 +505,17 @@ class _LaunchGroup:
         torch._foreach_add_(steps, 1.0)
         if steps[0].device.type != "cpu":
             mk.record("step_counters")
-        self._set_ns_schedules(groups)
+        for r in self.rounds:
+            r.set_ns_schedules(groups)
         self._fill_floats(groups)
         live_grads = self._fill_addresses(grads)
         self._copy_params_in()
         aligned = self.table.addresses_aligned()
         tables = self.table.upload()
-        layout, ws, dtype = self.layout, self.ws, self.dtype
-        if self.has_novograd:
-            mk.launch_novograd_prepass(tables, layout, ws, dtype, aligned)
-        mk.launch_moments(tables, layout, ws, dtype, aligned)
-        if layout.n_post_segments:
-            mk.launch_segment_sums(layout.post_segments, ws["partials"], ws["sums"], 0, dtype)
-        self._newton_schulz(groups)
-        mk.launch_apply(tables, layout, ws, dtype, aligned)
+        for r in self.rounds:
+            r.run(tables, groups, aligned)
         self._copy_params_out()
         del live_grads
-
-    def _newton_schulz(self, groups) -> None:
-        for batch, entries in self.ns_batches.values():
-            for e in entries:
-                group = groups[e.bucket.group_index]
-                if group["ns_prescale"] == "spectral":  # option, not the hot path: torch fills the batch's sums
-                    blocks = torch.stack(batch.block_views(e.spec)).float()
-                    s = batch.specs[e.spec]
-                    batch.sums[s.segment : s.segment + s.n_blocks] = spectral_norm(blocks).square()
-                    mk.record("spectral_norm")
-            batch.run()
-            mk.prescale_only(batch, [e.spec for e in entries if batch.specs[e.spec].steps == 0])
-        for e in self.entries:  # float64 NS, and l2_col of transposed layouts: torch, on the work buffer
-            if (e.ns_dtype is not None and not e.ns_kernel) or e.torch_norm:
-                group = groups[e.bucket.group_index]
-                nb = e.nb
-                d = self.work[e.work_offset : e.work_offset + e.numel].view(nb.shape)
-                blocks = norm_blocks(d, nb.shape, nb.norm, nb.head_dim, **nb.layout)
-                if e.torch_norm:
-                    blocks.mul_(_safe_inverse(torch.linalg.vector_norm(blocks, dim=-1, keepdim=True)))
-                    mk.record("torch_row_norm")
-                    continue
-                out = batched_newton_schulz(blocks.to(e.ns_dtype), ns_schedule(group), group["ns_prescale"], group["ns_eps"],
-                                            method=e.ns_method)  # fmt: skip
-                blocks.copy_(out)
-                mk.record("torch_newton_schulz")
 
     def _copy_params_in(self) -> None:
         for e in self.entries:
@@ -368,27 +531,27 @@ class _LaunchGroup:
 
     def nonfinite_in_last_step(self) -> list:
         """Names of tensors whose gradient had a NaN/Inf in the last moments pass (host sync)."""
-        n = self.layout.n_tiles
-        if n == 0:
-            return []
-        tile_tensor = self.layout.tiles_host[:, 0]
         bad = torch.zeros(len(self.entries), dtype=torch.int64)
-        bad.index_reduce_(0, tile_tensor, self.ws["tile_flags"][:n].cpu().to(torch.int64), "amax")
+        for r in self.rounds:
+            r.nonfinite_tiles(bad)
         return [e.slot.name for e, b in zip(self.entries, bad.tolist()) if b]
 
 
 class TritonBackend:
     name = "triton"
 
-    def __init__(self, ns_config: "mk.NSConfig" = None, block: int = None):
+    def __init__(self, ns_config: "mk.NSConfig" = None, block: int = None, memory_budget: float = None):
+        """`memory_budget`: bytes of work buffers a step may use (None: SPEC §8's 2× the largest
+        bucket; float("inf"): one round, the fewest launches)."""
         self.ns_config = ns_config or mk.NSConfig()
         self.block = block or mk.DEFAULT_BLOCK
+        self.memory_budget = memory_budget
 
     def _program(self, opt, plan) -> list:
         """The plan's launch groups, built on first use; rebuilt if a setting that shapes the
         tables (trust_ratio, which adds ‖W‖ segments; the NS schedule, which groups the Gram form's
         batches) changes without a plan rebuild."""
-        key = tuple((bool(g["trust_ratio"]), ns_schedule(g)) for g in opt.param_groups)  # the Gram form batches by schedule
+        key = (self.memory_budget, tuple((bool(g["trust_ratio"]), ns_schedule(g)) for g in opt.param_groups))  # the Gram form batches by schedule
         cached = plan.cache.get("triton")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -397,7 +560,7 @@ class TritonBackend:
             by_key.setdefault((bucket.device, bucket.dtype), []).append(bucket)
         launch_groups = []
         for (device, dtype), buckets in by_key.items():
-            lg = _LaunchGroup(buckets, opt.param_groups, device, dtype, self.ns_config, self.block)
+            lg = _LaunchGroup(buckets, opt.param_groups, device, dtype, self.ns_config, self.block, self.memory_budget)
             launch_groups.append(lg)
         plan.cache["triton"] = (key, launch_groups)
         return launch_groups
