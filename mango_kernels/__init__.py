@@ -27,7 +27,7 @@ from .elementwise import (
     nonfinite_flags,
     nonfinite_layout,
 )
-from .ns import NS_DTYPES, NSBatch, NSConfig, NSSpec, newton_schulz, ns_buffer_elems, prescale_only
+from .ns import NS_DTYPES, NSBatch, NSConfig, NSSpec, newton_schulz, ns_buffer_bytes, ns_buffers, prescale_only
 from .tables import DTYPE_CODES, ElementwiseLayout, TensorLayout, TensorTable
 
 __all__ = [
@@ -45,7 +45,8 @@ __all__ = [
     "nonfinite_layout",
     "NS_DTYPES",
     "NSBatch",
-    "ns_buffer_elems",
+    "ns_buffer_bytes",
+    "ns_buffers",
     "NSConfig",
     "NSSpec",
     "newton_schulz",

@@ -370,7 +370,8 @@ def _ns_poly_kernel(
     ICOLS: tl.constexpr, FCOLS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     DTYPE: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    """M = a·I + b·A + c·A² of step k (at step 0 of the pre-scaled X: s²·A, s = 1/max(‖X‖, ε))."""
+    """M = a·I + b·A + c·A² of step k (at step 0 of the pre-scaled X: s²·A, s = 1/max(‖X‖, ε)),
+    into WB in the NS dtype (the update uses it rounded to that anyway: half the bytes of fp32)."""
     q = tl.program_id(0).to(tl.int64)
     i = tl.load(TILES + 3 * q)
     ti = tl.load(TILES + 3 * q + 1)
@@ -401,7 +402,7 @@ def _ns_poly_kernel(
             acc = tl.dot(_operand(a_im, DTYPE, INTERPRET), _operand(a_mj, DTYPE, INTERPRET), acc, input_precision=PRECISION)
         mask = (ri < R)[:, None] & (rj < R)[None, :]
         a_ij = _operand(tl.load(A + ri[:, None] * R + rj[None, :], mask=mask, other=0.0) * s2, DTYPE, INTERPRET)
-        poly = _poly(a_ij, acc, a, b, c, ri, rj)
+        poly = round_to(_poly(a_ij, acc, a, b, c, ri, rj), DTYPE, INTERPRET)  # a dot operand of the update: stored rounded
         B = WB + ws_off
         tl.store(B + ri[:, None] * R + rj[None, :], poly, mask=mask)
         if ti != tj:
@@ -413,7 +414,7 @@ def _update_tile(
     x, y, B, ri, cj, R, C, sr, sc, scale,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Y[ri, cj] = scale · (M·X)[ri, cj] with M from the workspace."""
+    """Y[ri, cj] = scale · (M·X)[ri, cj] with M from the workspace (in the NS dtype)."""
     kk = tl.arange(0, BK).to(tl.int64)
     col_mask = (cj < C)[None, :]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -509,9 +510,11 @@ def _is_large(rows: int, cols: int, method: str, config: NSConfig) -> bool:
     return min(rows, cols) > limit
 
 
-def ns_buffer_elems(specs: list, method: str = "textbook", config: NSConfig = None) -> tuple:
-    """Elements of an NSBatch's buffers for these specs: (stack, second buffer, each m×m fp32
-    workspace). Lets a caller size memory before building batches (the triton backend's rounds)."""
+def ns_buffers(specs: list, dtype: torch.dtype, method: str = "textbook", config: NSConfig = None) -> dict:
+    """(numel, dtype) of each work buffer of an NSBatch for these specs: the stack, the second buffer
+    of the large items, and their m×m workspaces — A (the Gram matrix, fp32) and the polynomial or Q
+    (a dot operand: the NS dtype). Lets a caller size memory before building batches (the triton
+    backend's rounds)."""
     config = config or NSConfig()
     stack = second = ws = 0
     for s in specs:
@@ -520,7 +523,11 @@ def ns_buffer_elems(specs: list, method: str = "textbook", config: NSConfig = No
         if large:
             second += _aligned(s.numel)
             ws += sum(m * m for m in large)
-    return stack, second, ws
+    return {"stack": (stack, dtype), "buffer1": (second, dtype), "workspace_a": (ws, torch.float32), "workspace_b": (ws, dtype)}
+
+
+def ns_buffer_bytes(specs: list, dtype: torch.dtype, method: str = "textbook", config: NSConfig = None) -> int:
+    return sum(n * (torch.finfo(dt).bits // 8) for n, dt in ns_buffers(specs, dtype, method, config).values())
 
 
 @dataclass
@@ -569,8 +576,7 @@ class NSBatch:
         self.sums = torch.zeros(max(1, sum(s.n_blocks for s in self.specs)), dtype=torch.float32, device=self.device)
         self._build_items()
         self._schedule_key = None
-        n0, n1, nws = ns_buffer_elems(self.specs, method, self.config)
-        self.buffer_sizes = {"stack": (n0, dtype), "buffer1": (n1, dtype), "workspace_a": (nws, torch.float32), "workspace_b": (nws, torch.float32)}
+        self.buffer_sizes = ns_buffers(self.specs, dtype, method, self.config)
         if bind:
             self.bind()
 
@@ -605,8 +611,8 @@ class NSBatch:
         for k in self.large:
             self.spec_is_large[items[k].spec] = True
         # large items: the second buffer mirrors each large spec's stretch of the stack (strides carry
-        # over); R×R fp32 workspaces, consecutive for items of the same size (batched host matmuls).
-        # `ns_buffer_elems` counts the same sizes.
+        # over); R×R workspaces (A in fp32, M or Q in the NS dtype), consecutive for items of the same size (batched host matmuls).
+        # `ns_buffers` counts the same sizes.
         self.large_second_offset, n1 = {}, 0
         for si, s in enumerate(self.specs):
             if self.spec_is_large[si]:
@@ -811,13 +817,13 @@ class NSBatch:
         return 1.0 / torch.maximum(sq.sqrt(), eps)
 
     def _store_q(self, Qs: dict, scales: dict) -> None:
-        """Q of every large item into workspace B (fp32), × the pre-scale s where X does not carry it yet."""
+        """Q of every large item into workspace B (the NS dtype), × the pre-scale s (in fp32, then
+        rounded once) where X does not carry it yet."""
         for m, ks in self.large_by_rows.items():
             W = self._ws_view(self.workspace_b, m, ks)
             q = Qs.get(m)
-            W.copy_(torch.eye(m, device=W.device).expand_as(W) if q is None else q)
-            if m in scales:
-                W.mul_(scales[m][:, None, None])
+            q = torch.eye(m, device=W.device).expand_as(W) if q is None else q.float()
+            W.copy_(q * scales[m][:, None, None] if m in scales else q)
             record("ns_gram_store", 2 if m in scales else 1)
 
 

@@ -167,14 +167,15 @@ def _needs_work(e) -> bool:
 
 
 def _pack_rounds(entries, cost, budget: int) -> list:
-    """Entries packed into rounds of at most `budget` bytes: each norm bucket whole where it fits
-    (its same-shape NS items stay one batch), first-fit by decreasing size; a bucket over the
+    """Entries packed into rounds of at most `budget` bytes: each NS norm bucket whole where it fits
+    (its same-shape NS items stay one batch), and the direction buffers of the other tensors
+    together, first-fit by decreasing size; a unit over the
     budget is cut into runs of consecutive tensors, a tensor over it alone gets a round of its own.
     Entries that cost nothing (fused none/sign, empty) join the first round."""
     units: dict = {}
-    for e in entries:
+    for e in entries:  # the non-NS tensors as one unit: their l2 sums in one round, one segment-sums launch
         if cost[e.row]:
-            units.setdefault(id(e.nb), []).append(e)
+            units.setdefault(id(e.nb) if e.ns_kernel else "work", []).append(e)
     pieces = []
     for unit in units.values():
         if sum(cost[e.row] for e in unit) <= budget:
@@ -365,8 +366,7 @@ class _LaunchGroup:
         if e.numel == 0:
             return 0
         if e.ns_kernel:
-            n0, n1, nws = mk.ns_buffer_elems([mk.NSSpec(e.numel, ns_blocks(e.nb, e.numel))], e.ns_method, ns_config)
-            return (n0 + n1) * (torch.finfo(e.ns_dtype).bits // 8) + 2 * nws * 4
+            return mk.ns_buffer_bytes([mk.NSSpec(e.numel, ns_blocks(e.nb, e.numel))], e.ns_dtype, e.ns_method, ns_config)
         if _needs_work(e):
             return -(-e.numel // 16) * 16 * (torch.finfo(self.dtype).bits // 8)
         return 0
