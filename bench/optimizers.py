@@ -21,6 +21,11 @@ issue 14; `VARIANTS` says what each sets):
     torch_pe4            ns_coefficients="polar_express_4" (4 steps instead of 5)
     torch_fp32_pe4       the same in fp32 (Gram form where auto picks it)
 
+And of the triton backend (CUDA only; on in the GPU run):
+
+    triton_one_round     the whole step in one round (memory_budget=inf): the fewest launches, NS
+                         buffers for every tensor at once, beyond SPEC §8's memory budget
+
 All MANGO contenders use the preset's defaults (LaProp, Nesterov, offset momentum, NS norms per role).
 """
 
@@ -38,7 +43,7 @@ from mango import config, reference
 
 from .params import ParamSet, mango_groups
 
-__all__ = ["CONTENDERS", "VARIANTS", "ALL_CONTENDERS", "MANGO_KEYS", "LABELS", "Runner", "Unavailable", "build", "kernel_launch_counter", "state_nbytes"]
+__all__ = ["CONTENDERS", "VARIANTS", "TRITON_VARIANTS", "ALL_CONTENDERS", "MANGO_KEYS", "LABELS", "Runner", "Unavailable", "build", "kernel_launch_counter", "state_nbytes"]
 
 CONTENDERS = ("triton", "torch", "torch_bf16", "reference", "compile", "muon_adamw", "adamw")
 LABELS = {
@@ -58,10 +63,14 @@ VARIANTS = {
     "torch_pe4": ("mango torch (polar_express_4)", {"ns_coefficients": "polar_express_4"}),
     "torch_fp32_pe4": ("mango torch (fp32 NS, polar_express_4)", {"ns_dtype": torch.float32, "ns_coefficients": "polar_express_4"}),
 }
-LABELS.update({k: v[0] for k, v in VARIANTS.items()})
-ALL_CONTENDERS = CONTENDERS + tuple(VARIANTS)
+# triton-backend variants: key -> (label, backend attributes)
+TRITON_VARIANTS = {
+    "triton_one_round": ("mango triton (one round)", {"memory_budget": float("inf")}),
+}
+LABELS.update({k: v[0] for k, v in {**VARIANTS, **TRITON_VARIANTS}.items()})
+ALL_CONTENDERS = CONTENDERS + tuple(VARIANTS) + tuple(TRITON_VARIANTS)
 # contenders that run mango's math (SPEC §8's memory budget applies to them)
-MANGO_KEYS = ("triton", "torch", "torch_bf16", "reference", "compile") + tuple(VARIANTS)
+MANGO_KEYS = ("triton", "torch", "torch_bf16", "reference", "compile") + tuple(VARIANTS) + tuple(TRITON_VARIANTS)
 MUON_ROLES = ("matrix", "qkv_weight")
 
 
@@ -117,6 +126,10 @@ def kernel_launch_counter():
 
 
 def _mango(backend, pset, params, device) -> Runner:
+    key = backend
+    backend_attrs = {}
+    if backend in TRITON_VARIANTS:
+        backend, backend_attrs = "triton", TRITON_VARIANTS[key][1]
     if backend == "triton":
         if torch.device(device).type != "cuda":
             raise Unavailable("no CUDA")
@@ -126,13 +139,14 @@ def _mango(backend, pset, params, device) -> Runner:
             make_backend("triton", torch.device(device))
         except Exception as e:  # no triton, or the backend is not there yet
             raise Unavailable(f"triton backend: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    key = backend
     kw = {}
     if backend == "torch_bf16":
         backend, kw = "torch", {"ns_dtype": torch.bfloat16}
     elif backend in VARIANTS:
         backend, kw = "torch", dict(VARIANTS[key][1])
     opt = mango.presets.mango(mango_groups(pset, params), backend=backend, **kw)
+    for name, value in backend_attrs.items():
+        setattr(opt._backend_for(torch.device(device)), name, value)
     counter = kernel_launch_counter() if backend == "triton" else None
     return Runner(key, LABELS[key], opt.step, _opt_state(opt), opt, info={"ns_settings": kw}, launch_counter=counter)
 
@@ -240,7 +254,7 @@ def _adamw(pset, params, device) -> Runner:
 
 def build(key: str, pset: ParamSet, params: list, device, compile_backend="inductor", compile_timeout_s=None) -> Runner:
     """The Runner for contender `key` on `params` (a fresh ParamSet.build); raises Unavailable."""
-    if key in ("triton", "torch", "torch_bf16", "reference") or key in VARIANTS:
+    if key in ("triton", "torch", "torch_bf16", "reference") or key in VARIANTS or key in TRITON_VARIANTS:
         return _mango(key, pset, params, device)
     if key == "compile":
         return _compiled_reference(pset, params, device, compile_backend, compile_timeout_s)

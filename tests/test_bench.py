@@ -430,3 +430,20 @@ def test_schedule_sigma_range_by_hand():
     G = schedules.make_input("gradient", 16, 48, seed=1)
     sv = torch.linalg.svdvals(G[0])
     torch.testing.assert_close(sv / sv[0], (torch.arange(16, dtype=torch.float64) + 1) ** -1.5)
+
+
+def test_rounds_report_on_a_dry_run(tmp_path):
+    """bench.rounds: within the budget the arena is far below one round's and the launches grow
+    with the rounds (one moments pass per round)."""
+    from bench import rounds
+
+    rows = rounds.main(["--sets", "tiny", "--out", str(tmp_path)])
+    assert len(rows) == 4 and sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+    by = {(r["form"], r["one_round"]): r for r in rows}
+    for form in rounds.FORMS:
+        bounded, one = by[form, False], by[form, True]
+        assert one["rounds"] == 1 and bounded["rounds"] >= 1
+        assert bounded["arena_bytes"] <= one["arena_bytes"] and bounded["launches"] >= one["launches"]
+        assert bounded["budget_bytes"] == one["budget_bytes"] > 0
+        assert bounded["by_name"]["moments"] == bounded["rounds"] and one["by_name"]["moments"] == 1
+        assert one["launches"] == 1 + sum(one["by_name"].values())

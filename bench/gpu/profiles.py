@@ -16,7 +16,7 @@ from __future__ import annotations
 from .train_stage import TRITON_SPEC
 
 FIRST = ["test_kernels", "test_triton_backend"]  # kernels and backends first
-CONTENDERS = "triton,torch,reference,muon_adamw,adamw,compile"  # compile last: it is the one that can eat the budget
+CONTENDERS = "triton,triton_one_round,torch,reference,muon_adamw,adamw,compile"  # compile last: it is the one that can eat the budget
 
 GPU = {
     "budget_s": 470,

@@ -1,0 +1,102 @@
+"""`python -m bench.rounds`: the triton backend's work memory and launches per step, without a GPU.
+
+The triton backend packs a step into rounds whose buffers fit SPEC §8's budget (2× the largest
+bucket in its NS dtype; `mango.backends.triton_backend`). How many rounds, how big the arena, and
+how many launches follow from the plan alone, so this builds each parameter set on CPU tensors,
+takes `backend="triton"` steps as dry runs (`mango_kernels.count_launches(dry_run=True)`: the host
+decides every launch, nothing executes) with the GPU's tile sizes, and reads the plan's
+`memory()`: budget, arena, bytes per round. Each set runs with the NS forms CUDA's "auto" picks
+(the fp16 Gram form on wide matrices) and with the bf16 textbook form (a CPU's "auto"), both within
+the budget and in one round (`memory_budget=inf`, the fewest launches).
+
+    python -m bench.rounds                          # GPT-2 124M and 350M (~1 min)
+    python -m bench.rounds --sets tiny --out /tmp/r # what the tests run
+
+Writes `rounds_<time>.{json,md}` to --out (default bench/results/local/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors through the triton backend (dry runs only)
+
+import torch  # noqa: E402
+
+import mango  # noqa: E402
+import mango_kernels as mk  # noqa: E402
+from mango.backends import triton_backend  # noqa: E402
+
+from . import params as P  # noqa: E402
+
+GPU_TILES = mk.NSConfig(small_max_rows=128, gram_small_max_rows=64, small_block_c=64, block_m=128, block_n=128, block_k=64)
+FORMS = {"cuda_auto": {}, "bf16_textbook": {"ns_method": "textbook"}}  # label -> settings; "auto" as on CUDA
+
+
+def measure(set_name: str, form: str, budget) -> dict:
+    """Dry-run steps of the set's mango optimizer; rounds, arena, budget and launches."""
+    pset = P.resolve_set(set_name)
+    params = pset.build("cpu")
+    opt = mango.Mango(P.mango_groups(pset, params), backend="triton", **FORMS[form])
+    backend = opt._backend_for(torch.device("cpu"))
+    backend.ns_config, backend.memory_budget = GPU_TILES, budget
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    choose = triton_backend.ns_method_for
+    triton_backend.ns_method_for = lambda g, r, c, dt, dev: choose(g, r, c, dt, torch.device("cuda"))  # CUDA's choice
+    try:
+        with mk.count_launches(dry_run=True):
+            opt.step()  # builds the plan
+        with mk.count_launches(dry_run=True) as log:
+            opt.step()
+    finally:
+        triton_backend.ns_method_for = choose
+    (lg,) = opt._plan.cache["triton"][1]
+    mem = lg.memory()
+    forms = sorted({f"{str(e.ns_dtype).replace('torch.', '')} {e.ns_method}" for e in lg.entries if e.ns_kernel})
+    return dict(
+        set=set_name, form=form, ns_forms=forms, one_round=budget is not None,
+        rounds=mem["rounds"], arena_bytes=mem["arena"], budget_bytes=lg._budget(), round_bytes=mem["round_bytes"],
+        launches=log.count + 1,  # + the table copy a CUDA step makes
+        by_name=dict(log.by_name()),
+    )
+
+
+def table(rows: list) -> str:
+    out = ["| set | NS forms | rounds | arena MB | budget MB | arena ÷ budget | launches + host ops |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in rows:
+        label = f"{r['set']}{', one round' if r['one_round'] else ''}"
+        out.append(f"| {label} | {', '.join(r['ns_forms'])} | {r['rounds']} | {r['arena_bytes'] / 1e6:.1f} | "
+                   f"{r['budget_bytes'] / 1e6:.1f} | {r['arena_bytes'] / r['budget_bytes']:.2f}× | {r['launches']} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> list:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sets", default="gpt2-124m,gpt2-350m")
+    p.add_argument("--out", default="bench/results/local")
+    args = p.parse_args(argv)
+    rows = []
+    for name in args.sets.split(","):
+        for form in FORMS:
+            for budget in (None, float("inf")):
+                rows.append(measure(name, form, budget))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    (out / f"rounds_{stamp}.json").write_text(json.dumps(dict(torch=torch.__version__, rows=rows), indent=1))
+    (out / f"rounds_{stamp}.md").write_text(
+        f"# triton backend: rounds, arena and launches per step (dry run, GPU tile sizes; torch {torch.__version__})\n\n" + table(rows)
+    )
+    print(f"wrote {out}/rounds_{stamp}.{{json,md}}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
