@@ -447,3 +447,31 @@ def test_rounds_report_on_a_dry_run(tmp_path):
         assert bounded["budget_bytes"] == one["budget_bytes"] > 0
         assert bounded["by_name"]["moments"] == bounded["rounds"] and one["by_name"]["moments"] == 1
         assert one["launches"] == 1 + sum(one["by_name"].values())
+
+
+@pytest.mark.parametrize("set_kw", [dict(n_layer=3, d=128, vocab=128, block=8), dict(n_layer=1, d=128, vocab=4096, block=8)],
+                         ids=["mlp-largest", "head-largest"])  # fmt: skip
+def test_torch_backend_fp32_step_within_the_budget(set_kw):
+    """SPEC §8 on the torch backend, counted from allocator events: with fp32 NS everything a step
+    holds beyond the state (workspace + peak transient) is at most 2× the largest NS bucket —
+    the NS's m×m temporaries live in room of its two buffers. Where the largest bucket is one
+    matrix filling both buffers (the head), its m×m temporaries are the only thing above. (Sets
+    big enough that two minimum-size elementwise chunk buffers fit in the budget.)"""
+    ps = params.gpt_set("t", **set_kw)
+    ws = ps.build("cpu")
+    settings = {"ns_dtype": torch.float32}
+    with memory.AllocationTrace("cpu") as res:
+        opt = mango.presets.mango(params.mango_groups(ps, ws), backend="torch", **settings)
+        opt.step()
+    with memory.AllocationTrace("cpu") as step:
+        opt.step()
+    state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    budget = memory.ns_bucket_budget(ps, "cpu", settings)
+    rec = memory.account(res, step, state, 4 * ps.numel, "cpu", budget=budget)
+    assert rec["step_net_bytes"] == 0
+    small = 8192  # per-step scalars (norms, trust ratios) and the plan's index tensors
+    if budget["bucket"].startswith("head"):  # 4096×128: the Gram form, five 128×128 fp32 iterates
+        m = min(set_kw["d"], set_kw["vocab"])
+        assert budget["budget_bytes"] < rec["extra_beyond_state_bytes"] <= budget["budget_bytes"] + 5 * m * m * 4 + small
+    else:
+        assert rec["extra_beyond_state_bytes"] <= budget["budget_bytes"] + small, rec

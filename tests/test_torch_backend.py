@@ -336,3 +336,22 @@ def test_gram_form_trajectory_matches_reference(norm):
     ref = run_trajectory(mango_opt(clone_groups(groups), "reference"), steps=10)
     out = run_trajectory(mango_opt(groups, "torch"), steps=10)
     assert rel_err(out, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("method", ["textbook", "gram"])
+@pytest.mark.parametrize("shape", [(3, 512, 128), (5, 96, 96), (2, 64, 256), (1, 40, 200)], ids=str)
+def test_ns_temporaries_in_the_buffers_change_nothing(method, shape):
+    """batched_newton_schulz with its two buffers puts the m×m temporaries in room the ping-pong
+    leaves (slicing the batch to fit) — or, with no room, allocates them: the result is bit for bit the same
+    as with fresh buffers, the input living in the first buffer as in the backend."""
+    from mango.backends.torch_backend import batched_newton_schulz
+
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(*shape, generator=gen, dtype=torch.float32)
+    coeffs = ((3.4445, -4.7750, 2.0315),) * 5
+    expected = batched_newton_schulz(X.clone(), coeffs, "frobenius", 1e-7, method=method)
+    first = torch.empty(X.numel())
+    second = torch.empty(X.numel())
+    first.copy_(X.reshape(-1))
+    got = batched_newton_schulz(first.view(shape), coeffs, "frobenius", 1e-7, method=method, buffers=(first, second))
+    assert torch.equal(got, expected)

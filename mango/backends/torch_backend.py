@@ -78,8 +78,11 @@ def batched_newton_schulz(
     and scale in one pass. `buffers`: two tensors of at least X's size in `dtype` to iterate in
     (ping-pong, nothing else of that size is allocated; X may live in the first); without them,
     fresh ones. `method`: "textbook" (A = X·Xᵀ, B = b·A + c·A², X ← a·X + B·X) or "gram"
-    (mango.newton_schulz.gram). `max_temp_bytes`: iterate on slices of the batch so the m×m
-    temporaries (A, B; or R, Q, P) stay under this many bytes (at least one matrix at a time).
+    (mango.newton_schulz.gram). The m×m temporaries (A, B; or R, P, Q and two products) of a slice of
+    the batch live in room of the two buffers that slice does not use — the part of the batch not
+    yet reached, the stale half of the slices done, and anything past the batch — so with buffers
+    the NS allocates nothing (SPEC §8); where there is no such room (a batch of one matrix filling
+    its buffers), fresh temporaries for slices under `max_temp_bytes` (at least one matrix).
     """
     dtype = dtype or X.dtype
     lead, (r, c) = X.shape[:-2], X.shape[-2:]
@@ -98,20 +101,73 @@ def batched_newton_schulz(
         buffers = (torch.empty(B * m * n, dtype=dtype, device=X.device), torch.empty(B * m * n, dtype=dtype, device=X.device))
     cur, other = (buf.view(-1)[: B * m * n].view(B, m, n) for buf in (buffers[1], buffers[0]))
     torch.div(src, scale, out=cur.view(*lead, m, n))  # X may be in buffers[0]: it is read here, once
+    if B == 0:
+        return cur.view(*lead, m, n).mT if transposed else cur.view(*lead, m, n)
     iterate = _gram_iterate if method == "gram" else _textbook_iterate
-    per_matrix = (5 if method == "gram" else 2) * m * m * (torch.finfo(dtype).bits // 8)
-    step = B if max_temp_bytes is None else max(1, max_temp_bytes // per_matrix)
-    for b0 in range(0, B, step):  # every slice takes the same number of ping-pongs: one result buffer
-        Y = iterate(cur[b0 : b0 + step], other[b0 : b0 + step], coefficients, out_scale)
-    Y = (cur if B == 0 or Y.data_ptr() == cur[b0:].data_ptr() else other).view(*lead, m, n)
+    count = 5 if method == "gram" else 2  # m×m temporaries per matrix
+    flat = (buffers[1].view(-1), buffers[0].view(-1))  # cur's and other's whole buffers
+    step = _slice_in_place(B, m * n, count, m * m, *(f.numel() for f in flat))
+    in_place = step is not None
+    if not in_place:  # no room: fresh temporaries, sliced
+        per_matrix = count * m * m * (torch.finfo(dtype).bits // 8)
+        step = B if max_temp_bytes is None else max(1, max_temp_bytes // per_matrix)
+    in_other = False  # where finished slices' results are (every slice takes the same number of ping-pongs)
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        rooms = _rooms(flat, b0, b1, B, m * n, in_other) if in_place else None
+        Y = iterate(cur[b0:b1], other[b0:b1], coefficients, out_scale, rooms)
+        in_other = Y.data_ptr() != cur[b0:].data_ptr()
+    Y = (other if in_other else cur).view(*lead, m, n)
     return Y.mT if transposed else Y
 
 
-def _textbook_iterate(Y, other, coefficients, out_scale):
+def _rooms(flat, b0: int, b1: int, B: int, item: int, in_other: bool) -> list:
+    """The stretches of the two buffers (cur, other) that slice [b0, b1) of a B-matrix batch (item
+    elements each) leaves alone: other's part past the slice (not reached yet), the stale buffer's
+    part before it (the done slices' results are in the other one), cur past the batch."""
+    cur, other = flat
+    stale = cur if in_other else other
+    return [other[b1 * item :], stale[: b0 * item], cur[B * item :]]
+
+
+def _first_fit(room_sizes, count: int, size: int) -> list | None:
+    """Where `count` pieces of `size` elements go in rooms of these sizes, first fit: [(room, offset)]."""
+    free = list(room_sizes)
+    out = []
+    for _ in range(count):
+        i = next((i for i, f in enumerate(free) if f >= size), None)
+        if i is None:
+            return None
+        out.append((i, room_sizes[i] - free[i]))
+        free[i] -= size
+    return out
+
+
+def _slice_in_place(B: int, item: int, count: int, mm: int, cur_len: int, other_len: int):
+    """The largest slice size whose `count` m×m temporaries (mm elements per matrix) fit in the
+    `_rooms` of every slice, or None where even single matrices do not fit."""
+    for k in range(B, 0, -1):
+        if all(_first_fit([other_len - min(B, b0 + k) * item, b0 * item, cur_len - B * item], count, min(k, B - b0) * mm)
+               for b0 in range(0, B, k)):  # fmt: skip
+            return k
+    return None
+
+
+def _temporaries(Y, count: int, rooms) -> list:
+    """`count` (B, m, m) temporaries for a (B, m, n) stack: views into `rooms` (flat stretches of
+    the NS buffers, first fit) when given, else fresh."""
+    Bn, m = Y.shape[0], Y.shape[1]
+    if rooms is None:
+        return [Y.new_empty(Bn, m, m) for _ in range(count)]
+    size = Bn * m * m
+    return [rooms[i][o : o + size].view(Bn, m, m) for i, o in _first_fit([r.numel() for r in rooms], count, size)]
+
+
+def _textbook_iterate(Y, other, coefficients, out_scale, rooms=None):
     """The textbook steps on a contiguous (B, m, n) stack: A and B in two m×m buffers, X ping-ponging."""
     last = len(coefficients) - 1
     fold = out_scale != 0.0  # CPU bf16 baddbmm with alpha = beta = 0 returns garbage, not zeros
-    A, Bm = (Y.new_empty(Y.shape[0], Y.shape[1], Y.shape[1]) for _ in range(2)) if coefficients else (None, None)
+    A, Bm = _temporaries(Y, 2, rooms) if coefficients else (None, None)
     for step, (a, b, c) in enumerate(coefficients):
         k = out_scale if step == last and fold else 1.0
         torch.bmm(Y, Y.mT, out=A)
@@ -123,14 +179,14 @@ def _textbook_iterate(Y, other, coefficients, out_scale):
     return Y
 
 
-def _gram_iterate(Y, other, coefficients, out_scale):
+def _gram_iterate(Y, other, coefficients, out_scale, rooms=None):
     """mango.newton_schulz.gram on a contiguous (B, m, n) stack: X-sized work in the two X buffers only,
     the m×m iterates (R, P, Q and two products) in five buffers reused every step."""
     steps = len(coefficients)
     if steps == 0:
         return Y.mul_(out_scale) if out_scale != 1.0 else Y
     restarts = _ns.gram_restarts(steps)
-    R, P, Q, T, U = (Y.new_empty(Y.shape[0], Y.shape[1], Y.shape[1]) for _ in range(5))
+    R, P, Q, T, U = _temporaries(Y, 5, rooms)
     torch.bmm(Y, Y.mT, out=R)
     fresh = True  # Q = I
     for k, (a, b, c) in enumerate(coefficients):
@@ -515,7 +571,9 @@ class TorchBackend:
             X[chunk[0].x0 - unit.a : chunk[-1].x1 - unit.a].copy_(d)
         trust = self._trust(group, L, unit)
         scale = group["lr"] * nb.shape_factor
-        result = self.orthogonalize(group, bucket, unit, X.view(K, *nb.shape), scale=scale, buffers=(X, Y))
+        # the NS may use all of the workspace past X (its m×m temporaries go in room the ping-pong leaves)
+        y_all = self._typed(raw, x_bytes + 16, (raw.numel() - (-(-(x_bytes + 16) // 16) * 16)) // item, ns_dtype)
+        result = self.orthogonalize(group, bucket, unit, X.view(K, *nb.shape), scale=scale, buffers=(X, y_all))
         # the apply sweep's chunk buffer goes in whichever of X and Y the result is not in
         word = torch.finfo(L.dtype).bits // 8
         y_start = -(-(x_bytes + 16) // 16) * 16
