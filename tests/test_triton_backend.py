@@ -365,18 +365,23 @@ def test_rounds_keep_work_buffers_within_the_budget(device):
     assert mem["arena"] <= lg.budget < launch_group(one).memory()["arena"] / 2
 
 
-@pytest.mark.parametrize("ns_dtype", ["auto", torch.float32], ids=["bf16-NS", "fp32-NS"])
-def test_rounds_give_the_same_step_as_one_round(ns_dtype, device):
+@pytest.mark.parametrize("preset, ns_dtype", [("mango", "auto"), ("mango", torch.float32), ("muon", "auto"), ("lamb", "auto")],
+                         ids=["bf16-NS", "fp32-NS", "muon", "lamb"])  # fmt: skip
+def test_rounds_give_the_same_step_as_one_round(preset, ns_dtype, device):
     """Rounds change when each tensor's stages run, not what they compute: 3 steps in rounds and in
-    one round give the same parameters and state, bit for bit."""
+    one round give the same parameters and state, bit for bit — NS buckets split across rounds, and
+    LAMB's l2 directions (with the trust ratio) packed into rounds by their work-buffer bytes."""
     config = mk.NSConfig(small_max_rows=16, block_m=16, block_n=16, block_k=16)
     runs = []
-    for budget in (None, float("inf")):
+    # without NS the budget is 2× the largest l2 bucket (here most of the model): a smaller one forces rounds
+    bounded = 16 * 1024 if preset == "lamb" else None
+    for budget in (bounded, float("inf")):
         model = tiny_gpt(n_layer=2, n_embd=32, n_head=4, vocab=64, tie=True)
         model.to(device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = mango.Mango(mango.param_groups(model, qkv_heads=model.qkv_heads), backend="triton", ns_dtype=ns_dtype)
+            groups = mango.param_groups(model, qkv_heads=model.qkv_heads)
+            opt = getattr(mango.presets, preset)(groups, backend="triton", **({"ns_dtype": ns_dtype} if preset == "mango" else {}))
         backend = opt._backend_for(torch.device(device))
         backend.ns_config, backend.memory_budget = config, budget
         params = trajectory(opt, 3)
