@@ -163,7 +163,7 @@ def test_gpu_profile_names_only_flags_sets_and_contenders_that_exist():
     from bench.gpu.profiles import GPU
 
     st = step.build_parser().parse_args(GPU["stages"]["step"]["args"] + ["--out", "x", "--time-budget", "1"])
-    assert set(st.sets.split(",")) <= set(params.SETS) and set(st.optimizers.split(",")) <= set(optimizers.CONTENDERS)
+    assert set(st.sets.split(",")) <= set(params.SETS) and set(st.optimizers.split(",")) <= set(optimizers.ALL_CONTENDERS)
     cfg = GPU["stages"]["train"]
     for spec in cfg["specs"] + ["mango:backend=torch"]:
         train.RunSpec.parse(spec)
