@@ -7,7 +7,7 @@ drives the cost:
   per-parameter state entries are views into it (so `state_dict`, the reference and the triton
   backend see the usual per-tensor layout). Tensors are ordered by norm bucket ("unit").
 * **Bounded memory.** A step never holds a buffer of the whole parameter set. Each unit is swept
-  in *chunks* (≤ `CHUNK_ELEMENTS` elements, cut at tensor rows): gradients are gathered into a
+  in *chunks* (≤ `CHUNK_ELEMENTS` elements, `CPU_CHUNK_ELEMENTS` on a CPU, cut at tensor rows): gradients are gathered into a
   chunk buffer, the direction d is computed there, and the update is applied chunk by chunk.
   Newton–Schulz units write d straight into an NS-dtype buffer X of the unit; the iteration runs
   between X and one more buffer Y of the same size; the chunk buffers of the other passes live in
@@ -40,7 +40,8 @@ from ..reference import cpu_has_fast_bf16, ns_method_for, spectral_norm
 
 __all__ = ["TorchBackend", "batched_newton_schulz", "ns_work_dtype", "cpu_has_fast_bf16", "CHUNK_ELEMENTS"]
 
-CHUNK_ELEMENTS = 1 << 22  # elements per elementwise sweep (a 16 MB fp32 chunk buffer)
+CHUNK_ELEMENTS = 1 << 22  # elements per elementwise sweep (a 16 MB fp32 chunk buffer): few ops on a GPU
+CPU_CHUNK_ELEMENTS = 1 << 18  # on a CPU: two 1 MB fp32 chunk buffers stay in a core's L2 across a chunk's ~15 ops
 MIN_CHUNK = 1 << 16  # chunks are not cut smaller than this to fit a budget (op overhead)
 TEMP_FLOOR_BYTES = 1 << 20  # NS batches are not sliced to keep their m×m temporaries under this
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -74,8 +75,9 @@ def batched_newton_schulz(
     out_scale × the result as a (..., r, c) tensor (possibly a transposed view).
 
     The pre-scale norm is taken on X as given; the iteration runs on contiguous operands in `dtype`
-    (default X.dtype), transposed when r > c so the Gram matrix is the small one — cast, transpose
-    and scale in one pass. `buffers`: two tensors of at least X's size in `dtype` to iterate in
+    (default X.dtype) in the orientation X has in memory (cast and scale in one pass that never
+    transposes), with the Gram matrix of the smaller side: A = X·Xᵀ when X is wide there, Xᵀ·X and
+    X ← a·X + X·B when it is tall (the same polynomial: the transposed iteration). `buffers`: two tensors of at least X's size in `dtype` to iterate in
     (ping-pong, nothing else of that size is allocated; X may live in the first); without them,
     fresh ones. `method`: "textbook" (A = X·Xᵀ, B = b·A + c·A², X ← a·X + B·X) or "gram"
     (mango.newton_schulz.gram). The m×m temporaries (A, B; or R, P, Q and two products) of a slice of
@@ -85,10 +87,12 @@ def batched_newton_schulz(
     its buffers), fresh temporaries for slices under `max_temp_bytes` (at least one matrix).
     """
     dtype = dtype or X.dtype
-    lead, (r, c) = X.shape[:-2], X.shape[-2:]
-    transposed = r > c
+    lead = X.shape[:-2]
+    transposed = X.stride(-2) == 1 and X.stride(-1) != 1 and X.shape[-1] > 1  # X's rows are its memory's columns
     src = X.mT if transposed else X
     m, n = src.shape[-2:]
+    tall = m > n
+    k = min(m, n)  # side of the Gram matrix
     B = math.prod(lead)
     if prescale == "frobenius":
         scale = _frobenius(src)
@@ -104,18 +108,18 @@ def batched_newton_schulz(
     if B == 0:
         return cur.view(*lead, m, n).mT if transposed else cur.view(*lead, m, n)
     iterate = _gram_iterate if method == "gram" else _textbook_iterate
-    count = 5 if method == "gram" else 2  # m×m temporaries per matrix
+    count = 5 if method == "gram" else 2  # k×k temporaries per matrix
     flat = (buffers[1].view(-1), buffers[0].view(-1))  # cur's and other's whole buffers
-    step = _slice_in_place(B, m * n, count, m * m, *(f.numel() for f in flat))
+    step = _slice_in_place(B, m * n, count, k * k, *(f.numel() for f in flat))
     in_place = step is not None
     if not in_place:  # no room: fresh temporaries, sliced
-        per_matrix = count * m * m * (torch.finfo(dtype).bits // 8)
+        per_matrix = count * k * k * (torch.finfo(dtype).bits // 8)
         step = B if max_temp_bytes is None else max(1, max_temp_bytes // per_matrix)
     in_other = False  # where finished slices' results are (every slice takes the same number of ping-pongs)
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
         rooms = _rooms(flat, b0, b1, B, m * n, in_other) if in_place else None
-        Y = iterate(cur[b0:b1], other[b0:b1], coefficients, out_scale, rooms)
+        Y = iterate(cur[b0:b1], other[b0:b1], coefficients, out_scale, rooms, tall)
         in_other = Y.data_ptr() != cur[b0:].data_ptr()
     Y = (other if in_other else cur).view(*lead, m, n)
     return Y.mT if transposed else Y
@@ -154,32 +158,46 @@ def _slice_in_place(B: int, item: int, count: int, mm: int, cur_len: int, other_
 
 
 def _temporaries(Y, count: int, rooms) -> list:
-    """`count` (B, m, m) temporaries for a (B, m, n) stack: views into `rooms` (flat stretches of
-    the NS buffers, first fit) when given, else fresh."""
-    Bn, m = Y.shape[0], Y.shape[1]
+    """`count` (B, k, k) temporaries for a (B, m, n) stack, k = min(m, n): views into `rooms` (flat
+    stretches of the NS buffers, first fit) when given, else fresh."""
+    Bn, m = Y.shape[0], min(Y.shape[1], Y.shape[2])
     if rooms is None:
         return [Y.new_empty(Bn, m, m) for _ in range(count)]
     size = Bn * m * m
     return [rooms[i][o : o + size].view(Bn, m, m) for i, o in _first_fit([r.numel() for r in rooms], count, size)]
 
 
-def _textbook_iterate(Y, other, coefficients, out_scale, rooms=None):
-    """The textbook steps on a contiguous (B, m, n) stack: A and B in two m×m buffers, X ping-ponging."""
+def _gram_of(Y, tall: bool, out) -> torch.Tensor:
+    """The smaller Gram matrix of a (B, m, n) stack: Y·Yᵀ, or Yᵀ·Y when tall."""
+    return torch.bmm(Y.mT, Y, out=out) if tall else torch.bmm(Y, Y.mT, out=out)
+
+
+def _times(M, Y, tall: bool, out, add=None, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """alpha·(M applied to Y on its small side) [+ beta·add]: M·Y, or Y·M when tall (M is a
+    polynomial in the Gram matrix, symmetric: Y·M = (M·Yᵀ)ᵀ)."""
+    a, b = (Y, M) if tall else (M, Y)
+    if add is None:
+        return torch.bmm(a, b, out=out)
+    return torch.baddbmm(add, a, b, beta=beta, alpha=alpha, out=out)
+
+
+def _textbook_iterate(Y, other, coefficients, out_scale, rooms=None, tall=False):
+    """The textbook steps on a contiguous (B, m, n) stack: A and B in two k×k buffers, X ping-ponging."""
     last = len(coefficients) - 1
     fold = out_scale != 0.0  # CPU bf16 baddbmm with alpha = beta = 0 returns garbage, not zeros
     A, Bm = _temporaries(Y, 2, rooms) if coefficients else (None, None)
     for step, (a, b, c) in enumerate(coefficients):
         k = out_scale if step == last and fold else 1.0
-        torch.bmm(Y, Y.mT, out=A)
+        _gram_of(Y, tall, A)
         torch.baddbmm(A, A, A, beta=b, alpha=c, out=Bm)
-        torch.baddbmm(Y, Bm, Y, beta=a * k, alpha=k, out=other)  # a·X added in the fp32 accumulator
+        _times(Bm, Y, tall, other, add=Y, beta=a * k, alpha=k)  # a·X added in the fp32 accumulator
         Y, other = other, Y
     if (not coefficients or not fold) and out_scale != 1.0:
         Y.mul_(out_scale)
     return Y
 
 
-def _gram_iterate(Y, other, coefficients, out_scale, rooms=None):
+def _gram_iterate(Y, other, coefficients, out_scale, rooms=None, tall=False):
     """mango.newton_schulz.gram on a contiguous (B, m, n) stack: X-sized work in the two X buffers only,
     the m×m iterates (R, P, Q and two products) in five buffers reused every step."""
     steps = len(coefficients)
@@ -187,13 +205,13 @@ def _gram_iterate(Y, other, coefficients, out_scale, rooms=None):
         return Y.mul_(out_scale) if out_scale != 1.0 else Y
     restarts = _ns.gram_restarts(steps)
     R, P, Q, T, U = _temporaries(Y, 5, rooms)
-    torch.bmm(Y, Y.mT, out=R)
+    _gram_of(Y, tall, R)
     fresh = True  # Q = I
     for k, (a, b, c) in enumerate(coefficients):
         if k in restarts and not fresh:
-            torch.bmm(Q, Y, out=other)
+            _times(Q, Y, tall, other)
             Y, other = other, Y
-            torch.bmm(Y, Y.mT, out=R)
+            _gram_of(Y, tall, R)
             fresh = True
         torch.baddbmm(R, R, R, beta=b, alpha=c, out=P)  # Z = b·R + c·R²
         P.diagonal(dim1=-2, dim2=-1).add_(a)  # P = a·I + Z
@@ -208,7 +226,7 @@ def _gram_iterate(Y, other, coefficients, out_scale, rooms=None):
             torch.bmm(U, P, out=R)
     if out_scale != 1.0:
         Q.mul_(out_scale)
-    torch.bmm(Q, Y, out=other)
+    _times(Q, Y, tall, other)
     return other
 
 
@@ -417,8 +435,8 @@ def _piece_shape(p: torch.Tensor, pc: _Piece) -> tuple:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS):
-        self.chunk_elements = chunk_elements
+    def __init__(self, chunk_elements: int = None):
+        self.chunk_elements = chunk_elements  # None: CPU_CHUNK_ELEMENTS on a CPU, CHUNK_ELEMENTS elsewhere
         self._workspace: dict = {}  # device -> uint8 buffer, grown to the largest need of any plan
         self._budget = 0  # SPEC §8's scratch budget of the plan being stepped (bytes; 0: none)
 
@@ -460,13 +478,14 @@ class TorchBackend:
         unit's second buffer (its size in the NS dtype), elsewhere in the plan's budget; where the plan
         has no NS bucket, the default chunk."""
         word = torch.finfo(bucket.dtype).bits // 8
+        most = self.chunk_elements or (CPU_CHUNK_ELEMENTS if bucket.device.type == "cpu" else CHUNK_ELEMENTS)
         if unit.kind == "ns":
             room = unit.numel * (torch.finfo(self._ns_dtype(group, bucket, unit)).bits // 8)
         else:
             room = budget
         if not room:
-            return self.chunk_elements
-        return min(self.chunk_elements, max(MIN_CHUNK, room // (2 * word)))
+            return most
+        return min(most, max(MIN_CHUNK, room // (2 * word)))
 
     # -- workspace -------------------------------------------------------------------------------
     def workspace_bytes(self, group, bucket, L: _FlatLayout) -> int:
