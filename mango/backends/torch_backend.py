@@ -7,8 +7,9 @@ drives the cost:
   per-parameter state entries are views into it (so `state_dict`, the reference and the triton
   backend see the usual per-tensor layout). Tensors are ordered by norm bucket ("unit").
 * **Bounded memory.** A step never holds a buffer of the whole parameter set. Each unit is swept
-  in *chunks* (≤ `CHUNK_ELEMENTS` elements, `CPU_CHUNK_ELEMENTS` on a CPU, cut at tensor rows): gradients are gathered into a
-  chunk buffer, the direction d is computed there, and the update is applied chunk by chunk.
+  in *chunks* (≤ `CHUNK_ELEMENTS` elements, `CPU_CHUNK_ELEMENTS` on a CPU, cut at tensor rows):
+  gradients are gathered into a chunk buffer, the direction d is computed there, and the update is
+  applied chunk by chunk.
   Newton–Schulz units write d straight into an NS-dtype buffer X of the unit; the iteration runs
   between X and one more buffer Y of the same size; the chunk buffers of the other passes live in
   whichever of the two is free. So the memory a step adds to the state is 2× the largest NS
@@ -77,8 +78,9 @@ def batched_newton_schulz(
     The pre-scale norm is taken on X as given; the iteration runs on contiguous operands in `dtype`
     (default X.dtype) in the orientation X has in memory (cast and scale in one pass that never
     transposes), with the Gram matrix of the smaller side: A = X·Xᵀ when X is wide there, Xᵀ·X and
-    X ← a·X + X·B when it is tall (the same polynomial: the transposed iteration). `buffers`: two tensors of at least X's size in `dtype` to iterate in
-    (ping-pong, nothing else of that size is allocated; X may live in the first); without them,
+    X ← a·X + X·B when it is tall (the same polynomial: the transposed iteration). `buffers`: two
+    tensors of at least X's size in `dtype` to iterate in (ping-pong, nothing else of that size is
+    allocated; X may live in the first); without them,
     fresh ones. `method`: "textbook" (A = X·Xᵀ, B = b·A + c·A², X ← a·X + B·X) or "gram"
     (mango.newton_schulz.gram). The m×m temporaries (A, B; or R, P, Q and two products) of a slice of
     the batch live in room of the two buffers that slice does not use — the part of the batch not
@@ -591,11 +593,11 @@ class TorchBackend:
         trust = self._trust(group, L, unit)
         scale = group["lr"] * nb.shape_factor
         # the NS may use all of the workspace past X (its m×m temporaries go in room the ping-pong leaves)
-        y_all = self._typed(raw, x_bytes + 16, (raw.numel() - (-(-(x_bytes + 16) // 16) * 16)) // item, ns_dtype)
+        y_start = -(-(x_bytes + 16) // 16) * 16
+        y_all = self._typed(raw, y_start, (raw.numel() - y_start) // item, ns_dtype)
         result = self.orthogonalize(group, bucket, unit, X.view(K, *nb.shape), scale=scale, buffers=(X, y_all))
         # the apply sweep's chunk buffer goes in whichever of X and Y the result is not in
         word = torch.finfo(L.dtype).bits // 8
-        y_start = -(-(x_bytes + 16) // 16) * 16
         start, room = (0, x_bytes) if isinstance(result, torch.Tensor) and _within(result, Y) else (y_start, raw.numel() - y_start)
         chunks = L.chunks(unit, max(1, min(n, room // word)))
         biggest = _longest(chunks)
