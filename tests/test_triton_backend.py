@@ -445,3 +445,23 @@ def test_nonfinite_raise_and_moments_flag(device):
     backend = opt._backend_for(params[0].device)
     names = [n for g in opt.param_groups for n in g["param_names"]]
     assert backend.last_step_nonfinite(opt._plan) == [names[2]]
+
+
+def test_round_packing_by_hand():
+    """_pack_rounds on made-up costs: NS buckets whole where they fit, first fit by decreasing size,
+    a bucket over the budget cut into runs, a tensor over it alone, non-NS directions as one unit,
+    costless entries in the first round, plan order inside each round."""
+    from types import SimpleNamespace as NS
+
+    from mango.backends.triton_backend import _pack_rounds
+
+    buckets = {name: object() for name in "abcw"}
+    spec = [("a", 1, 60), ("a", 1, 60), ("b", 1, 50), ("c", 1, 30), ("c", 1, 30), ("c", 1, 30), ("c", 1, 30),
+            ("w", 0, 5), ("w", 0, 5), ("w", 0, 0), ("b", 1, 200)]  # fmt: skip
+    entries = [NS(row=i, nb=buckets[b], ns_kernel=bool(ns)) for i, (b, ns, _) in enumerate(spec)]
+    cost = [c for _, _, c in spec]
+    rounds = [[e.row for e in r] for r in _pack_rounds(entries, cost, budget=130)]
+    # pieces: a 120 (fits), b 250 (cut: [2] 50 and [10] 200 alone), c 120 (fits), work 10
+    # decreasing: b[10] 200 -> round 0; a 120 -> round 1; c 120 -> round 2; b[2] 50 -> round 3; work 10 -> round 1
+    assert rounds == [[9, 10], [0, 1, 7, 8], [3, 4, 5, 6], [2]]
+    assert _pack_rounds(entries, [0] * len(entries), budget=130) == [entries]  # nothing costs: one round
