@@ -171,11 +171,14 @@ def auto_method(bucket, device, settings=None) -> str:
     return ns_method_for(dict(config.DEFAULTS, **(settings or {})), r, c, torch.float32, torch.device(device))
 
 
-def ns_buckets_bench(pset: ParamSet, device, rates: dict, budget_s: float = 0.3, forms: bool | None = None) -> dict:
+def ns_buckets_bench(pset: ParamSet, device, rates: dict, budget_s: float = 0.3, forms: bool | None = None,
+                     triton_forms: bool | None = None) -> dict:  # fmt: skip
     """Per NS bucket: ours (what ns_method="auto" picks) vs bare bmm NS in bf16 (and in the torch
     backend's dtype); with `forms` (default: on CPU) also the torch backend's NS in fp32 in each
-    form, textbook and Gram."""
+    form, textbook and Gram; with `triton_forms` (default: on CUDA) the Triton NS kernels in each
+    form — bf16 textbook and fp16 Gram, as the triton backend runs them."""
     forms = torch.device(device).type == "cpu" if forms is None else forms
+    triton_forms = torch.device(device).type == "cuda" if triton_forms is None else triton_forms
     device = torch.device(device)
     same = _torch_ns_dtype(device)
     rows, label = [], None
@@ -197,6 +200,14 @@ def ns_buckets_bench(pset: ParamSet, device, rates: dict, budget_s: float = 0.3,
                 row[f"fp32_{method}_s"] = time_call(
                     lambda m=method: batched_newton_schulz(X32, COEFFS, "frobenius", 1e-7, method=m), device, budget_s=budget_s)
             row["fp32_gram_vs_textbook"] = row["fp32_gram_s"] / row["fp32_textbook_s"]
+        if triton_forms:
+            try:
+                for method, dt in (("textbook", torch.bfloat16), ("gram", torch.float16)):
+                    t = TritonNS([b], device, dtype=dt, method=method)
+                    row[f"triton_{method}_s"] = time_call(t.run, device, budget_s=budget_s, setup=t.setup)
+                row["triton_gram_vs_textbook"] = row["triton_gram_s"] / row["triton_textbook_s"]
+            except Exception as e:  # mango_kernels missing or its API moved: say so
+                row["triton_forms_error"] = f"{type(e).__name__}: {str(e)[:120]}"
         dts = [("bfloat16", torch.bfloat16)] + ([(str(same).replace("torch.", ""), same)] if same != torch.bfloat16 else [])
         for name, dt in dts:
             X = _stack(b, device, dt, oriented=True)

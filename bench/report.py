@@ -244,12 +244,18 @@ def _set_markdown(result, s) -> list:
         if forms:
             out[-2] = out[-2][:-1] + "| auto picks | fp32 textbook ms | fp32 Gram ms | Gram / textbook |"
             out[-1] = out[-1] + " --- | ---: | ---: | ---: |"
+        triton_forms = any("triton_gram_s" in b for b in nb["buckets"])
+        if triton_forms:
+            out[-2] = out[-2][:-1] + "| Triton bf16 textbook ms | Triton fp16 Gram ms | Gram / textbook |"
+            out[-1] = out[-1] + " ---: | ---: | ---: |"
         for b in nb["buckets"]:
             cells = []
             for c in cols:
                 cells += [_ms(b.get(f"bare_{c}_s")), _x(b.get(f"ours_vs_bare_{c}"))]
             if forms:
                 cells += [b.get("ours_method", "-"), _ms(b.get("fp32_textbook_s")), _ms(b.get("fp32_gram_s")), _x(b.get("fp32_gram_vs_textbook"))]
+            if triton_forms:
+                cells += [_ms(b.get("triton_textbook_s")), _ms(b.get("triton_gram_s")), _x(b.get("triton_gram_vs_textbook"))]
             out.append(f"| {b['bucket']} | {b['ns_flops'] / 1e9:.3g} | {_ms(b['ours_s'])} | {b['ours_tflops']:.3g} | " + " | ".join(cells) + " |")
         out.append("")
     torch_rec = next((o for o in s["optimizers"] if o["key"] == "torch" and o["status"] == "ok"), None)

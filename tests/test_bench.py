@@ -475,3 +475,17 @@ def test_torch_backend_fp32_step_within_the_budget(set_kw):
         assert budget["budget_bytes"] < rec["extra_beyond_state_bytes"] <= budget["budget_bytes"] + 5 * m * m * 4 + small
     else:
         assert rec["extra_beyond_state_bytes"] <= budget["budget_bytes"] + small, rec
+
+
+def test_ns_bucket_table_times_the_triton_forms(device):
+    """The per-bucket NS table's Triton columns (on by default on CUDA; the interpreter here): the
+    bf16 textbook and fp16 Gram kernels of every bucket are timed side by side."""
+    mk = pytest.importorskip("mango_kernels")
+    if device.type == "cpu" and not getattr(mk, "INTERPRET", False):
+        pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1")
+    ps = params.gpt_set("t", n_layer=1, d=32, vocab=32, block=8)
+    out = kernels.ns_buckets_bench(ps, device, rates={}, budget_s=0.01, forms=False, triton_forms=True)
+    for b in out["buckets"]:
+        assert "triton_forms_error" not in b, b
+        assert b["triton_textbook_s"] > 0 and b["triton_gram_s"] > 0
+        assert b["triton_gram_vs_textbook"] == pytest.approx(b["triton_gram_s"] / b["triton_textbook_s"])
