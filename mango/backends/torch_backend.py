@@ -678,10 +678,13 @@ class TorchBackend:
             V = L.state["exp_avg_sq"][x0:x1]
             if update_state:
                 V.mul_(b2).addcmul_(G, G, value=(1 - b2) if ema_v else 1.0)
-            D.copy_(V)
             if group["bias_correction"]:
+                D.copy_(V)
                 self._bias_div(L, chunk, D, b2)
-            torch.div(G, D.sqrt_().add_(eps), out=D)
+                D.sqrt_()
+            else:
+                torch.sqrt(V, out=D)  # = copy, then sqrt_: one pass
+            torch.div(G, D.add_(eps), out=D)
             U = D
         elif p == "novograd":
             torch._foreach_div_(g_views, [pre[pc.k - unit.k0] for pc in chunk])
