@@ -60,7 +60,7 @@ def measure(set_name: str, form: str, budget) -> dict:
     forms = sorted({f"{str(e.ns_dtype).replace('torch.', '')} {e.ns_method}" for e in lg.entries if e.ns_kernel})
     return dict(
         set=set_name, form=form, ns_forms=forms, one_round=budget is not None,
-        rounds=mem["rounds"], arena_bytes=mem["arena"], budget_bytes=lg._budget(), round_bytes=mem["round_bytes"],
+        rounds=mem["rounds"], arena_bytes=mem["arena"], budget_bytes=mem["spec_budget"], round_bytes=mem["round_bytes"],
         launches=log.count + 1,  # + the table copy a CUDA step makes
         by_name=dict(log.by_name()),
     )

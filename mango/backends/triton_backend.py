@@ -109,6 +109,7 @@ class _Entry:
         self.ns_kernel = False  # NS by the Triton kernels (else by torch, in the work buffer)
         self.torch_norm = False  # Δ by torch in the work buffer (l2_col on a transposed layout)
         self.fused = False  # none/sign without trust ratio: applied in the moments pass, no direction buffer
+        self.ns_spec = None  # its items in the NS stack (mk.NSSpec), for NS-kernel entries
         self.spec = None  # index into its NS batch
         self.batch = None  # its NSBatch
         self.work_offset = None  # offset in its round's direction work buffer (non-kernel-NS entries)
@@ -242,7 +243,7 @@ class _Round:
                 sched = ns_schedule(group) if e.ns_method == "gram" else None
                 by_key.setdefault((e.ns_dtype, e.ns_method, sched), []).append(e)
         for (dtype, method, _), members in by_key.items():
-            specs = [mk.NSSpec(e.numel, ns_blocks(e.nb, e.numel)) for e in members]
+            specs = [e.ns_spec for e in members]
             batch = mk.NSBatch(specs, dtype, device, ns_config, method=method, bind=False)
             for n, e in enumerate(members):
                 e.spec, e.batch = n, batch
@@ -339,6 +340,8 @@ class _LaunchGroup:
                         e.ns_method = ns_method_for(group, r, c, compute_dtype, device)
                         e.ns_dtype = ns_kernel_dtype(group["ns_dtype"], compute_dtype, e.ns_method)
                         e.ns_kernel = e.ns_dtype in mk.NS_DTYPES
+                        if e.ns_kernel:
+                            e.ns_spec = mk.NSSpec(e.numel, ns_blocks(nb, e.numel))
                     e.torch_norm = _torch_row_norm(nb) and e.numel > 0
                     e.fused = nb.norm in ("none", "sign") and not group["trust_ratio"]
                     if not e.slot.param.is_contiguous():
@@ -346,7 +349,8 @@ class _LaunchGroup:
                     e.row = len(self.entries)
                     self.entries.append(e)
         cost = [self._cost(e, ns_config) for e in self.entries]
-        self.budget = self._budget() if memory_budget is None else memory_budget
+        self.spec_budget = self._budget()
+        self.budget = self.spec_budget if memory_budget is None else memory_budget
         # a round's buffers each start on an aligned byte: room for that padding (at most one batch
         # per NS dtype, form and group in a round, 4 buffers each, and the work buffer)
         batches = len({(e.ns_dtype, e.ns_method, e.bucket.group_index) for e in self.entries if e.ns_kernel})
@@ -366,7 +370,7 @@ class _LaunchGroup:
         if e.numel == 0:
             return 0
         if e.ns_kernel:
-            return mk.ns_buffer_bytes([mk.NSSpec(e.numel, ns_blocks(e.nb, e.numel))], e.ns_dtype, e.ns_method, ns_config)
+            return mk.ns_buffer_bytes([e.ns_spec], e.ns_dtype, e.ns_method, ns_config)
         if _needs_work(e):
             return -(-e.numel // 16) * 16 * (torch.finfo(self.dtype).bits // 8)
         return 0
@@ -387,9 +391,10 @@ class _LaunchGroup:
 
     def memory(self) -> dict:
         """Bytes of the big work buffers (the arena every round's buffers are views of) against the
-        SPEC §8 budget, and what each round takes of it."""
+        budget the rounds were packed to and SPEC §8's, and what each round takes of it."""
         return dict(
             budget=self.budget,
+            spec_budget=self.spec_budget,
             arena=self.arena.buffer.numel(),
             rounds=len(self.rounds),
             round_bytes=[_span(r.requests()) for r in self.rounds],
