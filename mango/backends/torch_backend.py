@@ -29,6 +29,7 @@ sharded backend (mango.distributed) can replace them with collectives.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -149,9 +150,11 @@ def _first_fit(room_sizes, count: int, size: int) -> list | None:
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def _slice_in_place(B: int, item: int, count: int, mm: int, cur_len: int, other_len: int):
     """The largest slice size whose `count` m×m temporaries (mm elements per matrix) fit in the
-    `_rooms` of every slice, or None where even single matrices do not fit."""
+    `_rooms` of every slice, or None where even single matrices do not fit. Cached: a plan asks
+    the same questions every step, and the search is up to B·log B first-fit checks."""
     for k in range(B, 0, -1):
         if all(_first_fit([other_len - min(B, b0 + k) * item, b0 * item, cur_len - B * item], count, min(k, B - b0) * mm)
                for b0 in range(0, B, k)):  # fmt: skip
