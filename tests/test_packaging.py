@@ -18,13 +18,23 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("mango", "mango_kernels")
 
 
+def _setuptools_major() -> int:
+    try:
+        import setuptools
+    except ImportError:
+        return 0
+    return int(setuptools.__version__.split(".")[0])
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """A wheel built from a copy of the source tree (so the checkout gets no build/ or egg-info)."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "results"))
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(src)]
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(src)]
+    if _setuptools_major() >= 77:  # the build backend pyproject.toml names is here: build offline with it
+        cmd.insert(4, "--no-build-isolation")
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     (whl,) = (tmp / "dist").glob("*.whl")
     return whl
