@@ -28,9 +28,23 @@ from .reference import init_state, state_keys
 
 
 class Mango(Optimizer):
-    """MANGO (Zhang & Cutkosky): LaProp moments, per-tensor dual-norm normalization, Nesterov
-    and offset momentum. Every keyword before `backend` is a per-group setting; see
-    `mango.config.DEFAULTS` and the README for their meaning.
+    r"""MANGO (Zhang & Cutkosky): LaProp moments, per-tensor dual-norm normalization, Nesterov
+    and offset momentum. For every tensor W with gradient g, at step t::
+
+        v ← β2·v + (1−β2)·g²                  u ← g / (√v + ε)           (LaProp preconditioner)
+        m ← β1·m + u                           d ← β1·m + u (Nesterov) or m
+        Δ ← N_role(d)                          the unit-norm direction of d in the role's norm:
+                                               Newton–Schulz for matrices (per head block for a
+                                               fused QKV, per expert for MoE), l2 for biases, none
+                                               for embeddings and gains
+        s ← lr·k·Δ                             k = √max(1, rows/cols) for Newton–Schulz norms;
+                                               × LAMB's trust ratio min(‖W‖, trust_clamp) if asked
+        O ← β_off·O + (1−β_off)·s              offset momentum
+        W ← W − (s + O) − lr·λ·W               decoupled weight decay λ
+
+    `preconditioner=None` gives plain momentum (Muon), "adam" Adam's bias-corrected moments,
+    "novograd" NovoGrad's layer-wise scalar v. Every keyword before `backend` is a per-group
+    setting; see `mango.config.DEFAULTS` and the README for their meaning.
 
     betas:     torch's spelling of (beta1, beta2), kept equal to them (see `mango.betas`); it is
                what lets `OneCycleLR` / `CyclicLR` cycle β1.

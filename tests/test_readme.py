@@ -1,4 +1,4 @@
-"""Every ```python block of README.md runs as written.
+"""Every ```python block of README.md and docs/*.md runs as written, and every relative link resolves.
 
 Convention (stated in the README's Quick start): each block is a script of its own, run in an
 empty temporary folder with the repository on PYTHONPATH, offline. A block whose first line is
@@ -6,6 +6,7 @@ empty temporary folder with the repository on PYTHONPATH, offline. A block whose
 `torchrun --standalone --nproc_per_node=2 NAME.py` (gloo on CPU).
 """
 
+import glob
 import os
 import re
 import subprocess
@@ -18,25 +19,48 @@ FENCE = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
 TORCHRUN = re.compile(r"^# (\w+\.py) — torchrun ")
 
 
-def readme_blocks() -> list:
-    """(id, code) of every python block: id is the section heading above it and its line."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
-        text = fh.read()
+PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _read(page: str) -> str:
+    with open(os.path.join(ROOT, page), encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _prose(text: str) -> str:
+    """The page without its fenced code blocks (their comments are not headings, their text no links)."""
+    return re.sub(r"^```.*?^```$", "", text, flags=re.S | re.M)
+
+
+def page_blocks(page: str) -> list:
+    """(id, code) of every python block of a page: id is the page (for docs/), the section heading
+    above the block and its line."""
+    text = _read(page)
+    prefix = "" if page == "README.md" else os.path.splitext(os.path.basename(page))[0] + ":"
     blocks = []
     for m in FENCE.finditer(text):
         line = text.count("\n", 0, m.start()) + 1
-        prose = re.sub(r"^```.*?^```$", "", text[: m.start()], flags=re.S | re.M)  # no comments of code blocks
-        heading = re.findall(r"^#+ (.+)$", prose, re.M)[-1]
-        blocks.append((f"{re.sub(r'[^A-Za-z]+', '_', heading).strip('_')}@L{line}", m.group(1)))
+        heading = re.findall(r"^#+ (.+)$", _prose(text[: m.start()]), re.M)[-1]
+        blocks.append((f"{prefix}{re.sub(r'[^A-Za-z]+', '_', heading).strip('_')}@L{line}", m.group(1)))
     return blocks
 
 
-BLOCKS = readme_blocks()
+def readme_blocks() -> list:
+    return page_blocks("README.md")
 
 
-def test_readme_shows_the_examples_the_issue_asks_for():
+def anchors(page: str) -> set:
+    """GitHub's heading anchors of a page: lower case, punctuation dropped, spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", _prose(_read(page)), re.M)}
+
+
+BLOCKS = [b for page in PAGES for b in page_blocks(page)]
+
+
+def test_readme_quick_start_and_trainer_recipes_are_there():
     by_section = {}
-    for block_id, code in BLOCKS:
+    for block_id, code in readme_blocks():
         by_section.setdefault(block_id.split("@")[0], []).append(code)
     quick = "\n".join(by_section["Quick_start"])
     assert "from bench.gpt import GPT" in quick and "logits, loss = model(" in quick and '"h.*.attn.c_attn"' in quick
@@ -45,6 +69,22 @@ def test_readme_shows_the_examples_the_issue_asks_for():
     for needle in ("optimizers=(opt, sched)", "resume_from_checkpoint=", "def configure_optimizers", "ckpt_path="):
         assert needle in hf_lightning, needle
     assert sum(bool(TORCHRUN.match(code)) for _, code in BLOCKS) >= 2  # the DDP and FSDP scripts
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_resolve(page):
+    """Every relative link of README.md and docs/ names a file of the repository, and an anchor a heading of it."""
+    broken = []
+    for target in LINK.findall(_prose(_read(page))):
+        if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        dest = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        if not os.path.exists(os.path.join(ROOT, dest)):
+            broken.append(f"{target} (no file {dest})")
+        elif anchor and dest.endswith(".md") and anchor not in anchors(dest):
+            broken.append(f"{target} (no heading #{anchor} in {dest})")
+    assert not broken, f"{page}: broken links: {broken}"
 
 
 @pytest.mark.parametrize("code", [c for _, c in BLOCKS], ids=[i for i, _ in BLOCKS])
