@@ -35,6 +35,12 @@ backend, itself tested against the float64 reference elsewhere; float64 unless n
 - nonfinite_skip: a NaN on one rank's shard makes every rank skip the step.
 - errors: Shard(1) / Partial placements and DTensor params on backend="reference" are clear
   errors naming the parameter; Replicate() DTensors behave like plain tensors.
+- ddp_split*: DDP with the Newton–Schulz work split across ranks (`Mango(..., process_group=...)`):
+  equal to one process bit for bit (the tiny GPT's head blocks and tall matrix, every norm and
+  setting, HF GPT-2's Conv1D, Mixtral's experts and GQA, float32), ranks identical; the busiest
+  rank's NS FLOPs (FlopCounterMode) within 1/world of the total plus one tensor's; a NaN on one
+  rank skips or raises everywhere; save -> load -> resume with a scheduler is exact; the all-gathers
+  per step do not grow with depth; the triton backend (interpreter) likewise, at 2 ranks.
 """
 
 from __future__ import annotations
@@ -55,9 +61,10 @@ fcntl = pytest.importorskip("fcntl")  # POSIX: the cross-worker lock (and fork) 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 CHECKS = {
     2: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_training", "ddp", "checkpoint",
-        "collectives", "errors"],
+        "collectives", "errors", "ddp_split", "ddp_split_flops", "ddp_split_policies", "ddp_split_triton"],
     4: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_float32", "fsdp2_training", "hsdp",
-        "ddp", "checkpoint", "load_single_process_state", "collectives", "nonfinite_skip", "errors"],
+        "ddp", "checkpoint", "load_single_process_state", "collectives", "nonfinite_skip", "errors",
+        "ddp_split", "ddp_split_flops", "ddp_split_policies"],
 }  # fmt: skip
 _cache: dict = {}
 
@@ -189,6 +196,41 @@ def test_nonfinite_gradient_on_one_rank_skips_everywhere(world, check):
 @pytest.mark.parametrize("world", _params("errors"))
 def test_unsupported_placements_and_backends_are_clear_errors(world, check):
     assert check(world, "errors") is True
+
+
+@pytest.mark.parametrize("world", _params("ddp_split"))
+def test_ddp_split_ns_equals_single_process(world, check):
+    worst = check(world, "ddp_split")
+    assert set(worst) == {"mango", "settings", "muon", "gpt2_conv1d", "mixtral_experts_gqa", "float32"}
+    assert max(worst.values()) <= 1e-10
+
+
+@pytest.mark.parametrize("world", _params("ddp_split_flops"))
+def test_ddp_split_busiest_rank_does_its_share_of_the_ns(world, check):
+    f = check(world, "ddp_split_flops")
+    assert sum(f["per_rank"]) == f["total"]
+    assert f["busiest"] <= f["total"] / world + f["largest_job"]
+    assert f["busiest"] < 0.6 * f["total"] if world == 2 else f["busiest"] < 0.35 * f["total"]
+
+
+@pytest.mark.parametrize("world", _params("ddp_split_policies"))
+def test_ddp_split_nonfinite_resume_schedulers_and_flat_collectives(world, check):
+    calls = check(world, "ddp_split_policies")
+    assert set(calls) == {"all_gather"} and calls["all_gather"] >= 1
+
+
+@pytest.mark.parametrize("world", _params("ddp_split_triton"))
+def test_ddp_split_ns_on_the_triton_backend_equals_single_process(world, check):
+    worst = check(world, "ddp_split_triton")
+    assert worst["float32"] <= 1e-6 and worst["float64"] <= 1e-10
+
+
+def test_process_group_must_be_a_group_or_a_1d_mesh():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="process_group"):
+        import mango
+
+        mango.Mango([p], process_group="world")
 
 
 # ------------------------------------------------------------------------------------------

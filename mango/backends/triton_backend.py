@@ -216,6 +216,7 @@ class _Round:
     def __init__(self, entries, groups, device, compute_dtype, ns_config, block):
         self.entries = entries
         self.device, self.dtype = device, compute_dtype
+        self.split = None  # DDP with the NS split across ranks (mango.ddp): who runs which NS, and the exchange
         specs = []
         for e in entries:
             group = groups[e.bucket.group_index]
@@ -268,7 +269,7 @@ class _Round:
             for e in members:
                 group = groups[e.bucket.group_index]
                 co = ns_schedule(group)
-                steps.append(len(co))
+                steps.append(len(co) if self.split is None or self.split.owns(e) else 0)  # another rank's: skipped here
                 coefficients.append(co)
                 eps.append(group["ns_eps"])
                 spectral.append(group["ns_prescale"] == "spectral")
@@ -291,14 +292,16 @@ class _Round:
         for batch, members in self.ns_batches:
             for e in members:
                 group = groups[e.bucket.group_index]
-                if group["ns_prescale"] == "spectral":  # option, not the hot path: torch fills the batch's sums
+                if group["ns_prescale"] == "spectral" and (self.split is None or self.split.owns(e)):  # option, not the hot path: torch fills the batch's sums
                     blocks = torch.stack(batch.block_views(e.spec)).float()
                     s = batch.specs[e.spec]
                     batch.sums[s.segment : s.segment + s.n_blocks] = spectral_norm(blocks).square()
                     mk.record("spectral_norm")
             batch.run()
-            mk.prescale_only(batch, [e.spec for e in members if batch.specs[e.spec].steps == 0])
+            mk.prescale_only(batch, [e.spec for e in members if batch.specs[e.spec].steps == 0 and (self.split is None or self.split.owns(e))])
         for e in self.entries:  # float64 NS, and l2_col of transposed layouts: torch, on the work buffer
+            if e.ns_dtype is not None and not e.ns_kernel and self.split is not None and not self.split.owns(e):
+                continue
             if (e.ns_dtype is not None and not e.ns_kernel) or e.torch_norm:
                 group = groups[e.bucket.group_index]
                 nb = e.nb
@@ -312,6 +315,8 @@ class _Round:
                                             method=e.ns_method)  # fmt: skip
                 blocks.copy_(out)
                 mk.record("torch_newton_schulz")
+        if self.split is not None:
+            self.split.exchange(self, groups)
 
     def nonfinite_tiles(self, bad: torch.Tensor) -> None:
         """Mark in `bad` (one per table row) the tensors whose tiles flagged a NaN/Inf gradient."""
