@@ -590,7 +590,7 @@ class ShardedTorchBackend(TorchBackend):
                 sums.setdefault(entry.pg, []).append(i)
                 continue
             group, bucket, nb, d = payload
-            dt = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype, _method(group, bucket, nb))
+            dt = self.ns_exchange_dtype(group, bucket, nb)
             if nb.cache["mango.distributed"].ns_mode == "gram":
                 # its Frobenius pre-scaling joins this round's sums of squares
                 info = nb.cache["mango.distributed"]
@@ -623,6 +623,10 @@ class ShardedTorchBackend(TorchBackend):
             for (i, _, _), out in zip(jobs, outs):
                 results[i] = out
         return results[:n]
+
+    def ns_exchange_dtype(self, group, bucket, nb) -> torch.dtype:
+        """The dtype rows travel and the owner orthogonalizes in: the torch backend's NS dtype."""
+        return ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype, _method(group, bucket, nb))
 
     def _gram_newton_schulz(self, pg, dtype, items) -> list:
         """Newton–Schulz on row-sharded tall matrices without gathering them.

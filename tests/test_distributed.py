@@ -35,6 +35,10 @@ backend, itself tested against the float64 reference elsewhere; float64 unless n
 - nonfinite_skip: a NaN on one rank's shard makes every rank skip the step.
 - errors: Shard(1) / Partial placements and DTensor params on backend="reference" are clear
   errors naming the parameter; Replicate() DTensors behave like plain tensors.
+- fsdp2_triton: FSDP2 with backend="triton" (kernels under TRITON_INTERPRET=1) equal to one triton
+  process: mango / lamb / novograd, every norm and setting, HF GPT-2's Conv1D, Mixtral's experts, in
+  float64 within 1e-10, float32 with bf16 NS within the bf16 bound; one all-reduce and one all_to_all
+  pair per step. fsdp2_triton_checkpoint: a DCP checkpoint saved under one backend resumes under the other.
 - ddp_split*: DDP with the Newton–Schulz work split across ranks (`Mango(..., process_group=...)`):
   equal to one process bit for bit (the tiny GPT's head blocks and tall matrix, every norm and
   setting, HF GPT-2's Conv1D, Mixtral's experts and GQA, float32), ranks identical; the busiest
@@ -61,7 +65,8 @@ fcntl = pytest.importorskip("fcntl")  # POSIX: the cross-worker lock (and fork) 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 CHECKS = {
     2: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_training", "ddp", "checkpoint",
-        "collectives", "errors", "ddp_split", "ddp_split_flops", "ddp_split_policies", "ddp_split_triton"],
+        "collectives", "errors", "ddp_split", "ddp_split_flops", "ddp_split_policies", "ddp_split_triton",
+        "fsdp2_triton", "fsdp2_triton_checkpoint"],
     4: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_float32", "fsdp2_training", "hsdp",
         "ddp", "checkpoint", "load_single_process_state", "collectives", "nonfinite_skip", "errors",
         "ddp_split", "ddp_split_flops", "ddp_split_policies"],
@@ -196,6 +201,21 @@ def test_nonfinite_gradient_on_one_rank_skips_everywhere(world, check):
 @pytest.mark.parametrize("world", _params("errors"))
 def test_unsupported_placements_and_backends_are_clear_errors(world, check):
     assert check(world, "errors") is True
+
+
+@pytest.mark.parametrize("world", _params("fsdp2_triton"))
+def test_fsdp2_on_the_triton_backend_equals_single_process(world, check):
+    worst = check(world, "fsdp2_triton")
+    calls = worst.pop("collectives")
+    assert set(worst) == {"mango", "lamb", "novograd", "settings", "gpt2_conv1d", "mixtral", "float32_bf16_ns"}
+    assert worst.pop("float32_bf16_ns") <= 2e-2 and max(worst.values()) <= 1e-10
+    assert calls["all_reduce: sums of squares"] == 1 and calls["all_to_all: NS gather"] == 1
+
+
+@pytest.mark.parametrize("world", _params("fsdp2_triton_checkpoint"))
+def test_fsdp2_checkpoint_moves_between_torch_and_triton(world, check):
+    worst = check(world, "fsdp2_triton_checkpoint")
+    assert set(worst) == {"triton_to_torch", "torch_to_triton"} and max(worst.values()) <= 1e-12
 
 
 @pytest.mark.parametrize("world", _params("ddp_split"))

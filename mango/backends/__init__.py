@@ -54,13 +54,20 @@ def make_backend(name: str, device: torch.device, sharded: bool = False, process
     if process_group is not None:
         return _split_backend(name, device, sharded, process_group)
     if sharded:
-        if name in ("auto", "torch"):
+        if name == "auto":
+            name = "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+        if name == "torch":
             from ..distributed import ShardedTorchBackend
 
             return ShardedTorchBackend()
+        if name == "triton":
+            make_backend("triton", device)  # the same checks and warnings as for whole parameters
+            from ..sharded_triton import ShardedTritonBackend
+
+            return ShardedTritonBackend()
         raise ValueError(
-            f"mango: backend={name!r} does not support DTensor (FSDP2) parameters; use backend='torch' or "
-            f"'auto' (the torch backend runs the elementwise stages on local shards and Newton–Schulz on owner ranks)"
+            f"mango: backend={name!r} does not support DTensor (FSDP2) parameters; use backend='torch', 'triton' or "
+            f"'auto' (the elementwise stages run on local shards, Newton–Schulz on owner ranks)"
         )
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_usable(device) else "torch"
