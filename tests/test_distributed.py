@@ -299,3 +299,30 @@ def test_bench_comm_runs(tmp_path):
     sent = sum(r["sent_MB"] for r in s["per_rank"])
     assert sent == pytest.approx(s["total_sent_MB"]) and sent > 0
     assert s["ns_balance"]["max_over_mean"] < 1.5
+
+
+def test_bench_comm_simulation_matches_real_runs(tmp_path):
+    """bench.comm's simulated ranks (bench/comm_model.py) against real 2-rank gloo runs of the tiny GPT,
+    FSDP2 and DDP with the NS split: the same collectives, bytes on the wire and NS FLOPs per rank."""
+    import argparse
+
+    from bench import comm, comm_model
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    args = comm.build_parser().parse_args(["--model", "tiny"])
+    opt, _ = comm.simulated_model("tiny", args)
+    tensors = comm_model.ns_tensors(opt, device="cpu")  # the NS dtypes of the CPU runs
+    for mode, simulate, file in (("fsdp2", comm_model.fsdp2, "comm_tiny_2ranks_mango.json"),
+                                 ("ddp-split", comm_model.ddp_split, "comm_tiny_2ranks_mango_ddp_split.json")):  # fmt: skip
+        cmd = [sys.executable, "-m", "bench.comm", "--model", "tiny", "--world", "2", "--steps", "1", "--mode", mode, "--out", str(tmp_path)]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        with open(tmp_path / file) as f:
+            real = json.load(f)
+        sim = simulate(tensors, 2)
+        ns_kinds = {k: v for k, v in real["collectives_per_step"].items() if "NS" in k}
+        assert {k: v["calls"] for k, v in ns_kinds.items()} == {k: v for k, v in sim["collectives"].items() if "NS" in k}
+        sent = sum(v["sent_MB_total"] for v in ns_kinds.values()) * 1e6
+        assert sent == pytest.approx(sum(sim["sent"]), rel=1e-9)
+        assert [r["ns_GFLOP"] * 1e9 for r in real["per_rank"]] == pytest.approx(sim["ns_flops"], rel=1e-9)

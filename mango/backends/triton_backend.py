@@ -100,6 +100,10 @@ def _cross_shard(nb) -> bool:
     return nb.cache.get("mango.distributed") is not None and not nb.experts
 
 
+def _cross_shard_ns(e) -> bool:
+    return getattr(e, "ns_dtype", None) is not None and _cross_shard(e.nb)
+
+
 class _Entry:
     """One tensor of a launch group: its slot, norm bucket, and where its d and Δ live."""
 
@@ -182,7 +186,7 @@ def _pack_rounds(entries, cost, budget: int) -> list:
     units: dict = {}
     for e in entries:  # the non-NS tensors as one unit: their l2 sums in one round, one segment-sums launch
         if cost[e.row]:  # a cross-shard NS bucket stays whole in one round: its exchange serves all its tensors
-            units.setdefault(id(e.nb) if e.ns_kernel or (_cross_shard(e.nb) and e.ns_dtype is not None) else "work", []).append(e)
+            units.setdefault(id(e.nb) if e.ns_kernel or _cross_shard_ns(e) else "work", []).append(e)
     pieces = []
     for unit in units.values():
         if sum(cost[e.row] for e in unit) <= budget:
