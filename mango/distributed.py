@@ -3,7 +3,7 @@
 DDP
     Every rank holds whole parameters and, after DDP's all-reduce, the same gradients, so every
     rank runs the same deterministic step and ends with identical parameters and state. Nothing
-    here is involved.
+    here is involved (with `process_group=`, mango.ddp splits the NS work across the ranks).
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`), HSDP and other DTensor parameters
     A parameter sharded by rows (`Shard(0)` on one mesh dimension, `Replicate()` on any others,
@@ -37,8 +37,9 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`), HSDP and other DTensor parameters
     into a sharded optimizer is cut to each rank's rows.
 
 Unsupported placements (Shard(d) with d > 0 as in tensor parallelism, Partial, interleaved
-sharding of dim 0 as in FSDP + TP) raise a ValueError naming the parameter. Only the torch
-backend runs DTensor parameters (backend="auto" selects it).
+sharding of dim 0 as in FSDP + TP) raise a ValueError naming the parameter. The triton backend
+runs DTensor parameters through `mango.sharded_triton`, which uses this backend's localization
+and exchange around the fused kernels.
 """
 
 from __future__ import annotations
