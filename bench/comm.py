@@ -14,6 +14,9 @@ The Newton–Schulz load is the FLOPs each owner rank ran and, measured, the sec
     python -m bench.comm --tied-role embedding            # what mango.param_groups picks for a tied model
     python -m bench.comm --model tiny --world 2 --steps 2 # seconds, any machine
     python -m bench.comm --ns-dtype bf16                  # NS operands (and their traffic) in bf16, as on CUDA
+    python -m bench.comm --mode ddp-split --world 2       # DDP with the NS split (Mango(..., process_group=...))
+    python -m bench.comm --simulate                       # GPT-2 124M and Llama-1B, FSDP2 and DDP-split, 2/4/8 ranks
+                                                          # from the plan alone (bench/comm_model.py), seconds
 
 Writes comm_<model>_<world>ranks_<preset>[_<tag>].json and .md under --out (bench/results/) and
 prints the markdown table. Forward/backward traffic of FSDP2 itself is not measured; the report
@@ -66,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", default="", help="suffix for the result file names")
     p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--mode", default="fsdp2", choices=("fsdp2", "ddp-split"),
+                   help="fsdp2: fully_shard'ed model; ddp-split: whole params, NS split by Mango(process_group=)")  # fmt: skip
+    p.add_argument("--simulate", action="store_true", help="simulated ranks from the plan (bench/comm_model.py): --models, --worlds, both modes")
+    p.add_argument("--models", nargs="+", default=["gpt2", "llama-1b"], help="with --simulate: from " + ", ".join(sorted([*MODELS, "llama-1b"])))
+    p.add_argument("--worlds", nargs="+", type=int, default=[2, 4, 8], help="with --simulate")
     return p
 
 
@@ -74,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------
 
 
-def _make_optimizer(model, args):
+def _make_optimizer(model, args, process_group=None):
     overrides = {"wte.weight": {"role": "head"}} if (args.tied_role == "head" and model.config.tie_weights) else None
     with warnings.catch_warnings():  # the tied wte/lm_head gets one role: the one asked for here
         warnings.filterwarnings("ignore", message=".*is tied into modules with different roles.*")
         groups = mango.param_groups(model, qkv_heads=model.qkv_heads, overrides=overrides)
     kw = dict(backend="torch", ns_steps=args.ns_steps)
+    if process_group is not None:
+        kw["process_group"] = process_group
     if args.ns_dtype != "auto":
         kw["ns_dtype"] = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.ns_dtype]
     return getattr(mango.presets, args.preset)(groups, **kw), groups
@@ -94,6 +104,7 @@ def _rank_main(rank, args, store_path, out_path):
         from torch.distributed._composable.fsdp import fully_shard
 
     world = args.world
+    split = args.mode == "ddp-split"
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
                             timeout=_dt.timedelta(seconds=args.timeout))  # fmt: skip
@@ -101,25 +112,29 @@ def _rank_main(rank, args, store_path, out_path):
     cfg = GPTConfig(**MODELS[args.model])
     with torch.device("meta"):
         model = GPT(cfg)
-    for block in model.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if not split:
+        for block in model.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(1000 + rank)
+    if split and cfg.tie_weights:  # to_empty gives every module its own tensor: tie the head again
+        model.lm_head.weight = model.wte.weight
+    gen = torch.Generator().manual_seed(1000 + (0 if split else rank))  # DDP: the same gradients on every rank
+    local_of = (lambda p: p) if split else (lambda p: p.to_local())  # noqa: E731
     with torch.no_grad():
         for p in model.parameters():
-            p.to_local().normal_(0.0, 0.02, generator=gen)
-    opt, groups = _make_optimizer(model, args)
+            local_of(p).normal_(0.0, 0.02, generator=gen)
+    opt, groups = _make_optimizer(model, args, process_group=mesh if split else None)
     params = [p for g in opt.param_groups for p in g["params"]]
     backend = None
     step_seconds = []
     for _ in range(args.steps):
         with torch.no_grad():
             for p in params:
-                local = torch.randn(p.to_local().shape, generator=gen, dtype=p.dtype)
-                p.grad = type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+                local = torch.randn(local_of(p).shape, generator=gen, dtype=p.dtype)
+                p.grad = local if split else type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
         if backend is None:
-            backend = opt._backend_for(params[0].device, True)
+            backend = opt._backend_for(params[0].device, not split)
             backend.profile = True
         dist.barrier()
         t0 = time.perf_counter()
@@ -133,8 +148,8 @@ def _rank_main(rank, args, store_path, out_path):
         ns_flops=backend.comm.ns_flops,
         ns_seconds=backend.comm.ns_seconds,
         step_seconds=step_seconds,
-        ns_loads={",".join(map(str, k)): v for k, v in backend.ns_loads.items()},
-        local_param_bytes=sum(p.to_local().numel() * p.element_size() for p in params),
+        ns_loads=({"world": backend.ns_loads} if split else {",".join(map(str, k)): v for k, v in backend.ns_loads.items()}),
+        local_param_bytes=sum(local_of(p).numel() * p.element_size() for p in params),
     )
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
@@ -217,7 +232,7 @@ def summarize(raw: dict, args) -> dict:
     mean = sum(flops) / P
     param_bytes = raw["model"]["param_bytes"]
     return dict(
-        config=dict(model=args.model, world=P, preset=args.preset, tied_role=args.tied_role,
+        config=dict(model=args.model, world=P, preset=args.preset, tied_role=args.tied_role, mode=args.mode,
                     ns_dtype=f"{args.ns_dtype} ({'/'.join(raw['model']['ns_dtypes'])})",
                     ns_steps=args.ns_steps, backend="gloo (CPU)", torch=torch.__version__),  # fmt: skip
         model=dict(params=raw["model"]["params"], param_MB=param_bytes / MB, ns_param_MB=raw["model"]["ns_param_bytes"] / MB),
@@ -236,7 +251,8 @@ def summarize(raw: dict, args) -> dict:
 def markdown(s: dict) -> str:
     c = s["config"]
     lines = [
-        f"### mango under FSDP2: communication per optimizer step — {c['model']}, {c['preset']} preset, {c['world']} ranks",
+        f"### mango under {'DDP, NS split' if c.get('mode') == 'ddp-split' else 'FSDP2'}: communication per optimizer step — "
+        f"{c['model']}, {c['preset']} preset, {c['world']} ranks",
         "",
         f"{s['model']['params'] / 1e6:.1f} M params ({s['model']['param_MB']:.0f} MB fp32), of which {s['model']['ns_param_MB']:.0f} MB "
         f"orthogonalized by Newton–Schulz; tied head role: {c['tied_role']}; NS operands: {c['ns_dtype']} "
@@ -272,8 +288,53 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def simulated_model(name: str, args):
+    """(optimizer, label) for a model built on the meta device, labelled and configured as the real run does it."""
+    if name == "llama-1b":  # Llama-3.2-1B's shape (the GPU run's set), tied embedding; param_groups with no hints
+        import transformers
+
+        cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                       num_key_value_heads=8, intermediate_size=8192, tie_word_embeddings=True)  # fmt: skip
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            groups = mango.param_groups(model)
+        kw = dict(backend="torch", ns_steps=args.ns_steps)
+        if args.ns_dtype != "auto":
+            kw["ns_dtype"] = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.ns_dtype]
+        return getattr(mango.presets, args.preset)(groups, **kw), "Llama-3.2-1B shape (tied embedding)"
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**MODELS[name]))
+    opt, _ = _make_optimizer(model, args)
+    return opt, f"{name} (tied head role: {args.tied_role})"
+
+
+def simulate(args) -> dict:
+    from . import comm_model
+
+    out, md = {}, []
+    for name in args.models:
+        opt, label = simulated_model(name, args)
+        tensors = comm_model.ns_tensors(opt, device="cuda")  # the NS dtypes of a GPU step
+        results = comm_model.simulate(tensors, ("fsdp2", "ddp-split"), args.worlds)
+        out[name] = results
+        md.append(comm_model.markdown(label, f"{args.ns_dtype}, as on CUDA", results))
+    return dict(results=out, markdown="\n".join(md))
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.simulate:
+        s = simulate(args)
+        print(s["markdown"])
+        os.makedirs(args.out, exist_ok=True)
+        name = "comm_simulated_" + "_".join(args.models) + (f"_{args.tag}" if args.tag else "")
+        with open(os.path.join(args.out, name + ".json"), "w") as f:
+            json.dump(s["results"], f, indent=1)
+        with open(os.path.join(args.out, name + ".md"), "w") as f:
+            f.write(s["markdown"])
+        return s
     t0 = time.perf_counter()
     raw = run_ranks(args)
     s = summarize(raw, args)
@@ -281,7 +342,8 @@ def main(argv=None) -> dict:
     md = markdown(s)
     print(md)
     os.makedirs(args.out, exist_ok=True)
-    name = f"comm_{args.model}_{args.world}ranks_{args.preset}" + (f"_{args.tag}" if args.tag else "")
+    mode = "" if args.mode == "fsdp2" else "_ddp_split"
+    name = f"comm_{args.model}_{args.world}ranks_{args.preset}{mode}" + (f"_{args.tag}" if args.tag else "")
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(s, f, indent=1)
     with open(os.path.join(args.out, name + ".md"), "w") as f:

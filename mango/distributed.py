@@ -3,7 +3,7 @@
 DDP
     Every rank holds whole parameters and, after DDP's all-reduce, the same gradients, so every
     rank runs the same deterministic step and ends with identical parameters and state. Nothing
-    here is involved.
+    here is involved (with `process_group=`, mango.ddp splits the NS work across the ranks).
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`), HSDP and other DTensor parameters
     A parameter sharded by rows (`Shard(0)` on one mesh dimension, `Replicate()` on any others,
@@ -37,8 +37,9 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`), HSDP and other DTensor parameters
     into a sharded optimizer is cut to each rank's rows.
 
 Unsupported placements (Shard(d) with d > 0 as in tensor parallelism, Partial, interleaved
-sharding of dim 0 as in FSDP + TP) raise a ValueError naming the parameter. Only the torch
-backend runs DTensor parameters (backend="auto" selects it).
+sharding of dim 0 as in FSDP + TP) raise a ValueError naming the parameter. The triton backend
+runs DTensor parameters through `mango.sharded_triton`, which uses this backend's localization
+and exchange around the fused kernels.
 """
 
 from __future__ import annotations
@@ -590,7 +591,7 @@ class ShardedTorchBackend(TorchBackend):
                 sums.setdefault(entry.pg, []).append(i)
                 continue
             group, bucket, nb, d = payload
-            dt = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype, _method(group, bucket, nb))
+            dt = self.ns_exchange_dtype(group, bucket, nb)
             if nb.cache["mango.distributed"].ns_mode == "gram":
                 # its Frobenius pre-scaling joins this round's sums of squares
                 info = nb.cache["mango.distributed"]
@@ -623,6 +624,10 @@ class ShardedTorchBackend(TorchBackend):
             for (i, _, _), out in zip(jobs, outs):
                 results[i] = out
         return results[:n]
+
+    def ns_exchange_dtype(self, group, bucket, nb) -> torch.dtype:
+        """The dtype rows travel and the owner orthogonalizes in: the torch backend's NS dtype."""
+        return ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype, _method(group, bucket, nb))
 
     def _gram_newton_schulz(self, pg, dtype, items) -> list:
         """Newton–Schulz on row-sharded tall matrices without gathering them.

@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from . import betas as _betas
 from . import config, distributed
+from . import ddp as _ddp
 from . import groups as _groups
 from .backends import make_backend
 from .groups import check_param
@@ -54,6 +55,9 @@ class Mango(Optimizer):
                no host sync), "skip" (the whole step is skipped; params and state stay
                bit-identical; `skipped_steps` counts them), "raise" (ValueError naming the
                parameters; nothing is modified).
+    process_group: under DDP, a ProcessGroup or 1-D DeviceMesh over which the Newton–Schulz work
+               is split (each rank orthogonalizes its share, then one all-gather; see mango.ddp).
+               None: every rank runs the whole step.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class Mango(Optimizer):
         trust_clamp=config.DEFAULTS["trust_clamp"],
         backend: str = "auto",
         nonfinite: str = "propagate",
+        process_group=None,
     ):
         if backend not in config.BACKENDS:
             raise ValueError(f"mango: invalid backend={backend!r}: must be one of {config.BACKENDS}")
@@ -115,6 +120,7 @@ class Mango(Optimizer):
         self._betas_sync = _betas.BetasSync()
         self.backend_name = backend
         self.nonfinite = nonfinite
+        self.process_group = _ddp.resolve_process_group(process_group)
         self.skipped_steps = 0
         self._backends: dict = {}
         self._plan = None
@@ -156,6 +162,7 @@ class Mango(Optimizer):
         self._betas_sync.record(self.param_groups)
         self._plan = None
         self._backends = {}
+        self.process_group = None  # a process group does not pickle: pass it again to split the NS
 
     def state_dict(self) -> dict:
         """torch.optim's state dict, with `betas` and `beta1`/`beta2` synced first (see mango.betas)."""
@@ -177,7 +184,7 @@ class Mango(Optimizer):
     def _backend_for(self, device: torch.device, sharded: bool = False):
         key = (self.backend_name, device.type, sharded)
         if key not in self._backends:
-            self._backends[key] = make_backend(self.backend_name, device, sharded=sharded)
+            self._backends[key] = make_backend(self.backend_name, device, sharded=sharded, process_group=self.process_group)
         return self._backends[key]
 
     def _collect(self):

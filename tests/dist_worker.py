@@ -14,6 +14,7 @@ backend) computed in the same process from the same initial values and gradients
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -25,6 +26,7 @@ import warnings
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton backend's checks run its kernels on the CPU
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
@@ -365,7 +367,7 @@ def group_of(opt, name):
     raise AssertionError(f"{name} is in no param group")
 
 
-HF_CHECKS = ("fsdp2_moe", "fsdp2_conv1d")
+HF_CHECKS = ("fsdp2_moe", "fsdp2_conv1d", "ddp_split", "fsdp2_triton")
 
 
 def hf_mango(backend="torch", **kw):
@@ -664,7 +666,7 @@ def errors(ctx):
         else:
             raise AssertionError(f"{what}: no error")
     p = nn.Parameter(DTensor.from_local(w[:4].clone(), mesh, [Shard(0)], run_check=False))
-    for backend in ("reference", "triton"):
+    for backend in ("reference",):
         opt = mango.Mango([p], backend=backend)
         p.grad = DTensor.from_local(torch.ones(4, 6, dtype=torch.float64), mesh, [Shard(0)], run_check=False)
         try:
@@ -694,6 +696,298 @@ def errors(ctx):
         o2.step()
     assert torch.equal(rp.to_local(), q.detach()), "Replicate() DTensor differs from the plain tensor"
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2 on the triton backend (kernels under TRITON_INTERPRET=1): compared with one process on the
+# triton backend, float64 (elementwise kernels; NS by torch in both) and float32 (bf16 NS: the
+# kernels in one process, torch's batched NS on the owner rank here)
+# --------------------------------------------------------------------------------------------
+
+
+def triton_opt(make):
+    return lambda model: make(model, backend="triton")
+
+
+@check
+def fsdp2_triton(ctx):
+    """FSDP2 + backend="triton", 2 steps each: the tiny GPT (head blocks cut by shard boundaries,
+    uneven and empty shards, the row-sharded tall `up`) under mango, lamb (trust ratio) and novograd;
+    every norm and setting of SETTINGS_OVERRIDES; HF GPT-2 (Conv1D) and Mixtral (experts, GQA);
+    float64 within 1e-10 of one triton process; float32 with bf16 NS (torch's on the owner ranks, the
+    kernels' where experts are whole) within the bf16 NS bound of one process with float32 NS."""
+    out = {}
+    for name in ("mango", "lamb", "novograd"):
+        out[name] = run_synthetic(ctx, triton_opt(PRESETS[name]), steps=2, tag=f"triton {name}")
+    out["settings"] = run_synthetic(ctx, triton_opt(tiny_settings), steps=2, tag="triton settings")
+    out["gpt2_conv1d"] = run_synthetic(ctx, triton_opt(hf_split), steps=2, tag="triton gpt2", build=hf_gpt2, shard_fn=shard_layers)
+    out["mixtral"] = run_synthetic(ctx, triton_opt(hf_split), steps=2, tag="triton mixtral", build=hf_mixtral(3), shard_fn=shard_layers)
+    accurate = lambda model: PRESETS["mango"](model, ns_dtype=torch.float32)  # noqa: E731 - fp32 NS in one process
+    out["float32_bf16_ns"] = run_synthetic(ctx, triton_opt(PRESETS["mango"]), dtype=torch.float32, steps=2, tol=2e-2, tag="triton fp32",
+                                           ref_make_opt=accurate)  # fmt: skip
+    model = shard(make_model(), ctx["mesh"])
+    opt = PRESETS["mango"](model, backend="triton")
+    named = list(model.named_parameters())
+    for step in range(2):
+        g = synthetic_grads(named, step)
+        for n, p in named:
+            p.grad = as_dtensor(g[n], p)
+        opt.step()
+    backend = opt._backend_for(named[0][1].device, True)
+    assert type(backend).__name__ == "ShardedTritonBackend", type(backend)
+    calls = {}
+    for r in backend.comm.last_step:
+        calls[f"{r['op']}: {r['what']}"] = calls.get(f"{r['op']}: {r['what']}", 0) + 1
+    assert calls.get("all_to_all: NS gather") == calls.get("all_to_all: NS scatter") == 1, calls
+    out["collectives"] = calls
+    return out
+
+
+@check
+def fsdp2_triton_checkpoint(ctx):
+    """A DCP checkpoint saved by the triton backend loads into the torch backend and back: resuming
+    on the other backend equals never stopping (float64, within 1e-12)."""
+    rank, mesh = ctx["rank"], ctx["mesh"]
+    out = {}
+    for save_on, load_on in (("triton", "torch"), ("torch", "triton")):
+        path = os.path.join(ctx["tmp"], f"ckpt-{save_on}")
+
+        def train(model, opt, steps):
+            for step in steps:
+                model(batch(step, rank)).backward()
+                opt.step()
+                opt.zero_grad()
+
+        model = shard(make_model(), mesh)
+        opt = PRESETS["mango"](model, backend=save_on)
+        train(model, opt, range(2))
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+        train(model, opt, range(2, 3))
+        expected = snapshot(model, opt)
+        model2 = shard(make_model(seed=1), mesh)
+        opt2 = PRESETS["mango"](model2, backend=load_on)
+        msd2, osd2 = get_state_dict(model2, opt2)
+        state = {"model": msd2, "optim": osd2}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        train(model2, opt2, range(2, 3))
+        got = snapshot(model2, opt2)
+        diffs = [(expected[k].detach() - got[k].detach()).abs().max() / expected[k].detach().abs().max().clamp_min(1e-300) for k in expected]
+        worst = float(max(diffs))
+        assert worst <= 1e-12, f"checkpoint {save_on} -> {load_on}: worst relative difference {worst:.3g}"
+        out[f"{save_on}_to_{load_on}"] = worst
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# DDP with the Newton–Schulz work split across ranks (Mango(..., process_group=...)): whole params,
+# the same gradients on every rank (what DDP's all-reduce leaves), compared with one process
+# --------------------------------------------------------------------------------------------
+
+
+def run_split(ctx, make_opt, build=make_model, dtype=torch.float64, steps=3, group=None, tol=1e-10, tag="", backend="torch"):
+    """`steps` steps with the NS split over `group` (default: the world's 1-D mesh) and in one process
+    on the same seeded gradients; params and state compared (they should agree bit for bit), and
+    every rank's copy checked identical. Returns (worst error, the split optimizer)."""
+    ref_model, model = build(dtype=dtype), build(dtype=dtype)
+    ref_opt = make_opt(ref_model, backend=backend)
+    opt = make_opt(model, backend=backend, process_group=ctx["mesh"] if group is None else group)
+    named, ref_named = list(model.named_parameters()), dict(ref_model.named_parameters())
+    for step in range(steps):
+        g = synthetic_grads(named, step)
+        for n, p in named:
+            p.grad = g[n].clone()
+            ref_named[n].grad = g[n].clone()
+        opt.step()
+        ref_opt.step()
+    worst = compare_runs(tag, model, opt, ref_model, ref_opt, tol=tol)
+    assert_ranks_identical(tag, model, opt)
+    return worst, opt
+
+
+def assert_ranks_identical(tag, model, opt):
+    flat = torch.cat([t.detach().reshape(-1).double() for p in model.parameters() for t in [p, *opt.state[p].values()]])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    for r, other in enumerate(gathered):
+        assert torch.equal(other, flat), f"{tag}: rank {r} differs from rank {dist.get_rank()}"
+
+
+def split_backend(opt):
+    return next(iter(opt._backends.values()))
+
+
+def tiny_mango(model, backend="torch", **kw):
+    return PRESETS["mango"](model, backend=backend, **kw)
+
+
+def tiny_settings(model, backend="torch", **kw):
+    groups = mango.param_groups(model, qkv_heads=QKV, overrides=SETTINGS_OVERRIDES)
+    return mango.Mango(groups, lr=0.02, weight_decay=0.01, backend=backend, **kw)
+
+
+def hf_split(model, backend="torch", **kw):
+    return mango.presets.mango(model, weight_decay=0.01, backend=backend, **kw)
+
+
+@check
+def ddp_split(ctx):
+    """NS split over the ranks, torch backend, float64, 3 steps: equal to one process (the tiny GPT's
+    head blocks of a fused QKV, the tall `up`, every norm and setting of SETTINGS_OVERRIDES, a
+    ProcessGroup instead of a mesh; HF GPT-2's Conv1D weights; Mixtral's experts and GQA projections),
+    and every rank's params and state bit-identical."""
+    out = {}
+    out["mango"], opt = run_split(ctx, tiny_mango, tag="split mango")
+    assert split_backend(opt).comm.step_summary()["all_gather"]["calls"] >= 1
+    out["settings"], _ = run_split(ctx, tiny_settings, tag="split settings", group=dist.group.WORLD)
+    out["muon"], _ = run_split(ctx, lambda m, **kw: PRESETS["muon"](m, **kw), tag="split muon")
+    out["gpt2_conv1d"], _ = run_split(ctx, hf_split, build=hf_gpt2, tag="split gpt2")
+    out["mixtral_experts_gqa"], _ = run_split(ctx, hf_split, build=hf_mixtral(4), tag="split mixtral")
+    out["float32"], _ = run_split(ctx, lambda m, **kw: tiny_mango(m, ns_dtype=torch.float32, **kw), dtype=torch.float32, tol=1e-6, tag="split fp32")
+    return out
+
+
+@check
+def ddp_split_flops(ctx):
+    """The busiest rank's NS FLOPs, counted by torch.utils.flop_counter.FlopCounterMode over a step
+    (torch backend: NS is the step's only matmul work), against one process running all of it: at
+    most 1/world of the total plus the largest single tensor's NS (the greedy balance's bound)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    world = ctx["world"]
+
+    def counted(opt, model):
+        named = list(model.named_parameters())
+        g = synthetic_grads(named, 0)
+        for n, p in named:
+            p.grad = g[n]
+        with FlopCounterMode(display=False) as fc:
+            opt.step()
+        return fc.get_total_flops()
+
+    build = lambda dtype=torch.float64: make_model(dtype=dtype, n_layer=4)  # noqa: E731
+    textbook = lambda m, **kw: tiny_mango(m, ns_method="textbook", **kw)  # noqa: E731 - the FLOP model's form
+    ref_model, model = build(), build()
+    total = counted(textbook(ref_model), ref_model)
+    opt = textbook(model, process_group=ctx["mesh"])
+    mine = counted(opt, model)
+    every = [0.0] * world
+    dist.all_gather_object(every, mine)
+    jobs = [mango.distributed.ns_flops(tuple(p.shape), nb.block_shape, 5)
+            for b in opt._plan.buckets for nb in b.norm_buckets if nb.norm in ("ns", "ns_split")
+            for p in (b.slots[i].param for i in nb.slots)]  # fmt: skip
+    assert sum(every) == total, f"the ranks' NS FLOPs {every} do not add up to one process's {total}"
+    assert max(every) <= total / world + max(jobs), f"busiest rank {max(every)} of {total} at {world} ranks (largest job {max(jobs)})"
+    backend = split_backend(opt)
+    assert backend.comm.ns_flops == mine == backend.ns_loads[ctx["rank"]], (backend.comm.ns_flops, mine, backend.ns_loads)
+    return dict(busiest=max(every), total=total, largest_job=max(jobs), per_rank=every)
+
+
+@check
+def ddp_split_policies(ctx):
+    """NS split: a NaN on one rank's gradient makes every rank skip (nonfinite="skip") or raise
+    ("raise"), nothing changed; state_dict save -> load into a fresh split optimizer -> resume with an
+    LR scheduler equals never stopping, bit for bit; the all-gathers per step do not grow with depth."""
+    rank = ctx["rank"]
+    for policy in ("skip", "raise"):
+        model = make_model()
+        opt = tiny_mango(model, nonfinite=policy, process_group=ctx["mesh"])
+        named = list(model.named_parameters())
+        for n, p in named:
+            p.grad = synthetic_grads(named, 0)[n]
+        opt.step()
+        before = snapshot(model, opt)
+        g = synthetic_grads(named, 1)
+        for n, p in named:
+            p.grad = g[n]
+            if n == "h.0.mlp.c_fc.weight" and rank == 1:
+                p.grad[0, 0] = float("nan")
+        if policy == "skip":
+            opt.step()
+            assert opt.skipped_steps == 1, f"rank {rank} did not skip"
+        else:
+            try:
+                opt.step()
+            except ValueError as e:
+                assert "h.0.mlp.c_fc.weight" in str(e), str(e)
+            else:
+                raise AssertionError(f"rank {rank} did not raise")
+        after = snapshot(model, opt)
+        for k in before:
+            assert torch.equal(before[k], after[k]), f"nonfinite={policy}: {k} changed on rank {rank}"
+
+    def run(model, opt, sched, steps):
+        named = list(model.named_parameters())
+        for step in steps:
+            g = synthetic_grads(named, step)
+            for n, p in named:
+                p.grad = g[n]
+            opt.step()
+            sched.step()
+
+    def fresh():
+        model = make_model()
+        opt = tiny_mango(model, process_group=ctx["mesh"])
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+
+    model, opt, sched = fresh()
+    run(model, opt, sched, range(3))
+    expected = snapshot(model, opt)
+    model, opt, sched = fresh()
+    run(model, opt, sched, range(2))
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), sched.state_dict())
+    model, opt, sched = fresh()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    sched.load_state_dict(saved[2])
+    run(model, opt, sched, range(2, 3))
+    got = snapshot(model, opt)
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), f"split resume: {k} differs"
+    model = make_model()
+    opt = tiny_mango(model, backend="reference", process_group=ctx["mesh"])
+    for n, p in model.named_parameters():
+        p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+    except ValueError as e:
+        assert "process_group" in str(e) and "reference" in str(e), str(e)
+    else:
+        raise AssertionError("backend='reference' accepted process_group")
+    sharded = shard(make_model(), ctx["mesh"])
+    try:
+        opt = tiny_mango(sharded, process_group=ctx["mesh"])
+        for p in sharded.parameters():
+            p.grad = DTensor.from_local(torch.ones_like(p.to_local()), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        opt.step()
+    except ValueError as e:
+        assert "process_group" in str(e) and "DTensor" in str(e), str(e)
+    else:
+        raise AssertionError("process_group with FSDP2 parameters was accepted")
+    calls = {}
+    for n_layer in (2, 4):
+        _, opt = run_split(ctx, tiny_mango, build=lambda dtype, n=n_layer: make_model(dtype=dtype, n_layer=n), steps=1, tag=f"split {n_layer} layers")
+        calls[n_layer] = {k: v["calls"] for k, v in split_backend(opt).comm.step_summary().items()}
+    assert calls[2] == calls[4], f"collectives grow with depth: {calls}"
+    return calls[2]
+
+
+@check
+def ddp_split_triton(ctx):
+    """NS split on the triton backend (kernels under TRITON_INTERPRET=1), 2 steps: float32 params with
+    the bf16 NS kernels, and float64 params (NS by torch in the backend's work buffer), equal to the
+    single-process triton step."""
+    out = {}
+    out["float32"], opt = run_split(ctx, tiny_mango, dtype=torch.float32, steps=2, tol=1e-6, tag="split triton fp32", backend="triton")
+    backend = split_backend(opt)
+    assert backend.comm.step_summary()["all_gather"]["calls"] >= 1
+    every = [0.0] * ctx["world"]
+    dist.all_gather_object(every, backend.comm.ns_flops)
+    total = sum(backend.ns_loads)
+    assert sum(every) == total and max(every) < total, f"NS FLOPs per rank {every} of {total}: not split"
+    out["float64"], _ = run_split(ctx, tiny_settings, steps=2, tag="split triton fp64", backend="triton")
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,16 @@ backend, itself tested against the float64 reference elsewhere; float64 unless n
 - nonfinite_skip: a NaN on one rank's shard makes every rank skip the step.
 - errors: Shard(1) / Partial placements and DTensor params on backend="reference" are clear
   errors naming the parameter; Replicate() DTensors behave like plain tensors.
+- fsdp2_triton: FSDP2 with backend="triton" (kernels under TRITON_INTERPRET=1) equal to one triton
+  process: mango / lamb / novograd, every norm and setting, HF GPT-2's Conv1D, Mixtral's experts, in
+  float64 within 1e-10, float32 with bf16 NS within the bf16 bound; one all-reduce and one all_to_all
+  pair per step. fsdp2_triton_checkpoint: a DCP checkpoint saved under one backend resumes under the other.
+- ddp_split*: DDP with the Newton–Schulz work split across ranks (`Mango(..., process_group=...)`):
+  equal to one process bit for bit (the tiny GPT's head blocks and tall matrix, every norm and
+  setting, HF GPT-2's Conv1D, Mixtral's experts and GQA, float32), ranks identical; the busiest
+  rank's NS FLOPs (FlopCounterMode) within 1/world of the total plus one tensor's; a NaN on one
+  rank skips or raises everywhere; save -> load -> resume with a scheduler is exact; the all-gathers
+  per step do not grow with depth; the triton backend (interpreter) likewise, at 2 ranks.
 """
 
 from __future__ import annotations
@@ -55,9 +65,11 @@ fcntl = pytest.importorskip("fcntl")  # POSIX: the cross-worker lock (and fork) 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 CHECKS = {
     2: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_training", "ddp", "checkpoint",
-        "collectives", "errors"],
+        "collectives", "errors", "ddp_split", "ddp_split_flops", "ddp_split_policies", "ddp_split_triton",
+        "fsdp2_triton", "fsdp2_triton_checkpoint"],
     4: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_float32", "fsdp2_training", "hsdp",
-        "ddp", "checkpoint", "load_single_process_state", "collectives", "nonfinite_skip", "errors"],
+        "ddp", "checkpoint", "load_single_process_state", "collectives", "nonfinite_skip", "errors",
+        "ddp_split", "ddp_split_flops", "ddp_split_policies"],
 }  # fmt: skip
 _cache: dict = {}
 
@@ -191,6 +203,56 @@ def test_unsupported_placements_and_backends_are_clear_errors(world, check):
     assert check(world, "errors") is True
 
 
+@pytest.mark.parametrize("world", _params("fsdp2_triton"))
+def test_fsdp2_on_the_triton_backend_equals_single_process(world, check):
+    worst = check(world, "fsdp2_triton")
+    calls = worst.pop("collectives")
+    assert set(worst) == {"mango", "lamb", "novograd", "settings", "gpt2_conv1d", "mixtral", "float32_bf16_ns"}
+    assert worst.pop("float32_bf16_ns") <= 2e-2 and max(worst.values()) <= 1e-10
+    assert calls["all_reduce: sums of squares"] == 1 and calls["all_to_all: NS gather"] == 1
+
+
+@pytest.mark.parametrize("world", _params("fsdp2_triton_checkpoint"))
+def test_fsdp2_checkpoint_moves_between_torch_and_triton(world, check):
+    worst = check(world, "fsdp2_triton_checkpoint")
+    assert set(worst) == {"triton_to_torch", "torch_to_triton"} and max(worst.values()) <= 1e-12
+
+
+@pytest.mark.parametrize("world", _params("ddp_split"))
+def test_ddp_split_ns_equals_single_process(world, check):
+    worst = check(world, "ddp_split")
+    assert set(worst) == {"mango", "settings", "muon", "gpt2_conv1d", "mixtral_experts_gqa", "float32"}
+    assert max(worst.values()) <= 1e-10
+
+
+@pytest.mark.parametrize("world", _params("ddp_split_flops"))
+def test_ddp_split_busiest_rank_does_its_share_of_the_ns(world, check):
+    f = check(world, "ddp_split_flops")
+    assert sum(f["per_rank"]) == f["total"]
+    assert f["busiest"] <= f["total"] / world + f["largest_job"]
+    assert f["busiest"] < 0.6 * f["total"] if world == 2 else f["busiest"] < 0.35 * f["total"]
+
+
+@pytest.mark.parametrize("world", _params("ddp_split_policies"))
+def test_ddp_split_nonfinite_resume_schedulers_and_flat_collectives(world, check):
+    calls = check(world, "ddp_split_policies")
+    assert set(calls) == {"all_gather"} and calls["all_gather"] >= 1
+
+
+@pytest.mark.parametrize("world", _params("ddp_split_triton"))
+def test_ddp_split_ns_on_the_triton_backend_equals_single_process(world, check):
+    worst = check(world, "ddp_split_triton")
+    assert worst["float32"] <= 1e-6 and worst["float64"] <= 1e-10
+
+
+def test_process_group_must_be_a_group_or_a_1d_mesh():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="process_group"):
+        import mango
+
+        mango.Mango([p], process_group="world")
+
+
 # ------------------------------------------------------------------------------------------
 # single-process pieces: no DTensor, no processes
 # ------------------------------------------------------------------------------------------
@@ -237,3 +299,30 @@ def test_bench_comm_runs(tmp_path):
     sent = sum(r["sent_MB"] for r in s["per_rank"])
     assert sent == pytest.approx(s["total_sent_MB"]) and sent > 0
     assert s["ns_balance"]["max_over_mean"] < 1.5
+
+
+def test_bench_comm_simulation_matches_real_runs(tmp_path):
+    """bench.comm's simulated ranks (bench/comm_model.py) against real 2-rank gloo runs of the tiny GPT,
+    FSDP2 and DDP with the NS split: the same collectives, bytes on the wire and NS FLOPs per rank."""
+    import argparse
+
+    from bench import comm, comm_model
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    args = comm.build_parser().parse_args(["--model", "tiny"])
+    opt, _ = comm.simulated_model("tiny", args)
+    tensors = comm_model.ns_tensors(opt, device="cpu")  # the NS dtypes of the CPU runs
+    for mode, simulate, file in (("fsdp2", comm_model.fsdp2, "comm_tiny_2ranks_mango.json"),
+                                 ("ddp-split", comm_model.ddp_split, "comm_tiny_2ranks_mango_ddp_split.json")):  # fmt: skip
+        cmd = [sys.executable, "-m", "bench.comm", "--model", "tiny", "--world", "2", "--steps", "1", "--mode", mode, "--out", str(tmp_path)]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        with open(tmp_path / file) as f:
+            real = json.load(f)
+        sim = simulate(tensors, 2)
+        ns_kinds = {k: v for k, v in real["collectives_per_step"].items() if "NS" in k}
+        assert {k: v["calls"] for k, v in ns_kinds.items()} == {k: v for k, v in sim["collectives"].items() if "NS" in k}
+        sent = sum(v["sent_MB_total"] for v in ns_kinds.values()) * 1e6
+        assert sent == pytest.approx(sum(sim["sent"]), rel=1e-9)
+        assert [r["ns_GFLOP"] * 1e9 for r in real["per_rank"]] == pytest.approx(sim["ns_flops"], rel=1e-9)

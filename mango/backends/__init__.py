@@ -47,17 +47,27 @@ def warn_if_unvalidated(device: torch.device) -> None:
     )
 
 
-def make_backend(name: str, device: torch.device, sharded: bool = False):
+def make_backend(name: str, device: torch.device, sharded: bool = False, process_group=None):
     """Instantiate a backend by name; "auto" is triton on CUDA (when importable), torch elsewhere.
-    sharded: the plan has DTensor (FSDP2) parameters, which only the torch backend's sharded variant runs."""
+    sharded: the plan has DTensor (FSDP2) parameters, which only the torch backend's sharded variant runs.
+    process_group: whole (DDP) parameters with the NS split across this group's ranks (mango.ddp)."""
+    if process_group is not None:
+        return _split_backend(name, device, sharded, process_group)
     if sharded:
-        if name in ("auto", "torch"):
+        if name == "auto":
+            name = "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+        if name == "torch":
             from ..distributed import ShardedTorchBackend
 
             return ShardedTorchBackend()
+        if name == "triton":
+            make_backend("triton", device)  # the same checks and warnings as for whole parameters
+            from ..sharded_triton import ShardedTritonBackend
+
+            return ShardedTritonBackend()
         raise ValueError(
-            f"mango: backend={name!r} does not support DTensor (FSDP2) parameters; use backend='torch' or "
-            f"'auto' (the torch backend runs the elementwise stages on local shards and Newton–Schulz on owner ranks)"
+            f"mango: backend={name!r} does not support DTensor (FSDP2) parameters; use backend='torch', 'triton' or "
+            f"'auto' (the elementwise stages run on local shards, Newton–Schulz on owner ranks)"
         )
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_usable(device) else "torch"
@@ -77,3 +87,21 @@ def make_backend(name: str, device: torch.device, sharded: bool = False):
             warn_if_unvalidated(device)
         return TritonBackend()
     raise ValueError(f"mango: invalid backend={name!r}: must be one of ('auto', 'torch', 'triton', 'reference')")
+
+
+def _split_backend(name: str, device: torch.device, sharded: bool, process_group):
+    from .. import ddp
+
+    if sharded:
+        raise ValueError(
+            "mango: process_group splits the Newton–Schulz work of whole (DDP) parameters; these parameters are "
+            "DTensors (FSDP2), whose NS already runs on owner ranks of their shard group: drop process_group"
+        )
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    if name == "torch":
+        return ddp.SplitTorchBackend(process_group)
+    if name == "triton":
+        make_backend("triton", device)  # the same checks and warnings as without a group
+        return ddp.split_triton_backend(process_group)
+    raise ValueError(f"mango: backend={name!r} does not split the Newton–Schulz work across ranks; use backend='torch', 'triton' or 'auto' with process_group")

@@ -94,6 +94,16 @@ def _torch_row_norm(nb) -> bool:
     return nb.norm == "l2_col" and nb.orientation == "in_out"
 
 
+def _cross_shard(nb) -> bool:
+    """Row shards (FSDP2) whose NS blocks or head blocks span ranks: their NS and l2_split run in
+    the round's `shard` hook (mango.sharded_triton) on the work buffer, not in the kernels."""
+    return nb.cache.get("mango.distributed") is not None and not nb.experts
+
+
+def _cross_shard_ns(e) -> bool:
+    return getattr(e, "ns_dtype", None) is not None and _cross_shard(e.nb)
+
+
 class _Entry:
     """One tensor of a launch group: its slot, norm bucket, and where its d and Δ live."""
 
@@ -175,8 +185,8 @@ def _pack_rounds(entries, cost, budget: int) -> list:
     Entries that cost nothing (fused none/sign, empty) join the first round."""
     units: dict = {}
     for e in entries:  # the non-NS tensors as one unit: their l2 sums in one round, one segment-sums launch
-        if cost[e.row]:
-            units.setdefault(id(e.nb) if e.ns_kernel else "work", []).append(e)
+        if cost[e.row]:  # a cross-shard NS bucket stays whole in one round: its exchange serves all its tensors
+            units.setdefault(id(e.nb) if e.ns_kernel or _cross_shard_ns(e) else "work", []).append(e)
     pieces = []
     for unit in units.values():
         if sum(cost[e.row] for e in unit) <= budget:
@@ -216,6 +226,8 @@ class _Round:
     def __init__(self, entries, groups, device, compute_dtype, ns_config, block):
         self.entries = entries
         self.device, self.dtype = device, compute_dtype
+        self.split = None  # DDP with the NS split across ranks (mango.ddp): who runs which NS, and the exchange
+        self.shard = None  # FSDP2 row shards (mango.sharded_triton): cross-shard sums, NS on owner ranks
         specs = []
         for e in entries:
             group = groups[e.bucket.group_index]
@@ -268,7 +280,7 @@ class _Round:
             for e in members:
                 group = groups[e.bucket.group_index]
                 co = ns_schedule(group)
-                steps.append(len(co))
+                steps.append(len(co) if self.split is None or self.split.owns(e) else 0)  # another rank's: skipped here
                 coefficients.append(co)
                 eps.append(group["ns_eps"])
                 spectral.append(group["ns_prescale"] == "spectral")
@@ -281,6 +293,8 @@ class _Round:
             return
         if self.has_novograd:
             mk.launch_novograd_prepass(tables, layout, ws, dtype, aligned)
+        if self.has_novograd and self.shard is not None:
+            self.shard.after_prepass(self, groups)
         mk.launch_moments(tables, layout, ws, dtype, aligned)
         if layout.n_post_segments:
             mk.launch_segment_sums(layout.post_segments, ws["partials"], ws["sums"], 0, dtype)
@@ -291,14 +305,18 @@ class _Round:
         for batch, members in self.ns_batches:
             for e in members:
                 group = groups[e.bucket.group_index]
-                if group["ns_prescale"] == "spectral":  # option, not the hot path: torch fills the batch's sums
+                if group["ns_prescale"] == "spectral" and (self.split is None or self.split.owns(e)):  # option, not the hot path: torch fills the batch's sums
                     blocks = torch.stack(batch.block_views(e.spec)).float()
                     s = batch.specs[e.spec]
                     batch.sums[s.segment : s.segment + s.n_blocks] = spectral_norm(blocks).square()
                     mk.record("spectral_norm")
             batch.run()
-            mk.prescale_only(batch, [e.spec for e in members if batch.specs[e.spec].steps == 0])
+            mk.prescale_only(batch, [e.spec for e in members if batch.specs[e.spec].steps == 0 and (self.split is None or self.split.owns(e))])
         for e in self.entries:  # float64 NS, and l2_col of transposed layouts: torch, on the work buffer
+            if e.ns_dtype is not None and not e.ns_kernel and self.split is not None and not self.split.owns(e):
+                continue
+            if self.shard is not None and self.shard.handles(e):
+                continue
             if (e.ns_dtype is not None and not e.ns_kernel) or e.torch_norm:
                 group = groups[e.bucket.group_index]
                 nb = e.nb
@@ -312,6 +330,10 @@ class _Round:
                                             method=e.ns_method)  # fmt: skip
                 blocks.copy_(out)
                 mk.record("torch_newton_schulz")
+        if self.split is not None:
+            self.split.exchange(self, groups)
+        if self.shard is not None:
+            self.shard.exchange(self, groups)
 
     def nonfinite_tiles(self, bad: torch.Tensor) -> None:
         """Mark in `bad` (one per table row) the tensors whose tiles flagged a NaN/Inf gradient."""
@@ -339,10 +361,10 @@ class _LaunchGroup:
                         r, c = nb.block_shape
                         e.ns_method = ns_method_for(group, r, c, compute_dtype, device)
                         e.ns_dtype = ns_kernel_dtype(group["ns_dtype"], compute_dtype, e.ns_method)
-                        e.ns_kernel = e.ns_dtype in mk.NS_DTYPES
+                        e.ns_kernel = e.ns_dtype in mk.NS_DTYPES and not _cross_shard(nb)
                         if e.ns_kernel:
                             e.ns_spec = mk.NSSpec(e.numel, ns_blocks(nb, e.numel))
-                    e.torch_norm = _torch_row_norm(nb) and e.numel > 0
+                    e.torch_norm = (_torch_row_norm(nb) or (_cross_shard(nb) and nb.norm == "l2_split")) and e.numel > 0
                     e.fused = nb.norm in ("none", "sign") and not group["trust_ratio"]
                     if not e.slot.param.is_contiguous():
                         e.param_copy = torch.empty(e.slot.param.shape, dtype=e.slot.param.dtype, device=device)

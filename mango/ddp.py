@@ -1,0 +1,257 @@
+"""DDP with the Newton–Schulz work split across ranks: `Mango(..., process_group=group)`.
+
+Under DDP every rank holds whole parameters and, after DDP's all-reduce, the same gradients, so
+every rank could run the whole step, and without `process_group` it does. With a process group,
+each NS-bound tensor (a matrix, a fused QKV's batch of head blocks, an MoE weight's batch of
+experts) gets one owner rank, assigned once per plan by a deterministic greedy balance of NS FLOPs
+(`mango.distributed.assign_owners`: every rank computes the same assignment). A step then runs
+
+    moments, l2, sign, ...   on every rank, for every tensor (elementwise: cheap, identical)
+    Newton–Schulz            on the owner only, for the tensors it owns
+    all-gather               of the NS results in the NS operand dtype (one per NS bucket on the
+                             torch backend, one per round and dtype on the triton backend)
+    apply                    on every rank, for every tensor
+
+The owner runs exactly the single-process NS of its tensors (the same batched code on the same
+values), so the step equals the single-process step and every rank ends bit-identical. The
+collectives per step follow the NS shape buckets, not the depth. The nonfinite check reduces its
+flags over the group, so every rank skips (or raises) alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .backends.torch_backend import TEMP_FLOOR_BYTES, TorchBackend, batched_newton_schulz
+from .config import NS_NORMS, ns_schedule
+from .distributed import CommStats, assign_owners, ns_flops
+from .layout import norm_blocks
+from .reference import ns_method_for
+
+__all__ = ["resolve_process_group", "assign_plan", "SplitTorchBackend", "split_triton_backend", "NSGather"]
+
+
+def resolve_process_group(group):
+    """The ProcessGroup a `process_group=` argument names (a ProcessGroup or a 1-D DeviceMesh), or None."""
+    if group is None:
+        return None
+    if not dist.is_available():
+        raise ValueError("mango: process_group needs torch.distributed, which this torch build lacks")
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(group, (DeviceMesh, dist.ProcessGroup)):
+        raise ValueError(f"mango: process_group must be a torch.distributed ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}")
+    if not dist.is_initialized():
+        raise ValueError("mango: process_group needs torch.distributed initialized (dist.init_process_group) first")
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"mango: process_group is a {group.ndim}-D DeviceMesh; pass a 1-D mesh (or one of its dimensions, mesh['dp'])")
+        return group.get_group()
+    return group
+
+
+def assign_plan(opt, plan, world: int) -> list:
+    """Owner rank of every NS-bound tensor of the plan, balanced by NS FLOPs; stored per norm bucket
+    as nb.cache["mango.ddp.owners"] (one rank per entry of nb.slots). Returns each rank's load."""
+    jobs = []
+    for bucket in plan.buckets:
+        group = opt.param_groups[bucket.group_index]
+        steps = len(ns_schedule(group))
+        for nb in bucket.norm_buckets:
+            if nb.norm not in NS_NORMS:
+                continue
+            nb.cache["mango.ddp.owners"] = [0] * len(nb.slots)
+            for j, i in enumerate(nb.slots):
+                shape = tuple(bucket.slots[i].param.shape)
+                cost = ns_flops(shape, nb.block_shape, max(steps, 1)) if bucket.slots[i].param.numel() else 0.0
+                jobs.append((nb, j, cost))  # blocks of every head or expert counted
+    owners, loads = assign_owners([c for _, _, c in jobs], world)
+    for (nb, j, _), q in zip(jobs, owners):
+        nb.cache["mango.ddp.owners"][j] = q
+    return loads
+
+
+class NSGather:
+    """One all-gather of NS results: every rank packs the results it owns into a send buffer (its
+    share, padded to the largest share), all-gathers, and every rank copies each result from its
+    owner's segment. Buffers are kept by layout across steps."""
+
+    def __init__(self, pg, comm: CommStats):
+        self.pg, self.comm = pg, comm
+        self.world, self.rank = dist.get_world_size(pg), dist.get_rank(pg)
+        self._buffers: dict = {}
+
+    def __call__(self, owners, results, dests) -> None:
+        """owners[j]: rank of job j; results[j]: its result on its owner (None elsewhere); dests[j]:
+        where every rank wants it (any strides; the shape every rank agrees on). One dtype."""
+        if not dests:
+            return
+        dtype, device = dests[0].dtype, dests[0].device
+        sizes = [d.numel() for d in dests]
+        share = [0] * self.world
+        offset = []
+        for q, n in zip(owners, sizes):
+            offset.append(share[q])
+            share[q] += n
+        chunk = max(share)
+        if chunk == 0:
+            return
+        key = (dtype, device, chunk)
+        bufs = self._buffers.get(key)
+        if bufs is None:
+            bufs = self._buffers[key] = (torch.empty(chunk, dtype=dtype, device=device), torch.empty(self.world * chunk, dtype=dtype, device=device))
+        send, recv = bufs
+        mine = [j for j, q in enumerate(owners) if q == self.rank and sizes[j]]
+        if mine:
+            torch._foreach_copy_([send[offset[j] : offset[j] + sizes[j]].view(dests[j].shape) for j in mine], [results[j] for j in mine])
+        gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name, where torch has it
+        gather_into(recv, send, group=self.pg)
+        esize = send.element_size()
+        wire = (self.world - 1) * chunk * esize
+        self.comm.record("all_gather", "NS results", self.world, chunk * esize, wire, wire)
+        live = [j for j in range(len(dests)) if sizes[j]]
+        srcs = [recv[owners[j] * chunk + offset[j] : owners[j] * chunk + offset[j] + sizes[j]].view(dests[j].shape) for j in live]
+        torch._foreach_copy_([dests[j] for j in live], srcs)
+
+
+def _reduced_nonfinite_flags(pg, comm, flags: torch.Tensor) -> torch.Tensor:
+    """Per-tensor NaN/Inf flags, max-reduced over the group so every rank decides the step alike
+    (one rank skipping while another runs would leave the other waiting in the all-gather)."""
+    f = flags.to(torch.float32)
+    dist.all_reduce(f, op=dist.ReduceOp.MAX, group=pg)
+    n = f.numel() * f.element_size()
+    P = dist.get_world_size(pg)
+    wire = (2 * (P - 1) * n) // P
+    comm.record("all_reduce", "nonfinite flags", P, n, wire, wire)
+    return f > 0
+
+
+class SplitTorchBackend(TorchBackend):
+    """The torch backend with each NS bucket's tensors orthogonalized by their owners and all-gathered."""
+
+    def __init__(self, pg):
+        super().__init__()
+        self.pg = pg
+        self.comm = CommStats()
+        self.gather = NSGather(pg, self.comm)
+        self.ns_loads: list = []  # planned NS FLOPs per rank of the current plan
+
+    def step(self, opt, plan, grads_by_bucket) -> None:
+        loads = plan.cache.get("mango.ddp.loads")
+        if loads is None:
+            loads = plan.cache["mango.ddp.loads"] = assign_plan(opt, plan, self.gather.world)
+        self.ns_loads = loads
+        self.comm.last_step = []
+        self.comm.ns_flops = 0.0
+        self.comm.steps += 1
+        super().step(opt, plan, grads_by_bucket)
+
+    def nonfinite_flags(self, bucket, grads) -> torch.Tensor:
+        from .optimizer import Mango
+
+        return _reduced_nonfinite_flags(self.pg, self.comm, Mango._nonfinite_flags(grads))
+
+    def orthogonalize(self, group, bucket, unit, X: torch.Tensor, scale: float = 1.0, buffers=None) -> torch.Tensor:
+        """The owner's share: NS of the tensors this rank owns (the single-process code on a copy of
+        their rows, which keeps each matrix's memory layout); then every rank's result lands in the
+        unit's second buffer in norm-block form, as the single-process NS leaves it."""
+        nb = unit.nb
+        owners = nb.cache.get("mango.ddp.owners")
+        blocks = norm_blocks(X, nb.shape, nb.norm, nb.head_dim, **nb.layout)
+        if owners is None or blocks.numel() == 0 or buffers is None:
+            return super().orthogonalize(group, bucket, unit, X, scale, buffers)
+        me = self.gather.rank
+        mine = [j for j, q in enumerate(owners) if q == me]
+        results = [None] * len(owners)
+        if mine:
+            idx = torch.tensor(mine, device=X.device)
+            owned = X.index_select(0, idx)
+            r, c = nb.block_shape
+            limit = max(self._budget // 16, TEMP_FLOOR_BYTES) if self._budget else None
+            out = batched_newton_schulz(norm_blocks(owned, nb.shape, nb.norm, nb.head_dim, **nb.layout), ns_schedule(group),
+                                        group["ns_prescale"], group["ns_eps"], dtype=X.dtype, out_scale=scale,
+                                        method=ns_method_for(group, r, c, bucket.dtype, bucket.device), max_temp_bytes=limit)  # fmt: skip
+            for pos, j in enumerate(mine):
+                results[j] = out[pos]
+            self.comm.ns_flops += len(mine) * ns_flops(nb.shape, nb.block_shape, len(ns_schedule(group)))
+        R = buffers[1].view(-1)[: blocks.numel()].view(blocks.shape)
+        self.gather(owners, results, list(R.unbind(0)))
+        return R
+
+
+def split_triton_backend(pg):
+    """The triton backend with the NS kernels run on owned tensors only (the others' NS steps set
+    to 0 for this rank) and the results all-gathered into every rank's NS buffers, per round."""
+    from .backends.triton_backend import TritonBackend
+
+    class SplitTritonBackend(TritonBackend):
+        def __init__(self):
+            super().__init__()
+            self.pg = pg
+            self.comm = CommStats()
+            self.gather = NSGather(pg, self.comm)
+            self.ns_loads: list = []
+
+        def _program(self, opt, plan):
+            lgs = super()._program(opt, plan)
+            loads = plan.cache.get("mango.ddp.loads")
+            if loads is None:
+                loads = plan.cache["mango.ddp.loads"] = assign_plan(opt, plan, self.gather.world)
+            self.ns_loads = loads
+            for lg in lgs:
+                for r in lg.rounds:
+                    if r.split is None:
+                        r.split = _TritonRoundSplit(self, r)
+            return lgs
+
+        def step(self, opt, plan, grads_by_bucket) -> None:
+            self.comm.last_step = []
+            self.comm.ns_flops = 0.0
+            self.comm.steps += 1
+            super().step(opt, plan, grads_by_bucket)
+
+        def nonfinite_flags(self, bucket, grads) -> torch.Tensor:
+            return _reduced_nonfinite_flags(self.pg, self.comm, super().nonfinite_flags(bucket, grads).cpu())
+
+    return SplitTritonBackend()
+
+
+class _TritonRoundSplit:
+    """What a triton round asks of the split: whether this rank runs an entry's NS, and the exchange."""
+
+    def __init__(self, backend, rnd):
+        self.backend = backend
+        self.rank = backend.gather.rank
+        self.owner = {}
+        for e in rnd.entries:
+            owners = e.nb.cache.get("mango.ddp.owners")
+            if owners is None or e.ns_dtype is None:
+                continue
+            if e.ns_kernel and e.ns_method == "gram" and e.batch.spec_is_large[e.spec]:
+                continue  # the Gram form's large items iterate as one host batch with one schedule: run everywhere
+            self.owner[e.row] = owners[e.nb.slots.index(e.slot_index)]
+
+    def owns(self, e) -> bool:
+        q = self.owner.get(e.row)
+        return q is None or q == self.rank
+
+    def exchange(self, rnd, groups) -> None:
+        """All-gather the round's NS results (kernel outputs in their NS dtype, torch-run float64 NS
+        in the work buffer), one collective per dtype."""
+        by_dtype: dict = {}
+        for e in rnd.entries:
+            if e.ns_dtype is not None and self.owns(e) and e.numel:
+                group = groups[e.bucket.group_index]
+                self.backend.comm.ns_flops += ns_flops(e.nb.shape, e.nb.block_shape, len(ns_schedule(group)))
+            if e.row not in self.owner or e.numel == 0:
+                continue
+            if e.ns_kernel:
+                view = e.batch.output_view(e.spec)
+            else:
+                view = rnd.work[e.work_offset : e.work_offset + e.numel]
+            by_dtype.setdefault(view.dtype, []).append((e, view))
+        for members in by_dtype.values():
+            owners = [self.owner[e.row] for e, _ in members]
+            views = [v for _, v in members]
+            self.backend.gather(owners, [v if q == self.rank else None for v, q in zip(views, owners)], views)
