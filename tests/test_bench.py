@@ -112,9 +112,13 @@ def test_quick_json_has_every_field(quick_run):
             assert m["persistent_bytes"] >= 0 and m["peak_transient_bytes"] >= 0
             assert m["step_net_bytes"] == 0, (o["key"], m)  # nothing grows from step to step
             assert ("budget" in m) == (o["key"] in optimizers.MANGO_KEYS)
-        # mango torch keeps its workspace between steps (and little else); AdamW keeps nothing but state
+        # mango torch keeps its workspace between steps and little else (a few small index tensors
+        # of its plan); AdamW keeps nothing but state. "Little" is bytes on CPU, where the profiler
+        # reports each allocation's own size; on CUDA it reports the caching allocator's block
+        # (at least 512 bytes each), so the same handful weighs KBs there: bounded by the state.
         mt = by["torch"]["memory"]
-        assert mt["workspace_bytes"] > 0 and 0 <= mt["persistent_other_bytes"] < 4096
+        little = 4096 if result["device"]["type"] == "cpu" else 0.01 * mt["state_bytes"]
+        assert mt["workspace_bytes"] > 0 and 0 <= mt["persistent_other_bytes"] < little
         assert by["adamw"]["memory"]["persistent_bytes"] == 0
         assert by["torch"]["memory"]["budget"]["budget_bytes"] > 0
         nm = s["ns_methods"]
