@@ -199,6 +199,12 @@ def _ns_method_target_markdown(s) -> list:
     return out
 
 
+def not_run_note(o: dict) -> str:
+    """What the table and the chart say of a contender without a time: why it has none."""
+    reason = o.get("reason") or o["status"]
+    return {"failed": reason, "skipped": f"skipped ({reason})"}.get(o["status"], f"n/a ({reason})")
+
+
 def _set_markdown(result, s) -> list:
     ps, fl = s["set"], s["floor"]
     primary = s.get("primary")
@@ -213,9 +219,7 @@ def _set_markdown(result, s) -> list:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for o in s["optimizers"]:
         if o["status"] != "ok":
-            reason = o.get("reason", "")
-            cell = {"failed": reason, "skipped": f"skipped ({reason})"}.get(o["status"], f"n/a ({reason})")
-            out.append(f"| {o['label']} | {cell} | - | - | - | - | - |")
+            out.append(f"| {o['label']} | {not_run_note(o)} | - | - | - | - | - |")
             continue
         info = o.get("info") or {}
         label = o["label"]
@@ -320,9 +324,7 @@ def plot(result: dict, path: str) -> None:
                 txt += f"  ({o['x_floor']:.1f}× floor)" if o.get("x_floor") else ""
                 ax.text(v, yi, txt, va="center", fontsize=7)
             else:
-                txt = o.get("reason", o["status"])
-                txt = {"failed": txt, "skipped": "skipped (not run by default)"}.get(o["status"], f"n/a ({txt})")
-                ax.text(lo * 1.05, yi, " " + txt[:70], va="center", fontsize=7, color="#555")
+                ax.text(lo * 1.05, yi, " " + not_run_note(o)[:90], va="center", fontsize=7, color="#555")
         ax.set_title(f"{s['set']['title']} — {s['set']['numel'] / 1e6:.2f}M params", fontsize=9)
         ax.set_xlabel("optimizer step time, ms (median, log scale)", fontsize=8)
         ax.tick_params(axis="x", labelsize=7)

@@ -297,6 +297,24 @@ def test_sequential_mode_and_explicit_optimizers(tmp_path):
     assert ns["value"] == pytest.approx(s["optimizers"][0]["median_s"] / bare)
 
 
+def test_contenders_not_run_say_why_in_every_output(tmp_path):
+    """A contender left out (with its reason) or cut by --time-budget is reported as skipped with
+    that reason in the JSON, the markdown and the chart's label, never as "not run by default"."""
+    why = "left out here: its compile takes longer than this run has"
+    _bench("--out", tmp_path, "--interleave", "off", "--optimizers", "adamw", "--no-kernels", "--no-png",
+           "--leave-out", f"compile={why}", "--time-budget", "0")  # fmt: skip
+    (js,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    result = json.loads((tmp_path / js).read_text())
+    by = {o["key"]: o for o in result["sets"][0]["optimizers"]}
+    assert by["compile"] == {**by["compile"], "status": "skipped", "reason": why}
+    assert by["adamw"]["status"] == "skipped" and "--time-budget 0 s spent" in by["adamw"]["reason"]
+    assert result["settings"]["left_out"] == {"compile": why} and "compile" in result["settings"]["optimizers"]
+    md = (tmp_path / js.replace(".json", ".md")).read_text()
+    assert f"skipped ({why})" in md and "skipped (--time-budget 0 s spent before it started)" in md
+    for o in by.values():
+        assert report.not_run_note(o) == f"skipped ({o['reason']})"
+
+
 # ----------------------------------------------------------------------------------------
 # memory accounting (bench/memory.py)
 # ----------------------------------------------------------------------------------------
