@@ -34,7 +34,7 @@ def readme_blocks() -> list:
 BLOCKS = readme_blocks()
 
 
-def test_readme_shows_the_examples_the_issue_asks_for():
+def test_readme_shows_the_examples_a_new_user_needs():
     by_section = {}
     for block_id, code in BLOCKS:
         by_section.setdefault(block_id.split("@")[0], []).append(code)
