@@ -11,8 +11,8 @@
                 offset, whole-matrix NS for QKV); AdamW fused where the device supports it
     adamw       torch.optim.AdamW on everything: an elementwise-only yardstick
 
-Variants of the torch backend, run only when --optimizers names them (the NS-method comparison of
-issue 14; `VARIANTS` says what each sets):
+Variants of the torch backend, run only when --optimizers names them (the NS-method comparison;
+`VARIANTS` says what each sets):
 
     torch_textbook       ns_method="textbook" (the auto dtype)
     torch_fp32           ns_dtype=float32, ns_method="auto": the regime of CPUs without bf16, where

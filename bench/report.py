@@ -185,11 +185,11 @@ def _methods_markdown(s) -> list:
     return out
 
 
-def _issue14_markdown(s) -> list:
+def _ns_method_target_markdown(s) -> list:
     t = next((t for t in s.get("targets", []) if t["id"] == "ns_gram" and t.get("variants")), None)
     if not t:
         return []
-    out = [f"Issue 14 target: step ≤ {t['target']}× the bare batched textbook NS matmuls in the contender's NS dtype, "
+    out = [f"NS-method target: step ≤ {t['target']}× the bare batched textbook NS matmuls in the contender's NS dtype, "
            "timed in the same rounds:", "",
            "| contender | step ms | bare textbook NS ms (dtype) | step / bare NS | ≤ 0.7× |", "| --- | ---: | ---: | ---: | :---: |"]  # fmt: skip
     for key, v in t["variants"].items():
@@ -197,6 +197,12 @@ def _issue14_markdown(s) -> list:
         out.append(f"| {v['label']} | {_ms(v['step_s'])} | {_ms(v['bare_ns_s'])} ({v['bare_ns_dtype']}) | {v['value']:.2f}× | {met} |")
     out.append("")
     return out
+
+
+def not_run_note(o: dict) -> str:
+    """What the table and the chart say of a contender without a time: why it has none."""
+    reason = o.get("reason") or o["status"]
+    return {"failed": reason, "skipped": f"skipped ({reason})"}.get(o["status"], f"n/a ({reason})")
 
 
 def _set_markdown(result, s) -> list:
@@ -213,9 +219,7 @@ def _set_markdown(result, s) -> list:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for o in s["optimizers"]:
         if o["status"] != "ok":
-            reason = o.get("reason", "")
-            cell = {"failed": reason, "skipped": f"skipped ({reason})"}.get(o["status"], f"n/a ({reason})")
-            out.append(f"| {o['label']} | {cell} | - | - | - | - | - |")
+            out.append(f"| {o['label']} | {not_run_note(o)} | - | - | - | - | - |")
             continue
         info = o.get("info") or {}
         label = o["label"]
@@ -232,7 +236,7 @@ def _set_markdown(result, s) -> list:
     out.append("")
     out += _memory_markdown(s)
     out += _methods_markdown(s)
-    out += _issue14_markdown(s)
+    out += _ns_method_target_markdown(s)
     nb = s.get("ns_buckets")
     if nb and nb["buckets"]:
         same = nb["same_dtype"]
@@ -320,9 +324,7 @@ def plot(result: dict, path: str) -> None:
                 txt += f"  ({o['x_floor']:.1f}× floor)" if o.get("x_floor") else ""
                 ax.text(v, yi, txt, va="center", fontsize=7)
             else:
-                txt = o.get("reason", o["status"])
-                txt = {"failed": txt, "skipped": "skipped (not run by default)"}.get(o["status"], f"n/a ({txt})")
-                ax.text(lo * 1.05, yi, " " + txt[:70], va="center", fontsize=7, color="#555")
+                ax.text(lo * 1.05, yi, " " + not_run_note(o)[:90], va="center", fontsize=7, color="#555")
         ax.set_title(f"{s['set']['title']} — {s['set']['numel'] / 1e6:.2f}M params", fontsize=9)
         ax.set_xlabel("optimizer step time, ms (median, log scale)", fontsize=8)
         ax.tick_params(axis="x", labelsize=7)

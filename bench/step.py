@@ -16,7 +16,7 @@ bench/optimizers.py) it measures, in one run on one device:
 - NS FLOPs per method (textbook, Gram, what ns_method="auto" picks per bucket) and their floors;
 - per NS bucket: mango's batched NS vs the bare torch.bmm NS; the torch backend's stages (GB/s);
 - SPEC §8 CPU targets where the set carries them (24L d64: torch vs reference >= 3x;
-  12L d256: torch step <= 1.3x the bare NS matmuls; issue 14: <= 0.7x, for every torch-backend
+  12L d256: torch step <= 1.3x the bare NS matmuls, and <= 0.7x by the Gram form and schedules, for every torch-backend
   variant asked for with --optimizers, e.g. torch_textbook, torch_fp32, torch_pe4).
 
 It writes step_<device>_<time>.json / .md / .png under --out (default bench/results/) and
@@ -27,7 +27,7 @@ prints the markdown report. `--quick` runs every code path at tiny sizes (CI; no
     python -m bench.step --cpu-targets --skip compile     # only the SPEC §8 CPU targets, fast
     python -m bench.step --quick --out /tmp/b             # CI smoke run
     python -m bench.step --sets gpt-12l-d256 --optimizers torch,torch_textbook,torch_fp32,torch_fp32_textbook,muon_adamw
-                                                          # issue 14: NS methods vs the bare textbook NS
+                                                          # NS methods vs the bare textbook NS
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ TARGETS = {
         better="lower",
     ),
     "ns_gram": dict(
-        name="torch step / bare textbook NS matmuls (issue 14)",
-        spec="issue 14: mango's step <= 0.7x the bare batched textbook NS matmul time on the FLOP-bound CPU set "
+        name="torch step / bare textbook NS matmuls (Gram form and schedules)",
+        spec="NS-method target: mango's step <= 0.7x the bare batched textbook NS matmul time on the FLOP-bound CPU set "
              "(12 layers, d=256), by the Gram form and schedules",
         target=0.7,
         better="lower",
@@ -357,6 +357,11 @@ def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
     interleave = _interleave(args, device, pset)
     res["interleaved"] = interleave
     keys = list(args.optimizers)
+    for key, reason in getattr(args, "left_out", {}).items():
+        if key in keys:
+            keys.remove(key)
+            res["optimizers"].append({"key": key, "label": O.LABELS[key], "status": "skipped", "reason": reason})
+            _print_rec(res["optimizers"][-1])
     if not args.optimizers_given:
         for key in [k for k in keys if k in pset.default_skip]:
             keys.remove(key)
@@ -444,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", help=f"comma-separated, from {', '.join(O.ALL_CONTENDERS)} (default: {', '.join(O.CONTENDERS)}; "
                                         "torch_bf16 only where the torch backend's NS is not bf16 already)")
     p.add_argument("--skip", default="", help="comma-separated optimizers to leave out (e.g. compile)")
+    p.add_argument("--leave-out", action="append", default=[], metavar="KEY=REASON",
+                   help="an optimizer not run, reported in every output as skipped for REASON (repeatable)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), help="results folder")
     p.add_argument("--quick", action="store_true", help="every code path at tiny sizes, in seconds (CI); no timing claims")
@@ -478,6 +485,14 @@ def main(argv=None) -> dict:
     if args.optimizers is None:
         args.optimizers = ",".join(k for k in O.CONTENDERS if k != "torch_bf16" or ns_dt != "bfloat16")
     args.optimizers = [k for k in args.optimizers.split(",") if k and k not in skip]
+    args.left_out = {}
+    for item in args.leave_out:
+        key, sep, reason = item.partition("=")
+        if not sep or not reason.strip():
+            raise SystemExit(f"--leave-out {item!r}: give KEY=REASON (the reason is what the report says)")
+        args.left_out[key] = reason.strip()
+        if key not in args.optimizers:
+            args.optimizers.append(key)
     for k in args.optimizers:
         if k not in O.ALL_CONTENDERS:
             raise SystemExit(f"unknown optimizer {k!r}; known: {', '.join(O.ALL_CONTENDERS)}")
@@ -520,7 +535,7 @@ def main(argv=None) -> dict:
         "timing": {**plan, "method": "CUDA events, device idle at step start" if device.type == "cuda" else "perf_counter",
                    "gradients": "refreshed with torch.randn before every step, outside the timed span",
                    "statistic": "median of timed steps after warm-up"},  # fmt: skip
-        "settings": {"optimizers": args.optimizers, "skipped": sorted(skip), "tied_role": args.tied_role,
+        "settings": {"optimizers": args.optimizers, "skipped": sorted(skip), "left_out": dict(args.left_out), "tied_role": args.tied_role,
                      "compile_backend": args.compile_backend, "compile_timeout_s": args.compile_timeout,
                      "torch_backend_ns_dtype": ns_dt, "preset": "mango.presets.mango defaults (fp32 params and state)"},  # fmt: skip
         "sets": [],

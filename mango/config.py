@@ -7,7 +7,9 @@ bad input is rejected before any state is touched (SPEC §9).
 
 from __future__ import annotations
 
+import difflib
 import math
+import warnings
 from numbers import Real
 
 ROLES = (
@@ -132,9 +134,40 @@ OWN_KEYS = frozenset(DEFAULTS) | {"betas"}
 BOOKKEEPING_KEYS = frozenset({"params", "param_names", "name"})
 
 
+# Foreign keys others are known to put in param groups (LR and momentum schedulers, torch.optim's
+# own options, common per-group multipliers and tags): kept silently, never taken for a misspelling.
+KNOWN_FOREIGN_KEYS = frozenset({
+    "initial_lr", "max_lr", "min_lr", "base_lr", "lr_scale", "lr_mult", "weight_decay_mult", "layer_scale",
+    "momentum", "base_momentum", "max_momentum", "dampening", "foreach", "fused", "capturable",
+    "differentiable", "amsgrad", "decoupled_weight_decay", "layer_id", "tag", "group_name",
+})  # fmt: skip
+_warned_keys: set = set()
+
+
 def foreign_keys(group: dict) -> list:
     """Keys mango neither owns nor reads (a scheduler's initial_lr, a user's lr_scale): kept as is."""
     return sorted(set(group) - OWN_KEYS - BOOKKEEPING_KEYS, key=str)
+
+
+def resembled_setting(key) -> str | None:
+    """The mango setting a foreign key looks like a misspelling of (`weight_decai` → `weight_decay`),
+    or None: known foreign keys and keys that resemble nothing."""
+    if not isinstance(key, str) or key in KNOWN_FOREIGN_KEYS:
+        return None
+    close = difflib.get_close_matches(key, sorted(OWN_KEYS), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def warn_misspelt_keys(group: dict) -> None:
+    """Once per process and key: a foreign key that resembles one of mango's settings is kept (as
+    torch.optim keeps every key) but is most likely a typo whose value mango never reads."""
+    for key in foreign_keys(group):
+        setting = resembled_setting(key)
+        if setting is None or key in _warned_keys:
+            continue
+        _warned_keys.add(key)
+        warnings.warn(f"mango: param group key {key!r} is not a mango setting and is ignored (kept, as torch.optim keeps "
+                      f"foreign keys); did you mean {setting!r}?", UserWarning, stacklevel=4)  # fmt: skip
 
 
 def _err(name: str, value, why: str) -> ValueError:

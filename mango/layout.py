@@ -74,8 +74,9 @@ def block_shape(shape, norm: str, head_dim=None, orientation="out_in", experts=F
 
 def shape_factor_of(r: int, c: int, shape_scale) -> float:
     """k for NS norms from one (rows, cols) block: Muon's √max(1, rows/cols) ("original") or
-    0.2·√max(rows, cols) ("match_rms_adamw"); None: 1."""
-    if shape_scale is None:
+    0.2·√max(rows, cols) ("match_rms_adamw"); None: 1. An empty block (a 0-row or 0-col
+    tensor) has no update to scale: 1."""
+    if shape_scale is None or r == 0 or c == 0:
         return 1.0
     if shape_scale == "original":
         return math.sqrt(max(1.0, r / c))

@@ -135,6 +135,7 @@ class Mango(Optimizer):
             param_group = dict(param_group, params=[param_group["params"]])
         merged = _betas.merge_group(self.defaults, param_group)
         config.validate_group(merged)
+        config.warn_misspelt_keys(merged)
         params = list(param_group["params"])
         names = param_group.get("param_names")
         if params and isinstance(params[0], tuple):  # named parameters, as torch.optim accepts them

@@ -74,3 +74,19 @@ def state_snapshot(opt):
 
 def mango_opt(groups, backend, **kw):
     return mango.Mango(groups, backend=backend, **kw)
+
+
+def small_ns_launch(batch) -> str:
+    """The name of an NS batch's on-chip launch: it follows the form "auto" chose for the batch's
+    buckets on its device (the Gram form where its fewer FLOPs pay, e.g. fp16 on CUDA)."""
+    return "ns_small_gram" if batch.method == "gram" else "ns_small"
+
+
+def choose_ns_as_on(monkeypatch, device_type: str) -> None:
+    """Make the triton backend choose every NS bucket's form as it would on `device_type`. The
+    choice is made on the host from the device type, shapes and settings, so a CPU dry run then
+    launches what a step on that device launches: CI sees the CUDA launch structure without a GPU."""
+    import mango.backends.triton_backend as tb
+
+    choose = tb.ns_method_for
+    monkeypatch.setattr(tb, "ns_method_for", lambda settings, rows, cols, dtype, device: choose(settings, rows, cols, dtype, torch.device(device_type)))

@@ -112,9 +112,13 @@ def test_quick_json_has_every_field(quick_run):
             assert m["persistent_bytes"] >= 0 and m["peak_transient_bytes"] >= 0
             assert m["step_net_bytes"] == 0, (o["key"], m)  # nothing grows from step to step
             assert ("budget" in m) == (o["key"] in optimizers.MANGO_KEYS)
-        # mango torch keeps its workspace between steps (and little else); AdamW keeps nothing but state
+        # mango torch keeps its workspace between steps and little else (a few small index tensors
+        # of its plan); AdamW keeps nothing but state. "Little" is bytes on CPU, where the profiler
+        # reports each allocation's own size; on CUDA it reports the caching allocator's block
+        # (at least 512 bytes each), so the same handful weighs KBs there: bounded by the state.
         mt = by["torch"]["memory"]
-        assert mt["workspace_bytes"] > 0 and 0 <= mt["persistent_other_bytes"] < 4096
+        little = 4096 if result["device"]["type"] == "cpu" else 0.01 * mt["state_bytes"]
+        assert mt["workspace_bytes"] > 0 and 0 <= mt["persistent_other_bytes"] < little
         assert by["adamw"]["memory"]["persistent_bytes"] == 0
         assert by["torch"]["memory"]["budget"]["budget_bytes"] > 0
         nm = s["ns_methods"]
@@ -291,6 +295,24 @@ def test_sequential_mode_and_explicit_optimizers(tmp_path):
     ns = next(t for t in s["targets"] if t["id"] == "ns")
     bare = s["bare_ns"][ns["bare_ns_dtype"]]["median_s"]  # the torch backend's NS dtype on this device
     assert ns["value"] == pytest.approx(s["optimizers"][0]["median_s"] / bare)
+
+
+def test_contenders_not_run_say_why_in_every_output(tmp_path):
+    """A contender left out (with its reason) or cut by --time-budget is reported as skipped with
+    that reason in the JSON, the markdown and the chart's label, never as "not run by default"."""
+    why = "left out here: its compile takes longer than this run has"
+    _bench("--out", tmp_path, "--interleave", "off", "--optimizers", "adamw", "--no-kernels", "--no-png",
+           "--leave-out", f"compile={why}", "--time-budget", "0")  # fmt: skip
+    (js,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    result = json.loads((tmp_path / js).read_text())
+    by = {o["key"]: o for o in result["sets"][0]["optimizers"]}
+    assert by["compile"] == {**by["compile"], "status": "skipped", "reason": why}
+    assert by["adamw"]["status"] == "skipped" and "--time-budget 0 s spent" in by["adamw"]["reason"]
+    assert result["settings"]["left_out"] == {"compile": why} and "compile" in result["settings"]["optimizers"]
+    md = (tmp_path / js.replace(".json", ".md")).read_text()
+    assert f"skipped ({why})" in md and "skipped (--time-budget 0 s spent before it started)" in md
+    for o in by.values():
+        assert report.not_run_note(o) == f"skipped ({o['reason']})"
 
 
 # ----------------------------------------------------------------------------------------

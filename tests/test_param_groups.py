@@ -3,6 +3,7 @@ checks of mango's own settings and of loaded checkpoints (SPEC §3 last paragrap
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -43,11 +44,39 @@ def test_foreign_keys_survive_constructor_add_group_and_checkpoints():
     )
 
 
-def test_issue_repro_scheduler_then_load_state_dict():
+def test_scheduler_then_load_state_dict_keeps_initial_lr():
     opt = mango.Mango(torch.nn.Linear(4, 4).parameters())
     torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     opt.load_state_dict(opt.state_dict())
     assert opt.param_groups[0]["initial_lr"] == 0.01
+
+
+@pytest.fixture
+def fresh_key_warnings(monkeypatch):
+    monkeypatch.setattr(mango.config, "_warned_keys", set())
+
+
+@pytest.mark.parametrize("key, setting", [("weight_decai", "weight_decay"), ("nestrov", "nesterov"), ("ns_step", "ns_steps"), ("beta_1", "beta1")])
+def test_misspelt_setting_is_kept_and_warned_once_naming_the_setting(fresh_key_warnings, key, setting):
+    w, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
+    with pytest.warns(UserWarning, match=rf"key '{key}' is not a mango setting.*did you mean '{setting}'\?"):
+        opt = mango.Mango([{"params": [w], key: 0.1}], backend="torch")
+    assert opt.param_groups[0][key] == 0.1 and opt.param_groups[0][setting] == mango.config.DEFAULTS[setting]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.add_param_group({"params": [b], key: 0.2})  # the same key again: silent
+        mango.Mango([{"params": [torch.nn.Parameter(torch.randn(2))], key: 0.1}], backend="torch")
+
+
+def test_known_foreign_keys_and_keys_like_nothing_are_kept_silently(fresh_key_warnings):
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    keys = {"initial_lr": 0.01, "max_lr": 0.1, "min_lr": 0.0, "lr_scale": 0.5, "momentum": 0.9, "tag": "body", "xyz": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = mango.Mango([{"params": [w], **keys}], backend="torch")
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+        opt.load_state_dict(opt.state_dict())
+    assert all(opt.param_groups[0][k] == v for k, v in keys.items() if k not in ("initial_lr", "max_lr", "min_lr", "momentum"))
 
 
 # ----------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def anchors(page: str) -> set:
 BLOCKS = [b for page in PAGES for b in page_blocks(page)]
 
 
-def test_readme_quick_start_and_trainer_recipes_are_there():
+def test_readme_shows_the_examples_a_new_user_needs():
     by_section = {}
     for block_id, code in readme_blocks():
         by_section.setdefault(block_id.split("@")[0], []).append(code)

@@ -218,6 +218,27 @@ def _pack_rounds(entries, cost, budget: int) -> list:
     return [sorted(r, key=lambda e: e.row) for r in rounds]
 
 
+def _share_small_tile_heights(rounds, groups) -> None:
+    """Every round's NS batch of one kind (dtype, form, schedule) runs its small items in the tile
+    height one round would use: the largest small item's of that kind in the whole group. On a GPU
+    a block reduction or dot follows the tile's thread layout, so the same item in a 16-row tile
+    and in a 32-row tile can round differently in its last bits (fp32 NS shows it; the interpreter's
+    numpy ops do not); with one height per kind, rounds compute exactly what one round computes."""
+    height: dict = {}
+    kinds = []
+    for r in rounds:
+        for batch, members in r.ns_batches:
+            e = members[0]
+            sched = ns_schedule(groups[e.bucket.group_index]) if e.ns_method == "gram" else None
+            kind = (e.ns_dtype, e.ns_method, sched)
+            kinds.append((batch, kind))
+            if batch.small:
+                height[kind] = max(height.get(kind, 0), batch.small_block_r)
+    for batch, kind in kinds:
+        if batch.small:
+            batch.small_block_r = height[kind]
+
+
 class _Round:
     """The tensors of one round: their tile layout and kernel scratch, their NS batches (one per NS
     dtype and form, and for the Gram form per schedule: its large items iterate as one batch) and the
@@ -379,6 +400,7 @@ class _LaunchGroup:
         capacity = self.budget - _ARENA_ALIGN * (1 + 4 * batches)
         self.rounds = [_Round(es, groups, device, compute_dtype, ns_config, block)
                        for es in _pack_rounds(self.entries, cost, capacity)]  # fmt: skip
+        _share_small_tile_heights(self.rounds, groups)
         self.arena = _Arena(max(_span(r.requests()) for r in self.rounds), device)
         for r in self.rounds:
             r.bind(self.arena)
