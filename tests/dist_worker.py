@@ -712,12 +712,12 @@ def triton_opt(make):
 @check
 def fsdp2_triton(ctx):
     """FSDP2 + backend="triton", 2 steps each: the tiny GPT (head blocks cut by shard boundaries,
-    uneven and empty shards, the row-sharded tall `up`) under mango, lamb (trust ratio) and novograd;
+    uneven and empty shards, the row-sharded tall `up`) under mango and novograd;
     every norm and setting of SETTINGS_OVERRIDES; HF GPT-2 (Conv1D) and Mixtral (experts, GQA);
     float64 within 1e-10 of one triton process; float32 with bf16 NS (torch's on the owner ranks, the
     kernels' where experts are whole) within the bf16 NS bound of one process with float32 NS."""
     out = {}
-    for name in ("mango", "lamb", "novograd"):
+    for name in ("mango", "novograd"):  # trust ratios: in the settings below
         out[name] = run_synthetic(ctx, triton_opt(PRESETS[name]), steps=2, tag=f"triton {name}")
     out["settings"] = run_synthetic(ctx, triton_opt(tiny_settings), steps=2, tag="triton settings")
     out["gpt2_conv1d"] = run_synthetic(ctx, triton_opt(hf_split), steps=2, tag="triton gpt2", build=hf_gpt2, shard_fn=shard_layers)
@@ -975,9 +975,9 @@ def ddp_split_policies(ctx):
 
 @check
 def ddp_split_triton(ctx):
-    """NS split on the triton backend (kernels under TRITON_INTERPRET=1), 2 steps: float32 params with
-    the bf16 NS kernels, and float64 params (NS by torch in the backend's work buffer), equal to the
-    single-process triton step."""
+    """NS split on the triton backend (kernels under TRITON_INTERPRET=1), 2 steps of the mango preset:
+    float32 params with the bf16 NS kernels, and float64 params (NS by torch in the backend's work
+    buffer), equal to the single-process triton step."""
     out = {}
     out["float32"], opt = run_split(ctx, tiny_mango, dtype=torch.float32, steps=2, tol=1e-6, tag="split triton fp32", backend="triton")
     backend = split_backend(opt)
@@ -986,7 +986,7 @@ def ddp_split_triton(ctx):
     dist.all_gather_object(every, backend.comm.ns_flops)
     total = sum(backend.ns_loads)
     assert sum(every) == total and max(every) < total, f"NS FLOPs per rank {every} of {total}: not split"
-    out["float64"], _ = run_split(ctx, tiny_settings, steps=2, tag="split triton fp64", backend="triton")
+    out["float64"], _ = run_split(ctx, tiny_mango, steps=2, tag="split triton fp64", backend="triton")
     return out
 
 
