@@ -877,10 +877,11 @@ def ddp_split_flops(ctx):
     jobs = [mango.distributed.ns_flops(tuple(p.shape), nb.block_shape, 5)
             for b in opt._plan.buckets for nb in b.norm_buckets if nb.norm in ("ns", "ns_split")
             for p in (b.slots[i].param for i in nb.slots)]  # fmt: skip
-    assert sum(every) == total, f"the ranks' NS FLOPs {every} do not add up to one process's {total}"
-    assert max(every) <= total / world + max(jobs), f"busiest rank {max(every)} of {total} at {world} ranks (largest job {max(jobs)})"
     backend = split_backend(opt)
     assert backend.comm.ns_flops == mine == backend.ns_loads[ctx["rank"]], (backend.comm.ns_flops, mine, backend.ns_loads)
+    # the row-split tall `up` repeats its small cols×cols products on every rank: a little over the total
+    assert total <= sum(every) <= 1.01 * total, f"the ranks' NS FLOPs {every} against one process's {total}"
+    assert max(every) <= total / world + max(jobs), f"busiest rank {max(every)} of {total} at {world} ranks (largest job {max(jobs)})"
     return dict(busiest=max(every), total=total, largest_job=max(jobs), per_rank=every)
 
 
@@ -942,6 +943,7 @@ def ddp_split_policies(ctx):
     opt.load_state_dict(saved[1])
     sched.load_state_dict(saved[2])
     run(model, opt, sched, range(2, 3))
+    assert split_backend(opt).comm.step_summary()["all_gather"]["calls"] >= 1, "the loaded optimizer no longer splits the NS"
     got = snapshot(model, opt)
     for k in expected:
         assert torch.equal(expected[k], got[k]), f"split resume: {k} differs"
