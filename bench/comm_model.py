@@ -12,9 +12,10 @@ FSDP2 (mango.distributed)
     the largest shard; very tall matrices row-sharded (one cols×cols fp32 all-reduce per NS step).
     Minimum: the unpadded rows, to the owner and back — every row of a matrix must meet on one
     rank for its NS — and, for the row-sharded ones, their Gram all-reduces.
-DDP with the NS split (mango.ddp)
-    one all-gather per NS bucket of the results, each rank's share padded to the largest share.
-    Minimum: every result a rank did not compute, received once.
+DDP with the NS split (mango.ddp, torch backend)
+    one all-gather per NS bucket of the results, each rank's share padded to the largest share; very
+    tall matrices row-split over every rank (one cols×cols fp32 all-reduce per NS step, rows gathered).
+    Minimum: every result a rank did not compute, received once (and those Gram all-reduces).
 
 all_reduce / all_gather wire bytes are the ring algorithm's, as `CommStats` counts them.
 """
@@ -54,7 +55,10 @@ def ns_tensors(opt, device="cuda") -> list:
     for bi, b in enumerate(plan.buckets):
         group = opt.param_groups[b.group_index]
         steps = len(mango.config.ns_schedule(group))
+        requests = 0  # the FSDP2 backend's round of each norm bucket: its place among the bucket's collectives
         for ni, nb in enumerate(b.norm_buckets):
+            talks = not nb.experts and (nb.norm in (*NS_NORMS, "l2", "l2_split") or (nb.norm == "l2_col" and nb.orientation == "in_out"))
+            requests += talks
             if nb.norm not in NS_NORMS:
                 continue
             for i in nb.slots:
@@ -62,7 +66,7 @@ def ns_tensors(opt, device="cuda") -> list:
                 r, c = nb.block_shape
                 dt = ns_work_dtype(group["ns_dtype"], device, b.dtype, ns_method_for(group, r, c, b.dtype, device))
                 out.append(dict(group=b.group_index, bucket=(bi, ni), shape=tuple(p.shape), block=tuple(nb.block_shape), norm=nb.norm,
-                                experts=nb.experts, steps=steps, prescale=group["ns_prescale"], esize=torch.finfo(dt).bits // 8))  # fmt: skip
+                                experts=nb.experts, orientation=nb.orientation, round=requests - 1, steps=steps, prescale=group["ns_prescale"], esize=torch.finfo(dt).bits // 8))  # fmt: skip
     for g in opt.param_groups:
         for p in g["params"]:
             p.grad = None
@@ -73,29 +77,50 @@ def _cost(t) -> float:
     return ns_flops(t["shape"], t["block"], max(t["steps"], 1)) if math.prod(t["shape"]) else 0.0
 
 
+def _row_split(t, world) -> bool:
+    return not t["experts"] and t["orientation"] == "out_in" and use_gram_ns(t["shape"], t["norm"], t["prescale"], t["steps"], world)
+
+
 def ddp_split(tensors, world: int) -> dict:
-    """mango.ddp: owners over all NS tensors, one all-gather per NS bucket (torch backend)."""
-    owners, loads = assign_owners([_cost(t) for t in tensors], world)
-    buckets: dict = {}
-    for t, q in zip(tensors, owners):
-        buckets.setdefault(t["bucket"], []).append((t, q))
-    sent = [0] * world
-    recv = [0] * world
+    """mango.ddp (torch backend): owners over the NS tensors, one all-gather per NS bucket; very tall
+    matrices row-split over every rank (a Gram all-reduce per NS step, their rows all-gathered)."""
+    base = [0.0] * world
+    owned = [t for t in tensors if not _row_split(t, world)]
+    tall = [t for t in tensors if _row_split(t, world)]
+    for t in tall:
+        for q, n in enumerate(shard_rows(t["shape"][0], world)):
+            base[q] += gram_ns_flops(n, math.prod(t["shape"][1:]), t["steps"])
+    owners, loads = assign_owners([_cost(t) for t in owned], world, base)
+    buckets: dict = {}  # NS bucket -> (rank, bytes) of the pieces its all-gather carries
+    for t, q in zip(owned, owners):
+        buckets.setdefault(t["bucket"], []).append((q, math.prod(t["shape"]) * t["esize"]))
+    for t in tall:
+        cols = math.prod(t["shape"][1:])
+        for q, n in enumerate(shard_rows(t["shape"][0], world)):
+            buckets.setdefault(t["bucket"], []).append((q, n * cols * t["esize"]))
+    ring, gram_calls = 0, 0
+    for b in {t["bucket"] for t in tall}:  # per NS step one all-reduce of the bucket's fp32 Gram matrices
+        members = [t for t in tall if t["bucket"] == b]
+        n = sum(math.prod(t["shape"][1:]) ** 2 * 4 for t in members)
+        ring += members[0]["steps"] * (2 * (world - 1) * n // world)
+        gram_calls += members[0]["steps"]
+    sent = [ring] * world
     own = [0] * world
     total = 0
-    for members in buckets.values():
+    for pieces in buckets.values():
         share = [0] * world
-        for t, q in members:
-            n = math.prod(t["shape"]) * t["esize"]
+        for q, n in pieces:
             share[q] += n
             own[q] += n
             total += n
         chunk = max(share)
         for r in range(world):
             sent[r] += (world - 1) * chunk
-            recv[r] += (world - 1) * chunk
-    recv_min = [total - own[r] for r in range(world)]
-    return dict(mode="ddp-split", world=world, collectives={"all_gather: NS results": len(buckets)}, sent=sent, recv=recv,
+    recv_min = [total - own[r] + ring for r in range(world)]
+    collectives = {"all_gather: NS results": len(buckets)}
+    if gram_calls:
+        collectives["all_reduce: NS Gram"] = gram_calls
+    return dict(mode="ddp-split", world=world, collectives=collectives, sent=sent, recv=list(sent),
                 recv_min=recv_min, sent_min=recv_min, ns_flops=loads, ns_total=sum(loads))  # fmt: skip
 
 
@@ -104,10 +129,9 @@ def fsdp2(tensors, world: int) -> dict:
     matrices (Gram all-reduces), experts whole on their ranks (no NS traffic)."""
     base = [0.0] * world
     jobs = []
-    gram_steps = 0
-    gram_bytes = 0  # fp32 cols² per NS step, summed over the row-sharded matrices
+    gram_rounds: dict = {}  # round -> (NS steps, fp32 cols² bytes of its row-sharded matrices)
     expert_flops = [0.0] * world
-    rounds: dict = {}  # per param group: the owner-mode NS buckets (each a round of the coroutine batching)
+    rounds = set()  # the rounds (of the coroutine batching, mango.distributed) with owner-mode NS
     for t in tensors:
         rows, cols = t["shape"][0], math.prod(t["shape"][1:])
         split = shard_rows(rows, world)
@@ -119,11 +143,11 @@ def fsdp2(tensors, world: int) -> dict:
         if use_gram_ns(t["shape"], t["norm"], t["prescale"], t["steps"], world):
             for r in range(world):
                 base[r] += gram_ns_flops(split[r], cols, t["steps"])
-            gram_steps = max(gram_steps, t["steps"])
-            gram_bytes += cols * cols * 4
+            steps, n = gram_rounds.get(t["round"], (0, 0))
+            gram_rounds[t["round"]] = (max(steps, t["steps"]), n + cols * cols * 4)
             continue
         jobs.append((t, split, cols))
-        rounds.setdefault(t["group"], set()).add(t["bucket"])
+        rounds.add(t["round"])
     owners, loads = assign_owners([_cost(t) for t, _, _ in jobs], world, base)
     sent = [0] * world
     sent_min = [0] * world
@@ -137,13 +161,12 @@ def fsdp2(tensors, world: int) -> dict:
             else:
                 sent[r] += pad  # gather: its padded block to the owner
                 sent_min[r] += split[r] * cols * esize
-    ring = 2 * (world - 1) * gram_bytes // world * gram_steps
+    ring = sum(steps * (2 * (world - 1) * n // world) for steps, n in gram_rounds.values())
     sent = [s + ring for s in sent]
     sent_min = [s + ring for s in sent_min]
-    pairs = max((len(b) for b in rounds.values()), default=0)
-    collectives = {"all_to_all: NS gather": pairs, "all_to_all: NS scatter": pairs, "all_reduce: sums of squares": 1}
-    if gram_steps:
-        collectives["all_reduce: NS Gram"] = gram_steps
+    collectives = {"all_to_all: NS gather": len(rounds), "all_to_all: NS scatter": len(rounds), "all_reduce: sums of squares": 1}
+    if gram_rounds:
+        collectives["all_reduce: NS Gram"] = sum(steps for steps, _ in gram_rounds.values())
     flops = [a + b for a, b in zip(loads, expert_flops)]
     return dict(mode="fsdp2", world=world, collectives=collectives, sent=sent, recv=list(sent), sent_min=sent_min, recv_min=list(sent_min),
                 ns_flops=flops, ns_total=sum(flops))  # fmt: skip

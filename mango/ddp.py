@@ -13,19 +13,23 @@ experts) gets one owner rank, assigned once per plan by a deterministic greedy b
     apply                    on every rank, for every tensor
 
 The owner runs exactly the single-process NS of its tensors (the same batched code on the same
-values), so the step equals the single-process step and every rank ends bit-identical. The
-collectives per step follow the NS shape buckets, not the depth. The nonfinite check reduces its
-flags over the group, so every rank skips (or raises) alike.
+values), so the step equals the single-process step and every rank ends bit-identical. On the
+torch backend, very tall matrices (a vocabulary head) are split by rows over every rank instead
+(`row_split_ns`: a Gram all-reduce per NS step), so one large matrix does not bound the busiest
+rank. The collectives per step follow the NS shape buckets, not the depth. The nonfinite check
+reduces its flags over the group, so every rank skips (or raises) alike.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 
 from .backends.torch_backend import TEMP_FLOOR_BYTES, TorchBackend, batched_newton_schulz
 from .config import NS_NORMS, ns_schedule
-from .distributed import CommStats, assign_owners, ns_flops
+from .distributed import CommStats, assign_owners, gram_ns_flops, ns_flops, use_gram_ns
 from .layout import norm_blocks
 from .reference import ns_method_for
 
@@ -51,10 +55,24 @@ def resolve_process_group(group):
     return group
 
 
-def assign_plan(opt, plan, world: int) -> list:
+def row_split(rows: int, world: int) -> list:
+    """Rows per rank of a row-split tall matrix (torch.chunk's split, as fully_shard makes it)."""
+    chunk = -(-rows // world) if rows else 0
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+
+
+def row_split_ns(nb, group, world: int) -> bool:
+    """Very tall whole matrices (a vocabulary head) are row-split across all ranks instead of owned by
+    one: gathering one on an owner would leave that rank with its whole NS (mango.distributed.use_gram_ns)."""
+    return nb.orientation == "out_in" and not nb.experts and use_gram_ns(nb.shape, nb.norm, group["ns_prescale"], len(ns_schedule(group)), world)
+
+
+def assign_plan(opt, plan, world: int, split_rows: bool = True) -> list:
     """Owner rank of every NS-bound tensor of the plan, balanced by NS FLOPs; stored per norm bucket
-    as nb.cache["mango.ddp.owners"] (one rank per entry of nb.slots). Returns each rank's load."""
-    jobs = []
+    as nb.cache["mango.ddp.owners"] (one rank per entry of nb.slots; -1: row-split over every rank,
+    see `row_split_ns`, only with split_rows, which the triton backend does not do). Returns each
+    rank's load."""
+    jobs, base = [], [0.0] * world
     for bucket in plan.buckets:
         group = opt.param_groups[bucket.group_index]
         steps = len(ns_schedule(group))
@@ -62,11 +80,17 @@ def assign_plan(opt, plan, world: int) -> list:
             if nb.norm not in NS_NORMS:
                 continue
             nb.cache["mango.ddp.owners"] = [0] * len(nb.slots)
+            split = split_rows and row_split_ns(nb, group, world)
             for j, i in enumerate(nb.slots):
                 shape = tuple(bucket.slots[i].param.shape)
+                if split:
+                    nb.cache["mango.ddp.owners"][j] = -1
+                    for q, n in enumerate(row_split(shape[0], world)):
+                        base[q] += gram_ns_flops(n, math.prod(shape[1:]), steps)
+                    continue
                 cost = ns_flops(shape, nb.block_shape, max(steps, 1)) if bucket.slots[i].param.numel() else 0.0
                 jobs.append((nb, j, cost))  # blocks of every head or expert counted
-    owners, loads = assign_owners([c for _, _, c in jobs], world)
+    owners, loads = assign_owners([c for _, _, c in jobs], world, base)
     for (nb, j, _), q in zip(jobs, owners):
         nb.cache["mango.ddp.owners"][j] = q
     return loads
@@ -161,6 +185,8 @@ class SplitTorchBackend(TorchBackend):
         blocks = norm_blocks(X, nb.shape, nb.norm, nb.head_dim, **nb.layout)
         if owners is None or blocks.numel() == 0 or buffers is None:
             return super().orthogonalize(group, bucket, unit, X, scale, buffers)
+        if owners and owners[0] == -1:
+            return self._row_split_ns(group, bucket, unit, X, scale, buffers)
         me = self.gather.rank
         mine = [j for j, q in enumerate(owners) if q == me]
         results = [None] * len(owners)
@@ -178,6 +204,46 @@ class SplitTorchBackend(TorchBackend):
         R = buffers[1].view(-1)[: blocks.numel()].view(blocks.shape)
         self.gather(owners, results, list(R.unbind(0)))
         return R
+
+    def _row_split_ns(self, group, bucket, unit, X, scale, buffers) -> torch.Tensor:
+        """NS of tall matrices split by rows over the ranks: the iteration on a tall X is
+        X ← a·X + X·B with B = b·A + c·A² and A = XᵀX = Σ_ranks X_rᵀX_r, so each step all-reduces the
+        cols×cols partial Gram matrices (every tensor of the unit in one call, summed in fp32 or
+        fp64) and every rank updates its own rows; one all-gather assembles the rows. The Frobenius
+        pre-scale is every rank's own (each holds the whole matrix): the single-process value."""
+        nb = unit.nb
+        K, rows, cols = X.shape[0], nb.shape[0], math.prod(nb.shape[1:])
+        P, me = self.gather.world, self.gather.rank
+        split = row_split(rows, P)
+        r0 = sum(split[:me])
+        Xw = X.view(K, rows, cols)
+        scale_of = torch.linalg.vector_norm(Xw, dim=(-2, -1), keepdim=True).clamp_min(group["ns_eps"]).to(X.dtype)
+        Y = Xw[:, r0 : r0 + split[me]] / scale_of
+        acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+        coeffs = ns_schedule(group)
+        for t, (a, b, c) in enumerate(coeffs):
+            A = torch.bmm(Y.mT, Y).to(acc)
+            dist.all_reduce(A, group=self.pg)
+            n = A.numel() * A.element_size()
+            wire = (2 * (P - 1) * n) // P
+            self.comm.record("all_reduce", "NS Gram", P, n, wire, wire)
+            A = A.to(X.dtype)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            last = scale if t == len(coeffs) - 1 else 1.0
+            Y = torch.baddbmm(Y, Y, B, beta=a * last, alpha=last)
+        if not coeffs and scale != 1.0:
+            Y = Y * scale
+        self.comm.ns_flops += K * gram_ns_flops(split[me], cols, len(coeffs))
+        R = buffers[1].view(-1)[: K * rows * cols].view(K, rows, cols)
+        owners, results, dests = [], [], []
+        for k in range(K):
+            for q in range(P):
+                lo = sum(split[:q])
+                owners.append(q)
+                results.append(Y[k] if q == me else None)
+                dests.append(R[k, lo : lo + split[q]])
+        self.gather(owners, results, dests)
+        return R.view(norm_blocks(X, nb.shape, nb.norm, nb.head_dim, **nb.layout).shape)
 
 
 def split_triton_backend(pg):
@@ -197,7 +263,7 @@ def split_triton_backend(pg):
             lgs = super()._program(opt, plan)
             loads = plan.cache.get("mango.ddp.loads")
             if loads is None:
-                loads = plan.cache["mango.ddp.loads"] = assign_plan(opt, plan, self.gather.world)
+                loads = plan.cache["mango.ddp.loads"] = assign_plan(opt, plan, self.gather.world, split_rows=False)
             self.ns_loads = loads
             for lg in lgs:
                 for r in lg.rounds:

@@ -163,7 +163,9 @@ class Mango(Optimizer):
         self._betas_sync.record(self.param_groups)
         self._plan = None
         self._backends = {}
-        self.process_group = None  # a process group does not pickle: pass it again to split the NS
+        # load_state_dict comes through here too and keeps the group; an unpickled copy has none (a
+        # process group does not pickle): pass it again to split the NS
+        self.process_group = getattr(self, "process_group", None)
 
     def state_dict(self) -> dict:
         """torch.optim's state dict, with `betas` and `beta1`/`beta2` synced first (see mango.betas)."""

@@ -712,12 +712,12 @@ def triton_opt(make):
 @check
 def fsdp2_triton(ctx):
     """FSDP2 + backend="triton", 2 steps each: the tiny GPT (head blocks cut by shard boundaries,
-    uneven and empty shards, the row-sharded tall `up`) under mango, lamb (trust ratio) and novograd;
+    uneven and empty shards, the row-sharded tall `up`) under mango and novograd;
     every norm and setting of SETTINGS_OVERRIDES; HF GPT-2 (Conv1D) and Mixtral (experts, GQA);
     float64 within 1e-10 of one triton process; float32 with bf16 NS (torch's on the owner ranks, the
     kernels' where experts are whole) within the bf16 NS bound of one process with float32 NS."""
     out = {}
-    for name in ("mango", "lamb", "novograd"):
+    for name in ("mango", "novograd"):  # trust ratios: in the settings below
         out[name] = run_synthetic(ctx, triton_opt(PRESETS[name]), steps=2, tag=f"triton {name}")
     out["settings"] = run_synthetic(ctx, triton_opt(tiny_settings), steps=2, tag="triton settings")
     out["gpt2_conv1d"] = run_synthetic(ctx, triton_opt(hf_split), steps=2, tag="triton gpt2", build=hf_gpt2, shard_fn=shard_layers)
@@ -877,10 +877,11 @@ def ddp_split_flops(ctx):
     jobs = [mango.distributed.ns_flops(tuple(p.shape), nb.block_shape, 5)
             for b in opt._plan.buckets for nb in b.norm_buckets if nb.norm in ("ns", "ns_split")
             for p in (b.slots[i].param for i in nb.slots)]  # fmt: skip
-    assert sum(every) == total, f"the ranks' NS FLOPs {every} do not add up to one process's {total}"
-    assert max(every) <= total / world + max(jobs), f"busiest rank {max(every)} of {total} at {world} ranks (largest job {max(jobs)})"
     backend = split_backend(opt)
     assert backend.comm.ns_flops == mine == backend.ns_loads[ctx["rank"]], (backend.comm.ns_flops, mine, backend.ns_loads)
+    # the row-split tall `up` repeats its small cols×cols products on every rank: a little over the total
+    assert total <= sum(every) <= 1.01 * total, f"the ranks' NS FLOPs {every} against one process's {total}"
+    assert max(every) <= total / world + max(jobs), f"busiest rank {max(every)} of {total} at {world} ranks (largest job {max(jobs)})"
     return dict(busiest=max(every), total=total, largest_job=max(jobs), per_rank=every)
 
 
@@ -942,6 +943,7 @@ def ddp_split_policies(ctx):
     opt.load_state_dict(saved[1])
     sched.load_state_dict(saved[2])
     run(model, opt, sched, range(2, 3))
+    assert split_backend(opt).comm.step_summary()["all_gather"]["calls"] >= 1, "the loaded optimizer no longer splits the NS"
     got = snapshot(model, opt)
     for k in expected:
         assert torch.equal(expected[k], got[k]), f"split resume: {k} differs"
@@ -975,9 +977,9 @@ def ddp_split_policies(ctx):
 
 @check
 def ddp_split_triton(ctx):
-    """NS split on the triton backend (kernels under TRITON_INTERPRET=1), 2 steps: float32 params with
-    the bf16 NS kernels, and float64 params (NS by torch in the backend's work buffer), equal to the
-    single-process triton step."""
+    """NS split on the triton backend (kernels under TRITON_INTERPRET=1), 2 steps of the mango preset:
+    float32 params with the bf16 NS kernels, and float64 params (NS by torch in the backend's work
+    buffer), equal to the single-process triton step."""
     out = {}
     out["float32"], opt = run_split(ctx, tiny_mango, dtype=torch.float32, steps=2, tol=1e-6, tag="split triton fp32", backend="triton")
     backend = split_backend(opt)
@@ -986,7 +988,7 @@ def ddp_split_triton(ctx):
     dist.all_gather_object(every, backend.comm.ns_flops)
     total = sum(backend.ns_loads)
     assert sum(every) == total and max(every) < total, f"NS FLOPs per rank {every} of {total}: not split"
-    out["float64"], _ = run_split(ctx, tiny_settings, steps=2, tag="split triton fp64", backend="triton")
+    out["float64"], _ = run_split(ctx, tiny_mango, steps=2, tag="split triton fp64", backend="triton")
     return out
 
 

@@ -36,12 +36,12 @@ backend, itself tested against the float64 reference elsewhere; float64 unless n
 - errors: Shard(1) / Partial placements and DTensor params on backend="reference" are clear
   errors naming the parameter; Replicate() DTensors behave like plain tensors.
 - fsdp2_triton: FSDP2 with backend="triton" (kernels under TRITON_INTERPRET=1) equal to one triton
-  process: mango / lamb / novograd, every norm and setting, HF GPT-2's Conv1D, Mixtral's experts, in
+  process: mango / novograd, every norm and setting (trust ratios included), HF GPT-2's Conv1D, Mixtral's experts, in
   float64 within 1e-10, float32 with bf16 NS within the bf16 bound; one all-reduce and one all_to_all
   pair per step. fsdp2_triton_checkpoint: a DCP checkpoint saved under one backend resumes under the other.
 - ddp_split*: DDP with the Newton–Schulz work split across ranks (`Mango(..., process_group=...)`):
-  equal to one process bit for bit (the tiny GPT's head blocks and tall matrix, every norm and
-  setting, HF GPT-2's Conv1D, Mixtral's experts and GQA, float32), ranks identical; the busiest
+  equal to one process within 1e-10 (bit for bit except the row-split tall `up`; the tiny GPT's
+  head blocks, every norm and setting, HF GPT-2's Conv1D, Mixtral's experts and GQA, float32), ranks identical; the busiest
   rank's NS FLOPs (FlopCounterMode) within 1/world of the total plus one tensor's; a NaN on one
   rank skips or raises everywhere; save -> load -> resume with a scheduler is exact; the all-gathers
   per step do not grow with depth; the triton backend (interpreter) likewise, at 2 ranks.
@@ -207,7 +207,7 @@ def test_unsupported_placements_and_backends_are_clear_errors(world, check):
 def test_fsdp2_on_the_triton_backend_equals_single_process(world, check):
     worst = check(world, "fsdp2_triton")
     calls = worst.pop("collectives")
-    assert set(worst) == {"mango", "lamb", "novograd", "settings", "gpt2_conv1d", "mixtral", "float32_bf16_ns"}
+    assert set(worst) == {"mango", "novograd", "settings", "gpt2_conv1d", "mixtral", "float32_bf16_ns"}
     assert worst.pop("float32_bf16_ns") <= 2e-2 and max(worst.values()) <= 1e-10
     assert calls["all_reduce: sums of squares"] == 1 and calls["all_to_all: NS gather"] == 1
 
@@ -228,7 +228,7 @@ def test_ddp_split_ns_equals_single_process(world, check):
 @pytest.mark.parametrize("world", _params("ddp_split_flops"))
 def test_ddp_split_busiest_rank_does_its_share_of_the_ns(world, check):
     f = check(world, "ddp_split_flops")
-    assert sum(f["per_rank"]) == f["total"]
+    assert f["total"] <= sum(f["per_rank"]) <= 1.01 * f["total"]
     assert f["busiest"] <= f["total"] / world + f["largest_job"]
     assert f["busiest"] < 0.6 * f["total"] if world == 2 else f["busiest"] < 0.35 * f["total"]
 
@@ -236,7 +236,7 @@ def test_ddp_split_busiest_rank_does_its_share_of_the_ns(world, check):
 @pytest.mark.parametrize("world", _params("ddp_split_policies"))
 def test_ddp_split_nonfinite_resume_schedulers_and_flat_collectives(world, check):
     calls = check(world, "ddp_split_policies")
-    assert set(calls) == {"all_gather"} and calls["all_gather"] >= 1
+    assert calls["all_gather"] >= 1 and calls["all_reduce"] == 5  # NS results; the tall `up`'s Gram matrices, one per NS step
 
 
 @pytest.mark.parametrize("world", _params("ddp_split_triton"))
@@ -303,19 +303,21 @@ def test_bench_comm_runs(tmp_path):
 
 def test_bench_comm_simulation_matches_real_runs(tmp_path):
     """bench.comm's simulated ranks (bench/comm_model.py) against real 2-rank gloo runs of the tiny GPT,
-    FSDP2 and DDP with the NS split: the same collectives, bytes on the wire and NS FLOPs per rank."""
+    FSDP2 and DDP with the NS split (the tied head row-sharded / row-split in both): the same
+    collectives, bytes on the wire and NS FLOPs per rank."""
     import argparse
 
     from bench import comm, comm_model
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    args = comm.build_parser().parse_args(["--model", "tiny"])
+    args = comm.build_parser().parse_args(["--model", "tiny", "--ns-steps", "3"])  # 3 steps: the 256x64 head counts as very tall
     opt, _ = comm.simulated_model("tiny", args)
     tensors = comm_model.ns_tensors(opt, device="cpu")  # the NS dtypes of the CPU runs
     for mode, simulate, file in (("fsdp2", comm_model.fsdp2, "comm_tiny_2ranks_mango.json"),
                                  ("ddp-split", comm_model.ddp_split, "comm_tiny_2ranks_mango_ddp_split.json")):  # fmt: skip
-        cmd = [sys.executable, "-m", "bench.comm", "--model", "tiny", "--world", "2", "--steps", "1", "--mode", mode, "--out", str(tmp_path)]
+        cmd = [sys.executable, "-m", "bench.comm", "--model", "tiny", "--world", "2", "--steps", "1", "--ns-steps", "3", "--mode", mode,
+               "--out", str(tmp_path)]  # fmt: skip
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         with open(tmp_path / file) as f:
