@@ -14,6 +14,9 @@ setup(
         "triton": ["triton>=3.0"],
         # transformers / accelerate / lightning: the trainer tests (HF Trainer, Lightning) and the README's examples
         "test": ["pytest", "pytest-xdist", "triton>=3.0", "transformers>=4.46", "accelerate>=1.0", "lightning>=2.2"],
-        "bench": ["matplotlib"],
+        # peers bench.step times beside mango (pure-python wheels that keep the installed torch);
+        # emerging-optimizers (python >= 3.12) and gram-newton-schulz (CuTe-DSL, CUDA only) are
+        # used where present and reported "n/a" with the reason where not
+        "bench": ["matplotlib", "heavyball>=3.2", "muon-optimizer>=0.1"],
     },
 )
