@@ -11,6 +11,9 @@
                 offset, whole-matrix NS for QKV); AdamW fused where the device supports it
     adamw       torch.optim.AdamW on everything: an elementwise-only yardstick
 
+Other packages' Muon (bench/peers.py: heavyball_muon, kj_muon, emerging_muon, gram_ns) run by
+default on CUDA and when --optimizers names them elsewhere; a missing package is "n/a".
+
 Variants of the torch backend, run only when --optimizers names them (the NS-method comparison;
 `VARIANTS` says what each sets):
 
@@ -41,9 +44,10 @@ import torch
 import mango
 from mango import config, reference
 
+from . import peers
 from .params import ParamSet, mango_groups
 
-__all__ = ["CONTENDERS", "VARIANTS", "TRITON_VARIANTS", "ALL_CONTENDERS", "MANGO_KEYS", "LABELS", "Runner", "Unavailable", "build", "kernel_launch_counter", "state_nbytes"]
+__all__ = ["CONTENDERS", "PEERS", "VARIANTS", "TRITON_VARIANTS", "ALL_CONTENDERS", "MANGO_KEYS", "LABELS", "Runner", "Unavailable", "build", "kernel_launch_counter", "state_nbytes"]
 
 CONTENDERS = ("triton", "torch", "torch_bf16", "reference", "compile", "muon_adamw", "adamw")
 LABELS = {
@@ -68,7 +72,9 @@ TRITON_VARIANTS = {
     "triton_one_round": ("mango triton (one round)", {"memory_budget": float("inf")}),
 }
 LABELS.update({k: v[0] for k, v in {**VARIANTS, **TRITON_VARIANTS}.items()})
-ALL_CONTENDERS = CONTENDERS + tuple(VARIANTS) + tuple(TRITON_VARIANTS)
+LABELS.update(peers.LABELS)
+PEERS = peers.PEERS  # other packages' Muon (bench/peers.py): by default on CUDA, named on CPU
+ALL_CONTENDERS = CONTENDERS + tuple(VARIANTS) + tuple(TRITON_VARIANTS) + PEERS
 # contenders that run mango's math (SPEC §8's memory budget applies to them)
 MANGO_KEYS = ("triton", "torch", "torch_bf16", "reference", "compile") + tuple(VARIANTS) + tuple(TRITON_VARIANTS)
 MUON_ROLES = ("matrix", "qkv_weight")
@@ -232,10 +238,15 @@ def _fused_adamw(params, device, **kw):
         return torch.optim.AdamW(params, foreach=True, **kw), "foreach"
 
 
-def _muon_adamw(pset: ParamSet, params, device) -> Runner:
+def muon_split(pset: ParamSet, params) -> tuple:
+    """(hidden matrices and QKV, 2-D: Muon's share; everything else: AdamW's), as Keller Jordan splits."""
     mats = [p for spec, p in zip(pset.tensors, params) if spec.role in MUON_ROLES and p.dim() == 2]
     ids = {id(p) for p in mats}
-    rest = [p for p in params if id(p) not in ids]
+    return mats, [p for p in params if id(p) not in ids]
+
+
+def _muon_adamw(pset: ParamSet, params, device) -> Runner:
+    mats, rest = muon_split(pset, params)
     muon = torch.optim.Muon(mats, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, adjust_lr_fn="original")
     adamw, impl = _fused_adamw(rest, device, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -252,8 +263,15 @@ def _adamw(pset, params, device) -> Runner:
     return Runner("adamw", f"torch AdamW({impl})", opt.step, _opt_state(opt), opt, {"adamw_impl": impl})
 
 
-def build(key: str, pset: ParamSet, params: list, device, compile_backend="inductor", compile_timeout_s=None) -> Runner:
+def _peer_runner(key, label, step, opts, info) -> Runner:
+    return Runner(key, label, step, _opt_state(*opts), opts[0] if opts else None, info)
+
+
+def build(key: str, pset: ParamSet, params: list, device, compile_backend="inductor", compile_timeout_s=None, quick=False) -> Runner:
     """The Runner for contender `key` on `params` (a fresh ParamSet.build); raises Unavailable."""
+    if key in PEERS:
+        return peers.build(key, pset, params, device, split=muon_split, fused_adamw=_fused_adamw, runner=_peer_runner,
+                           unavailable=Unavailable, quick=quick)  # fmt: skip
     if key in ("triton", "torch", "torch_bf16", "reference") or key in VARIANTS or key in TRITON_VARIANTS:
         return _mango(key, pset, params, device)
     if key == "compile":

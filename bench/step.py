@@ -157,7 +157,7 @@ class Contender:
             with self.resident:
                 self.prepare()
                 self.runner = O.build(key, pset, self.params, device, compile_backend=args.compile_backend,
-                                      compile_timeout_s=args.compile_timeout)  # fmt: skip
+                                      compile_timeout_s=args.compile_timeout, quick=args.quick)  # fmt: skip
                 self.prepare()
                 self.runner.step()
         except O.Unavailable as e:
@@ -483,7 +483,8 @@ def main(argv=None) -> dict:
     ns_dt = str(ns_work_dtype("auto", device, torch.float32)).replace("torch.", "")
     args.optimizers_given = args.optimizers is not None
     if args.optimizers is None:
-        args.optimizers = ",".join(k for k in O.CONTENDERS if k != "torch_bf16" or ns_dt != "bfloat16")
+        defaults = O.CONTENDERS + (O.PEERS if device.type == "cuda" else ())
+        args.optimizers = ",".join(k for k in defaults if k != "torch_bf16" or ns_dt != "bfloat16")
     args.optimizers = [k for k in args.optimizers.split(",") if k and k not in skip]
     args.left_out = {}
     for item in args.leave_out:

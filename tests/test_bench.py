@@ -297,6 +297,26 @@ def test_sequential_mode_and_explicit_optimizers(tmp_path):
     assert ns["value"] == pytest.approx(s["optimizers"][0]["median_s"] / bare)
 
 
+def test_peer_packages_run_beside_mango_or_say_why(tmp_path):
+    """Other packages' Muon (bench/peers.py) on the same set: each installed one steps (heavyball and
+    muon-optimizer come with the bench extra); a missing one is "n/a" naming its package."""
+    import importlib.util
+
+    from bench import peers
+
+    _bench("--out", tmp_path, "--interleave", "off", "--optimizers", ",".join(peers.PEERS), "--no-kernels", "--no-png")
+    (js,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    by = {o["key"]: o for o in json.loads((tmp_path / js).read_text())["sets"][0]["optimizers"]}
+    assert set(by) == set(peers.PEERS)
+    for key, o in by.items():
+        module = peers._MODULES[key]
+        runs_here = importlib.util.find_spec(module) is not None and (key != "emerging_muon" or sys.version_info >= (3, 12))
+        if runs_here:
+            assert o["status"] == "ok" and o["median_s"] > 0 and o["launches"] > 0, (key, o.get("reason"))
+        else:
+            assert o["status"] == "n/a" and peers.DISTRIBUTIONS[key] in o["reason"], (key, o)
+
+
 def test_contenders_not_run_say_why_in_every_output(tmp_path):
     """A contender left out (with its reason) or cut by --time-budget is reported as skipped with
     that reason in the JSON, the markdown and the chart's label, never as "not run by default"."""

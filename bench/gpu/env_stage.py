@@ -29,6 +29,7 @@ def run(log, cuda: bool) -> dict:
         "numpy": _version("numpy"),
         "pytest": _version("pytest"),
         "matplotlib": _version("matplotlib"),
+        "peers": {m: _version(m) for m in ("heavyball", "emerging_optimizers", "gram_newton_schulz")},
         "cuda_runtime": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "validated_architectures": {f"sm_{a}{b}": v for (a, b), v in VALIDATED.items()},
@@ -54,6 +55,7 @@ def run(log, cuda: bool) -> dict:
         rec["device"] = {"name": f"CPU ({platform.processor() or platform.machine()}), dry run", "capability": None}
     for k in ("python", "torch", "triton", "cuda_runtime", "numpy", "pytest", "matplotlib"):
         log.write(f"[env] {k}: {rec[k]}")
+    log.write(f"[env] peers: {rec['peers']}")
     log.write(f"[env] device: {rec['device']}")
     if rec.get("nvidia_smi"):
         log.write(f"[env] nvidia-smi: {rec['nvidia_smi']}")

@@ -1,9 +1,10 @@
 """What each stage runs, and its time budget: on the GPU machine, and in the CPU dry run.
 
 GPU (one H200, ≤ 8 min for everything; the budgets add up to 470 s, leaving start-up slack):
-tests in 3 parallel shards (most of a first run is Triton compiling on the CPU); the step
-benchmark on GPT-2 124M and 350M, mango's backends and the peers first, the slow eager reference
-and the one-round variant after them, so a spent budget cuts the least telling contenders;
+tests in 3 parallel shards (most of a first run is Triton compiling on the CPU; 107 s on the
+H200, 2026-12-04); the step benchmark on GPT-2 124M and 350M (~120 s of contenders there),
+mango's backends and the peers first, the slow eager reference, the peers that compile and the
+one-round variant after them, so a spent budget cuts the least telling contenders;
 torch.compile(reference) is left out with its reason in every output (on the H200 it did not
 compile GPT-2 124M's step in 50 s, and 350M has twice the tensors); training at the
 GPT-2 124M shape (12 layers, d=768, 12 heads, context 1024, byte vocabulary, bf16 autocast) for
@@ -19,7 +20,9 @@ from __future__ import annotations
 from .train_stage import TRITON_SPEC
 
 FIRST = ["test_kernels", "test_triton_backend"]  # kernels and backends first
-CONTENDERS = "triton,torch,muon_adamw,adamw,reference,triton_one_round"  # cheapest and most telling first
+# cheapest and most telling first; the peers that compile (heavyball, gram-newton-schulz's torch
+# path) after the eager reference, so a spent budget cuts them and the one-round variant first
+CONTENDERS = "triton,torch,muon_adamw,adamw,kj_muon,emerging_muon,reference,heavyball_muon,gram_ns,triton_one_round"
 COMPILE_LEFT_OUT = ("compile=left out of the GPU run: compiling the reference's whole step did not finish in 50 s for "
                     "GPT-2 124M on an H200, more than the run's 8 minutes can spare; `python -m bench.step --optimizers "
                     "compile --compile-timeout 900` measures it")  # fmt: skip
@@ -27,12 +30,12 @@ COMPILE_LEFT_OUT = ("compile=left out of the GPU run: compiling the reference's 
 GPU = {
     "budget_s": 470,
     "stages": {
-        "tests": {"budget_s": 140, "paths": ["tests"], "shards": 3, "test_timeout_s": 120, "grace_s": 20, "first": FIRST,
+        "tests": {"budget_s": 125, "paths": ["tests"], "shards": 3, "test_timeout_s": 120, "grace_s": 20, "first": FIRST,
                   "env": {"MANGO_TEST_DEVICE": "cuda", "TRITON_INTERPRET": None}},
-        "step": {"budget_s": 165, "args": ["--sets", "gpt2-124m,gpt2-350m", "--optimizers", CONTENDERS, "--budget", "1",
+        "step": {"budget_s": 215, "args": ["--sets", "gpt2-124m,gpt2-350m", "--optimizers", CONTENDERS, "--budget", "1",
                                            "--leave-out", COMPILE_LEFT_OUT],
                  "env": {"TRITON_INTERPRET": None}},
-        "train": {"budget_s": 155, "specs": ["adamw", "muon", TRITON_SPEC],
+        "train": {"budget_s": 130, "specs": ["adamw", "muon", TRITON_SPEC],
                   "args": ["--size", "gpt2", "--steps", "400", "--warmup", "40", "--batch", "16", "--micro-batch", "16",
                            "--eval-every", "100", "--eval-batches", "4", "--max-bytes", "16000000"],
                   "agreement_steps": 50, "agreement_tolerance": 0.05, "agreement_budget_s": 25,

@@ -29,7 +29,7 @@ import tempfile
 import time
 import traceback
 
-from . import env_stage, proc, step_stage, summary, tests_stage, train_stage
+from . import env_stage, proc, step_stage, summary, tests_stage, train_stage, wheels
 from .profiles import DRY, GPU
 
 STAGES = ("env", "tests", "step", "train")
@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     log.write(f"mango GPU run ({'CPU dry run' if dry else 'GPU'}) -> {out}; scratch {work}; budget {budget:.0f} s")
     spare = 0.0  # time earlier stages left unused
     try:
+        if not dry:  # the dry run times no peers
+            results["carried_wheels"] = wheels.install(work, log)  # before any stage imports a peer
         if "env" in plan:
             _stage("env", results, lambda: env_stage.run(log, cuda=not dry))
         else:
