@@ -469,7 +469,8 @@ def _warn_unresolved(unresolved, qkv_modules, tensors: list[_Tensor], settings_b
 
     Modules that differ only in their layer index share one hint (a glob), so a 48-layer model
     gets one warning, not 48. A module counts as labelled when it is declared in qkv_heads or every
-    trainable weight of its projections has a role override.
+    trainable weight of its projections has a role override (any one of its Linear children, where
+    nothing says which of them are q, k and v).
     """
     role_overridden = {n: "role" in s for t, s in zip(tensors, settings_by_tensor) for n in t.names}
     pending: dict[str, list[str]] = {}
@@ -477,15 +478,16 @@ def _warn_unresolved(unresolved, qkv_modules, tensors: list[_Tensor], settings_b
         if any(i in qkv_modules for i in item.projection_ids):
             continue
         trainable = [n for n in item.weight_names if n in role_overridden]
-        if not trainable or all(role_overridden[n] for n in trainable):
+        settled = any if item.any_override else all
+        if not trainable or settled(role_overridden[n] for n in trainable):
             continue
         pending.setdefault(item.hint, []).append(item.module_name)
     for hint, names in pending.items():
         more = f" (and {len(names) - 1} more like it)" if len(names) > 1 else ""
         warnings.warn(
-            f"mango.param_groups: module {names[0]!r}{more} looks like attention, but its head count is "
-            "not on the module or in the model's config, so its q/k/v projections get whole-matrix "
-            f"'matrix' instead of head-wise norms. To split them into heads, pass {hint}",
+            f"mango.param_groups: module {names[0]!r}{more} looks like attention, but its heads or its "
+            "q/k/v projections are not on the module or in the model's config, so its projections get "
+            f"whole-matrix 'matrix' instead of head-wise norms. To split them into heads, pass {hint}",
             stacklevel=3,
         )
 
