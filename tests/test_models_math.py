@@ -43,9 +43,6 @@ from third_party import torchvision
 
 from test_roles_hf import BUILDERS, EXPECTED, TOKENS  # tiny configs and the hand-written labels
 
-# GPT-2 and BERT tie their output layer to the embedding (a labelling warning, tested elsewhere)
-pytestmark = pytest.mark.filterwarnings("ignore:mango.param_groups. parameter .* is tied into modules")
-
 MODELS = ("gpt2", "neox", "llama_gqa", "qwen3", "bert", "mixtral", "qwen3_moe", "gpt_oss", "small_resnet", "vit")
 
 # mango.presets.mango's settings, and the defaults it keeps (SPEC §2, §4)
