@@ -631,6 +631,118 @@ def test_declaring_the_fused_module_silences_its_warning():
     assert lab["blocks.0.attn.c_attn.weight"] == qkv(8)
 
 
+# --------------------------------------------------------------------------- attention found by structure
+
+
+class MadeUpAttention(nn.Module):
+    """Attention with names no architecture uses; it states its heads (4 of 8) on itself."""
+
+    def __init__(self, names=("to_queries", "to_keys", "to_values", "to_out"), d=32, kv_rows=32):
+        super().__init__()
+        self.num_heads, self.head_dim = 4, 8
+        q, k, v, out = names
+        setattr(self, q, nn.Linear(d, d))
+        setattr(self, k, nn.Linear(d, kv_rows, bias=False))
+        setattr(self, v, nn.Linear(d, kv_rows, bias=False))
+        setattr(self, out, nn.Linear(d, d))
+
+
+class Mixer(nn.Module):
+    """A fused projection named like nothing, found by its rows: (4 + 2·2) heads of 8 (GQA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = 4, 2, 8
+        self.mix = nn.Linear(32, 64)
+        self.back = nn.Linear(32, 32)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("to_queries", "to_keys", "to_values", "to_out"), ("wq", "wk", "wv", "wo"), ("q", "k", "v", "o"),
+     ("q_lin", "k_lin", "v_lin", "out_lin"), ("query_proj", "key_proj", "value_proj", "dense")],
+    ids=lambda names: names[0],
+)  # fmt: skip
+def test_made_up_attention_with_unusual_names_gets_its_heads(names):
+    net = stack(lambda: MadeUpAttention(names, kv_rows=16), n=2)  # 2 kv heads: GQA read from the rows
+    q, k, v, out = names
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(net))
+    p = "blocks.1.attn."
+    assert lab[p + f"{q}.weight"] == qkv(8) and lab[p + f"{q}.bias"] == qkv_bias(8)
+    assert lab[p + f"{k}.weight"] == lab[p + f"{v}.weight"] == qkv(8)
+    assert lab[p + f"{out}.weight"] == MAT and lab[p + f"{out}.bias"] == VB
+    assert "2 heads ×(8,32)" in describe(param_groups(net)).split(p + f"{k}.weight")[1].splitlines()[0]
+
+
+def test_fused_projection_found_by_its_rows_whatever_its_name():
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(stack(Mixer, n=1)))
+    assert lab["blocks.0.attn.mix.weight"] == qkv(8) and lab["blocks.0.attn.mix.bias"] == qkv_bias(8)
+    assert lab["blocks.0.attn.back.weight"] == MAT
+
+
+def test_attention_whose_projections_cannot_be_told_apart_warns_once_naming_them():
+    """An attention class (by its name) with children that say nothing: the warning lists them and
+    the override that labels them; one override on its q/k/v silences it."""
+    net = stack(lambda: MadeUpAttention(("alpha", "beta", "gamma", "delta")), n=3)
+    with pytest.warns(UserWarning, match=r"'blocks\.0\.attn' \(and 2 more like it\) looks like attention") as record:
+        lab = labelling(param_groups(net))
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "overrides={'blocks.*.attn.NAME.weight': {'role': 'qkv_weight', 'head_dim': HEAD_DIM}}" in message
+    assert "its Linear children: 'alpha', 'beta', 'gamma', 'delta'" in message
+    assert lab["blocks.0.attn.alpha.weight"] == MAT  # left to the generic rule, not guessed
+    fixed = {f"blocks.*.attn.{n}.weight": {"role": "qkv_weight", "head_dim": 8} for n in ("alpha", "beta", "gamma")}
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(net, overrides=fixed))
+    assert lab["blocks.2.attn.beta.weight"] == qkv(8) and lab["blocks.2.attn.delta.weight"] == MAT
+
+
+def test_modules_that_do_not_look_like_attention_are_left_alone():
+    """No attention class name, no q/k/v names, no heads stated: an MLP stays matrices, silently."""
+    mlp = nn.ModuleDict(dict(alpha=nn.Linear(8, 24), beta=nn.Linear(24, 8)))
+    with warnings.catch_warnings(action="error"):
+        assert set(labelling(param_groups(nn.ModuleDict(dict(mlp=mlp)))).values()) == {MAT, VB}
+
+
+def test_mla_without_its_head_sizes_warns_with_the_hint():
+    """A DeepSeek-style module that says neither heads nor qk/v head sizes: reported, not guessed."""
+
+    class LatentAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(32, 48, bias=False)
+            self.kv_a_proj_with_mqa = nn.Linear(32, 12, bias=False)
+            self.kv_b_proj = nn.Linear(8, 56, bias=False)
+            self.o_proj = nn.Linear(24, 32, bias=False)
+
+    with pytest.warns(UserWarning, match=r"'attn' looks like attention") as record:
+        lab = labelling(param_groups(nn.ModuleDict(dict(attn=LatentAttention()))))
+    assert len(record) == 1
+    assert "'attn.kv_b_proj.weight': {'role': 'qkv_weight', 'head_dim': QK_NOPE + V_HEAD_DIM}" in str(record[0].message)
+    assert lab["attn.q_proj.weight"] == lab["attn.kv_b_proj.weight"] == MAT
+
+
+def test_mla_rows_that_contradict_the_head_sizes_are_an_error():
+    net = BUILDERS["deepseek_v3"]()
+    attn = net.model.layers[0].self_attn
+    attn.kv_b_proj = nn.Linear(8, 60, bias=False)  # 4 heads of 8 + 6 = 56 rows
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.kv_b_proj\.weight' has 60 output rows, "
+                       r"expected 4 head blocks of head_dim 14 = 56"):
+        param_groups(net)
+
+
+def test_describe_shows_mla_blocks():
+    text = describe(param_groups(model("deepseek_v3")))
+    (q_b,) = [line for line in text.splitlines() if "layers.0.self_attn.q_b_proj" in line]
+    assert "4 heads ×(12,16)" in q_b  # per head: 8 no-rope + 4 rope query rows, from the q_lora_rank 16 latent
+    (kv_b,) = [line for line in text.splitlines() if "layers.0.self_attn.kv_b_proj" in line]
+    assert "4 heads ×(14,8)" in kv_b  # per head: 8 key + 6 value rows, from the kv_lora_rank 8 latent
+    (kv_b,) = [line for line in describe(param_groups(model("deepseek_v2"))).splitlines() if "kv_b_proj" in line]
+    assert "8 heads ×(8,8)" in kv_b  # qk_nope = v_head_dim = 8: each head's key and value blocks apart
+
+
 # --------------------------------------------------------------------------- experts, tokens, heads
 
 
