@@ -22,13 +22,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# Children of an attention module that are its separate q, k, v projections (Llama/Mistral/Qwen,
-# GPT-OSS: *_proj; BERT/RoBERTa: query/key/value).
-SEPARATE_QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
-# Children that are one fused q/k/v projection (GPT-2 c_attn, timm/ViT qkv, GPT-NeoX query_key_value).
-FUSED_QKV_NAMES = ("c_attn", "qkv", "query_key_value")
+# A child projection's kind, read from the words of its name: q_proj, q_lin, q, query, to_q, wq
+# are queries; k*/v* keys and values; qkv, qkv_proj, Wqkv, query_key_value are fused q/k/v; kv_proj,
+# to_kv fused k/v. Names that say nothing (GPT-2's c_attn, Baichuan's W_pack) are listed.
+_QUERY_WORDS = frozenset({"q", "query", "queries"})
+_KEY_WORDS = frozenset({"k", "key", "keys"})
+_VALUE_WORDS = frozenset({"v", "value", "values"})
+FUSED_QKV_NAMES = ("c_attn", "W_pack")
 # GPT-2 cross-attention: `q_attn` holds the queries, `c_attn` only the keys and values.
 CROSS_QUERY_NAME = "q_attn"
+# Class names of modules that hold attention projections (LlamaAttention, T5Attention, MptAttention,
+# DistilBertSelfAttention, GPT2Attention, ...); their `...Output` siblings hold the output projection.
+_ATTENTION_CLASS = re.compile(r"attention|attn|multihead", re.IGNORECASE)
 # Learned position / class / register tokens: trained like embedding rows, not as one matrix.
 LEARNED_TOKEN_NAMES = (
     "pos_embedding", "pos_embed", "position_embedding", "position_embeddings", "absolute_pos_embed",
@@ -37,9 +42,11 @@ LEARNED_TOKEN_NAMES = (
 # Direct children of the model that are its output layer (torchvision `fc`, HF `classifier`/`score`).
 TOP_LEVEL_HEAD_NAMES = ("fc", "classifier", "score")
 
-_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim", "dim_head", "d_head")
 _N_HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-_N_KV_HEADS_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+_N_KV_HEADS_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads")
+# Multi-head latent attention (DeepSeek-V2/V3): per-head sizes of the query and of the key/value up-projection.
+_MLA_ATTRS = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 _N_EXPERTS_CONFIG_ATTRS = ("num_local_experts", "num_experts")
 
 
@@ -62,6 +69,7 @@ class Unresolved:
     projection_ids: tuple[int, ...]  # id() of its q/k/v (or fused) projection modules
     weight_names: tuple[str, ...]  # full names of those projections' weights
     hint: str  # the qkv_heads= / overrides= argument that labels them (layers globbed)
+    any_override: bool = False  # which projections are q/k/v is unknown: a role override on any one settles it
 
 
 @dataclass
@@ -117,15 +125,8 @@ def recognise(modules, root: nn.Module) -> Recognised:
         if id(module) in seen:
             continue
         seen.add(id(module))
-        children = dict(module.named_children())
-        separate = _separate_projections(children)
-        fused = _fused_projection(children)
-        if separate or fused:
-            heads = _find_heads(name, module, _config_of(name, module, by_name, root))
-            if separate:
-                _label_separate(name, separate, heads, found)
-            else:
-                _label_fused(name, fused, children.get(CROSS_QUERY_NAME), heads, found)
+        if not isinstance(module, nn.MultiheadAttention):  # its in_proj_* are labelled by mango.roles
+            _label_attention(name, module, by_name, root, found)
         _label_experts(name, module, found)
     return found
 
@@ -133,20 +134,109 @@ def recognise(modules, root: nn.Module) -> Recognised:
 # --------------------------------------------------------------------------- attention
 
 
-def _separate_projections(children) -> list[tuple[str, nn.Module]] | None:
-    for names in SEPARATE_QKV_NAMES:
-        projections = [(n, children.get(n)) for n in names]
-        if all(m is not None and is_linear_like(m) for _, m in projections):
-            return projections
-    return None
+def projection_kind(local: str) -> str | None:
+    """'q', 'k', 'v', 'kv' or 'qkv' for a child named as an attention projection, else None."""
+    if local in FUSED_QKV_NAMES:
+        return "qkv"
+    words = set()
+    for word in re.findall(r"[a-z]+", local.lower()):  # 'Wqkv' -> 'wqkv', 'q_lin' -> 'q', 'lin'
+        words.add(word[1:] if word[:1] == "w" and word[1:] in ("q", "k", "v", "kv", "qkv") else word)
+    if "qkv" in words or {"query", "key", "value"} <= words:
+        return "qkv"
+    if "kv" in words or {"key", "value"} <= words:
+        return "kv"
+    kinds = [kind for kind, vocab in (("q", _QUERY_WORDS), ("k", _KEY_WORDS), ("v", _VALUE_WORDS)) if words & vocab]
+    return kinds[0] if len(kinds) == 1 else None
 
 
-def _fused_projection(children) -> tuple[str, nn.Module] | None:
-    for name in FUSED_QKV_NAMES:
-        module = children.get(name)
-        if module is not None and is_linear_like(module):
-            return name, module
-    return None
+def looks_like_attention(module: nn.Module) -> bool:
+    """By its class name: LlamaAttention, T5Attention, GPT2Attention, ...; not BertSelfOutput."""
+    kind = type(module).__name__
+    return bool(_ATTENTION_CLASS.search(kind)) and not kind.endswith("Output")
+
+
+def _label_attention(name, module, by_name, root, found: Recognised) -> None:
+    """q/k/v projections of one module, by name or by structure, split into the heads it states.
+
+    A module is taken as attention when its Linear children are named as q/k/v projections
+    (any spelling: ``q_proj``, ``q_lin``, ``q``, ``query``, fused ``qkv_proj`` / ``Wqkv``), or when
+    its class name says attention or it states its heads and one child's rows are exactly the
+    ``(n_q + 2·n_kv)·head_dim`` of a fused projection. Where it looks like attention and the heads
+    or the projections cannot be found, it is reported with the hint that fixes it.
+    """
+    children = [(local, child) for local, child in module.named_children() if is_linear_like(child)]
+    if not children:
+        return
+    if _is_mla(module, children):
+        _label_mla(name, module, children, _config_of(name, module, by_name, root), found)
+        return
+    kinds: dict[str, list[tuple[str, nn.Module]]] = {}
+    for local, child in children:
+        kind = projection_kind(local)
+        if kind is not None:
+            kinds.setdefault(kind, []).append((local, child))
+    named = "qkv" in kinds or ("q" in kinds and ("kv" in kinds or ("k" in kinds and "v" in kinds)))
+    by_class = looks_like_attention(module)
+    if not (named or by_class or _states_heads(module)):
+        return
+    heads = _find_heads(name, module, _config_of(name, module, by_name, root))
+    if named:
+        _label_named(name, kinds, heads, found)
+    elif not _label_by_structure(name, children, heads, found) and by_class:
+        found.unresolved.append(_unresolved(name, children, _unknown_hint(name, children), any_override=True))
+
+
+def _states_heads(module) -> bool:
+    return _positive_int_attr(module, _N_HEADS_ATTRS) is not None
+
+
+def _label_named(name, kinds, heads: _Heads, found: Recognised) -> None:
+    """Projections found by name: q has n_q heads, k and v n_kv (GQA), fused ones their sum.
+
+    A fused projection beside a separate query (GPT-2 cross-attention's c_attn next to q_attn)
+    holds only the keys and values. Without a key/value head count a fused projection is taken
+    as plain multi-head (n_kv = n_q), as ``qkv_heads={...: n}`` means; rows that do not fit that
+    are reported, not guessed at. Separate k and v then need only be whole heads.
+    """
+    has_query = "q" in kinds
+    n_kv = heads.n_kv or heads.n_q
+    fused_blocks = None if heads.n_q is None else (2 * n_kv if has_query else heads.n_q + 2 * n_kv)
+    counts = {
+        "q": heads.n_q, "k": heads.n_kv, "v": heads.n_kv,
+        "kv": None if heads.n_q is None else 2 * n_kv, "qkv": fused_blocks,
+    }  # fmt: skip
+    ordered = [(kind, local, child) for kind in ("q", "qkv", "kv", "k", "v") for local, child in kinds.get(kind, [])]
+    first_kind, _, first = ordered[0]
+    rows = operator_rows(first)
+    head_dim = heads.head_dim or _exact_ratio(rows, counts[first_kind])
+    maybe_grouped = (  # heads divide the rows, but not as n_q + 2·n_q blocks, and no kv count is given
+        first_kind == "qkv" and not has_query and heads.n_kv is None and fused_blocks is not None
+        and head_dim and rows % head_dim == 0 and rows != fused_blocks * head_dim
+    )  # fmt: skip
+    projections = [(local, child) for _, local, child in ordered]
+    if head_dim is None or maybe_grouped:
+        found.unresolved.append(_unresolved(name, projections, _named_hint(name, kinds)))
+        return
+    prefix = f"{name}." if name else ""
+    for kind, local, child in ordered:
+        _check_rows(prefix + local, child, head_dim, counts[kind], heads)
+        what = "fused " if kind in ("qkv", "kv") else ""
+        _label_projection(child, head_dim, f"{heads.source}: {what}{local} in heads of {head_dim}", found)
+
+
+def _label_by_structure(name, children, heads: _Heads, found: Recognised) -> bool:
+    """One child whose rows are exactly (n_q + 2·n_kv)·head_dim is the fused q/k/v projection."""
+    if heads.n_q is None or heads.head_dim is None:
+        return False
+    n_kv = heads.n_kv or heads.n_q
+    rows = (heads.n_q + 2 * n_kv) * heads.head_dim
+    fused = [(local, child) for local, child in children if operator_rows(child) == rows]
+    if len(fused) != 1:
+        return False
+    (local, child), = fused
+    reason = f"{heads.source}: {local} has (n_q + 2·n_kv)·head_dim rows, fused q/k/v in heads of {heads.head_dim}"
+    _label_projection(child, heads.head_dim, reason, found)
+    return True
 
 
 def _config_of(name, module, by_name, root):
@@ -185,45 +275,66 @@ def _find_heads(name, module, config) -> _Heads:
     return _Heads(n_q, n_kv, head_dim, kind)
 
 
-def _label_separate(name, projections, heads: _Heads, found: Recognised) -> None:
-    """q, k, v each split into heads: q has n_q heads, k and v n_kv (GQA), all of head_dim rows."""
-    (q_name, q), *_ = projections
-    head_dim = heads.head_dim or _exact_ratio(operator_rows(q), heads.n_q)
-    if head_dim is None:
-        found.unresolved.append(_unresolved(name, projections, _separate_hint(name, projections)))
-        return
-    counts = (heads.n_q, heads.n_kv, heads.n_kv)
-    for (local, module), count in zip(projections, counts):
-        _check_rows(f"{name}.{local}" if name else local, module, head_dim, count, heads)
-        _label_projection(module, head_dim, f"{heads.source}: {local} in heads of {head_dim}", found)
+# --------------------------------------------------------------------------- multi-head latent attention
 
 
-def _label_fused(name, fused, cross_query, heads: _Heads, found: Recognised) -> None:
-    """One fused q/k/v projection ([q | k | v] head blocks; GPT-2 cross-attention: [k | v] plus q_attn).
+def _is_mla(module, children) -> bool:
+    """DeepSeek-V2/V3-style attention: a shared latent ``kv_a_proj_with_mqa``, per-head ``kv_b_proj``."""
+    locals_ = {local for local, _ in children}
+    return "kv_b_proj" in locals_ and ("kv_a_proj_with_mqa" in locals_ or any(hasattr(module, a) for a in _MLA_ATTRS))
 
-    Without a key/value head count the module is taken as plain multi-head (n_kv = n_q), as
-    ``qkv_heads={...: n}`` means; rows that do not fit that are reported, not guessed at.
+
+def _label_mla(name, module, children, config, found: Recognised) -> None:
+    """Per-head projections head-wise, each with its own block size; shared low-rank ones plain.
+
+    ``q_proj`` (or ``q_b_proj`` after the ``q_a_proj`` bottleneck) has n_heads blocks of
+    qk_nope + qk_rope rows: each is one head's query. ``kv_b_proj`` has per head qk_nope key rows
+    then v_head_dim value rows; a block never crosses heads: with qk_nope == v_head_dim (DeepSeek-V2
+    and V3: 128 and 128) each head's key and its value are separate blocks, as a fused QKV's are;
+    otherwise a tensor has one block size, so each head's [key; value] rows are one block.
+    ``q_a_proj`` and ``kv_a_proj_with_mqa`` (the latent, plus the rope key shared by all heads)
+    belong to no head: they stay whole matrices.
     """
-    local, module = fused
-    if cross_query is not None and not is_linear_like(cross_query):
-        cross_query = None
-    n_kv = heads.n_kv or heads.n_q
-    blocks = None if heads.n_q is None else (2 * n_kv if cross_query is not None else heads.n_q + 2 * n_kv)
-    rows = operator_rows(module)
-    head_dim = heads.head_dim or _exact_ratio(rows, blocks)
-    maybe_grouped = (  # heads divide the rows, but not as n_q + 2·n_q blocks, and no kv count is given
-        heads.n_kv is None and blocks is not None and head_dim and rows % head_dim == 0 and rows != blocks * head_dim
+    def size(attr):
+        return _positive_int_attr(module, (attr,)) or (_positive_int_attr(config, (attr,)) if config else None)
+
+    n_heads = _positive_int_attr(module, _N_HEADS_ATTRS) or (
+        _positive_int_attr(config, ("num_attention_heads",)) if config else None
     )
-    if head_dim is None or maybe_grouped:
-        found.unresolved.append(_unresolved(name, [fused], _fused_hint(name, local)))
+    nope, rope, v_dim = size("qk_nope_head_dim"), size("qk_rope_head_dim"), size("v_head_dim")
+    by_local = dict(children)
+    kv_b = by_local["kv_b_proj"]
+    if None in (n_heads, nope, rope, v_dim):
+        found.unresolved.append(_unresolved(name, [("kv_b_proj", kv_b)], _mla_hint(name, by_local)))
         return
-    full = f"{name}.{local}" if name else local
-    _check_rows(full, module, head_dim, blocks, heads)
-    _label_projection(module, head_dim, f"{heads.source}: fused {local} in heads of {head_dim}", found)
-    if cross_query is not None:
-        query_name = f"{name}.{CROSS_QUERY_NAME}" if name else CROSS_QUERY_NAME
-        _check_rows(query_name, cross_query, head_dim, heads.n_q, heads)
-        _label_projection(cross_query, head_dim, f"{heads.source}: {CROSS_QUERY_NAME} in heads of {head_dim}", found)
+    heads = _Heads(n_heads, n_heads, None, f"{type(module).__name__} {name!r}")
+    prefix = f"{name}." if name else ""
+    query_local = "q_b_proj" if "q_b_proj" in by_local else "q_proj" if "q_proj" in by_local else None
+    if query_local is not None:
+        query_dim = nope + rope
+        _check_rows(prefix + query_local, by_local[query_local], query_dim, n_heads, heads)
+        reason = f"{heads.source}: {query_local} in {n_heads} query heads of qk_nope + qk_rope = {query_dim}"
+        _label_projection(by_local[query_local], query_dim, reason, found)
+    if nope == v_dim:
+        kv_dim, what = nope, f"a key and a value block per head, of qk_nope = v_head_dim = {nope}"
+        blocks = 2 * n_heads
+    else:
+        kv_dim, what = nope + v_dim, f"one [key; value] block per head, of qk_nope + v_head_dim = {nope + v_dim}"
+        blocks = n_heads
+    _check_rows(prefix + "kv_b_proj", kv_b, kv_dim, blocks, heads)
+    _label_projection(kv_b, kv_dim, f"{heads.source}: kv_b_proj in {what}", found)
+
+
+def _mla_hint(name, by_local) -> str:
+    prefix = _glob_layers(f"{name}.") if name else ""
+    query = "q_b_proj" if "q_b_proj" in by_local else "q_proj"
+    return (
+        f"overrides={{'{prefix}{query}.weight': {{'role': 'qkv_weight', 'head_dim': QK_NOPE + QK_ROPE}}, "
+        f"'{prefix}kv_b_proj.weight': {{'role': 'qkv_weight', 'head_dim': QK_NOPE + V_HEAD_DIM}}}}"
+    )
+
+
+# --------------------------------------------------------------------------- checks and hints
 
 
 def _check_rows(module_name, module, head_dim, blocks, heads: _Heads) -> None:
@@ -248,18 +359,23 @@ def _label_projection(module, head_dim, reason, found: Recognised) -> None:
         found.labels[(id(module), "bias")] = Label("qkv_bias", head_dim, reason)
 
 
-def _unresolved(name, projections, hint) -> Unresolved:
+def _unresolved(name, projections, hint, any_override=False) -> Unresolved:
     prefix = f"{name}." if name else ""
     weight_names = tuple(f"{prefix}{local}.weight" for local, _ in projections)
-    return Unresolved(name, tuple(id(m) for _, m in projections), weight_names, hint)
+    return Unresolved(name, tuple(id(m) for _, m in projections), weight_names, hint, any_override)
 
 
-def _fused_hint(name, local) -> str:
-    module = _glob_layers(f"{name}.{local}" if name else local)
-    return f"qkv_heads={{{module!r}: n_heads}} (or (n_q, n_kv) for grouped-query attention)"
+def _named_hint(name, kinds) -> str:
+    """qkv_heads= for one fused projection; else overrides= labelling each projection head-wise."""
+    if set(kinds) == {"qkv"} and len(kinds["qkv"]) == 1:
+        (local, _), = kinds["qkv"]
+        module = _glob_layers(f"{name}.{local}" if name else local)
+        return f"qkv_heads={{{module!r}: n_heads}} (or (n_q, n_kv) for grouped-query attention)"
+    projections = [p for kind in ("q", "qkv", "kv", "k", "v") for p in kinds.get(kind, [])]
+    return _overrides_hint(name, projections)
 
 
-def _separate_hint(name, projections) -> str:
+def _overrides_hint(name, projections) -> str:
     """overrides= labelling each projection's weight (and bias) head-wise, layers globbed."""
     prefix = _glob_layers(f"{name}.") if name else ""
     locals_ = [local for local, _ in projections]
@@ -271,10 +387,21 @@ def _separate_hint(name, projections) -> str:
     return "overrides={" + ", ".join(entries) + "}"
 
 
+def _unknown_hint(name, children) -> str:
+    """Neither the names nor the shapes say which children are q, k and v: name both ways to say it."""
+    prefix = _glob_layers(f"{name}.") if name else ""
+    listed = ", ".join(repr(local) for local, _ in children)
+    return (
+        f"overrides={{'{prefix}NAME.weight': {{'role': 'qkv_weight', 'head_dim': HEAD_DIM}}}} for each of its "
+        f"q, k and v projections (its Linear children: {listed}), or qkv_heads={{'{prefix}NAME': n_heads}} "
+        "for a fused one"
+    )
+
+
 def _char_class(names) -> list[str]:
     """['q_proj', 'k_proj', 'v_proj'] -> ['[qkv]_proj'] (one glob) where the names allow it."""
     rests = {n[1:] for n in names}
-    if len(rests) == 1 and len({n[0] for n in names}) == len(names):
+    if len(rests) == 1 and len({n[0] for n in names}) == len(names) and len(names) > 1:
         return [f"[{''.join(n[0] for n in names)}]{rests.pop()}"]
     return list(names)
 

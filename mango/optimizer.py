@@ -19,7 +19,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import betas as _betas
-from . import config, distributed
+from . import config, distributed, plain
 from . import ddp as _ddp
 from . import groups as _groups
 from .backends import make_backend
@@ -46,6 +46,11 @@ class Mango(Optimizer):
     `preconditioner=None` gives plain momentum (Muon), "adam" Adam's bias-corrected moments,
     "novograd" NovoGrad's layer-wise scalar v. Every keyword before `backend` is a per-group
     setting; see `mango.config.DEFAULTS` and the README for their meaning.
+
+    params:    the model (`Mango(model)` = `Mango(mango.param_groups(model))`: every tensor gets
+               its role from the module tree), param groups, or tensors / `named_parameters()`
+               (a 1-D `bias` is then a bias; a tensor of 2+ dims gets role `matrix` from its shape,
+               with a warning naming `Mango(model)`).
 
     betas:     torch's spelling of (beta1, beta2), kept equal to them (see `mango.betas`); it is
                what lets `OneCycleLR` / `CyclicLR` cycle β1.
@@ -117,6 +122,8 @@ class Mango(Optimizer):
             defaults.update(beta1=b1, beta2=b2)
         defaults["betas"] = (defaults["beta1"], defaults["beta2"])
         config.validate_group(defaults)
+        params = plain.groups_from(params)  # a module is labelled; named biases are biases
+        plain.warn_shape_only(plain.shape_only_names(params, role, norm), "mango.Mango")
         self._betas_sync = _betas.BetasSync()
         self.backend_name = backend
         self.nonfinite = nonfinite

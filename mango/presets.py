@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import config
+from . import config, plain
 from .optimizer import Mango
 from .roles import param_groups
 
@@ -20,16 +20,13 @@ _LABEL_KW = ("qkv_heads", "head", "overrides")
 
 
 def _groups(model_or_params, kw) -> list[dict]:
-    """Param groups from a module (labelled), a list of group dicts, or a flat list of tensors."""
+    """Param groups from a module (labelled), a list of group dicts, or tensors / named parameters."""
     label = {k: kw.pop(k) for k in _LABEL_KW if k in kw}
     if isinstance(model_or_params, torch.nn.Module):
         return param_groups(model_or_params, **label)
     if label:
         raise ValueError(f"mango.presets: {sorted(label)} only apply when a model (nn.Module) is given")
-    items = list(model_or_params)
-    if items and isinstance(items[0], dict):
-        return [dict(g) for g in items]
-    return [{"params": items}]
+    return [dict(g) for g in plain.groups_from(model_or_params)]
 
 
 def _split_by_role(groups, chosen_roles) -> tuple[list[dict], list[dict]]:
@@ -75,6 +72,7 @@ def muon(
     matching `torch.optim.Muon`), AdamW on embeddings, head and vectors."""
     groups = _groups(model_or_params, kw)
     backend = {k: kw.pop(k) for k in ("backend", "nonfinite") if k in kw}
+    plain.warn_shape_only(plain.shape_only_names(groups), "mango.presets.muon")  # the split below is by role
     matrices, rest = _split_by_role(groups, MUON_ROLES)
     muon_settings = dict(
         lr=lr, beta1=momentum, preconditioner=None, nesterov=True, ema_momentum=True, norm="ns",

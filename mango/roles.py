@@ -39,11 +39,13 @@ EMBEDDING_MODULES = (nn.Embedding, nn.EmbeddingBag)
 
 # When one tensor is reached through modules that disagree on its role (weight tying), the
 # more specific label wins: the embedding owns a tied unembedding, a declaration beats the
-# generic shape rule. Every such choice is announced with a warning.
+# generic shape rule. The tied input/output embedding is the documented case (role `embedding`,
+# shown by describe()); any other disagreement is announced with a warning.
+TIED_EMBEDDING_ROLES = frozenset({"embedding", "head"})
 _ROLE_PRIORITY = ("embedding", "head", "qkv_weight", "qkv_bias", "matrix", "vector_bias", "vector_weight")
 
 # Keys of a param group that describe the labelling itself, not an optimizer setting.
-_LABEL_KEYS = ("params", "param_names", "role", "norm", "head_dim", "orientation", "experts", "name")
+_LABEL_KEYS = ("params", "param_names", "role", "norm", "head_dim", "orientation", "experts", "name", "tied")
 
 
 @dataclass
@@ -89,7 +91,9 @@ def param_groups(model: nn.Module, qkv_heads=None, head=None, overrides=None) ->
         order), ``role``, ``head_dim``, the layout keys where not the default
         (``orientation="in_out"`` for weights stored (in, out), ``experts=True`` for stacks of
         expert matrices on dim 0) and the overridden settings. Every trainable tensor appears
-        exactly once, under its first name; ``requires_grad=False`` tensors are left out.
+        exactly once, under its first name; ``requires_grad=False`` tensors are left out. A tensor
+        reached under several names (tied weights) is listed in ``tied``
+        (``{first name: [other names]}``); a tied input/output embedding gets role ``embedding``.
 
     Raises:
         ValueError naming the module or parameter for anything that cannot be labelled:
@@ -111,11 +115,12 @@ def param_groups(model: nn.Module, qkv_heads=None, head=None, overrides=None) ->
     trainable = [t for t in tensors if t.param.requires_grad]
     frozen_names = [n for t in tensors if not t.param.requires_grad for n in t.names]
     settings_by_tensor = _match_overrides(overrides, trainable, frozen_names)
+    _warn_tied_overrides(overrides, trainable, settings_by_tensor)
     _warn_unresolved(recognised.unresolved, qkv_modules, trainable, settings_by_tensor)
 
     groups: dict[tuple, dict] = {}
     for tensor, settings in zip(trainable, settings_by_tensor):
-        label = _choose_label(tensor, role_overridden="role" in settings)
+        label = _choose_label(tensor, settings)
         label, settings = _apply_overrides(tensor, label, settings)
         layout = _layout_keys(label)
         key = (label.role, label.head_dim, repr(sorted(layout.items())), repr(sorted(settings.items())))
@@ -126,6 +131,8 @@ def param_groups(model: nn.Module, qkv_heads=None, head=None, overrides=None) ->
             }  # fmt: skip
         group["params"].append(tensor.param)
         group["param_names"].append(tensor.names[0])
+        if len(tensor.names) > 1:  # one tensor reached under several names: describe() shows them
+            group.setdefault("tied", {})[tensor.names[0]] = list(dict.fromkeys(tensor.names[1:]))
     return list(groups.values())
 
 
@@ -142,7 +149,8 @@ def _layout_keys(label: _Label) -> dict:
 def describe(groups_or_optimizer) -> str:
     """Render the labelling as a fixed-width table, one row per parameter.
 
-    Shows what the optimizer will actually do with each tensor: its group, the role, the norm
+    Shows what the optimizer will actually do with each tensor: its group, its name (a tied tensor
+    with all its names, ``transformer.wte.weight = lm_head.weight``), the role, the norm
     after resolving the role default, the QKV head size, how it stores its operator
     (``layout``: ``(out,in)``, ``(in,out)ᵀ`` for a transposed store, ``4 experts ×(out,in)``),
     the blocks one normalization sees (operator shape per head or expert, e.g.
@@ -164,9 +172,12 @@ def describe(groups_or_optimizer) -> str:
         params = group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         names = list(group.get("param_names") or [])
+        tied = group.get("tied") if isinstance(group.get("tied"), dict) else {}
         settings = _shown_settings(group, defaults)
         for i, param in enumerate(params):
             name = names[i] if i < len(names) and names[i] else f"param{index}"
+            if tied.get(name):
+                name = " = ".join([name, *tied[name]])
             rows.append((str(group_index), name, *_describe_cells(group, param), settings))
             index += 1
             numel += param.numel()
@@ -375,20 +386,57 @@ def _role_label(module_name, module, local, param, qkv_modules, head_modules, em
     return _Label("vector_weight", None, f"{param.dim()}-D parameter")
 
 
-def _choose_label(tensor: _Tensor, role_overridden: bool) -> _Label:
-    """One label per tensor; a tensor tied into modules that disagree gets the most specific."""
+def _choose_label(tensor: _Tensor, settings: dict) -> _Label:
+    """One label per tensor; a tensor tied into modules that disagree gets the most specific.
+
+    A tied input/output embedding (labels ``embedding`` and ``head``) is the documented case: it
+    is the embedding, silently. Any other disagreement is warned about unless a role override
+    settles it.
+    """
     distinct = list(dict.fromkeys((lab.role, lab.head_dim, lab.orientation, lab.experts) for lab in tensor.labels))
     best = min(tensor.labels, key=lambda lab: _ROLE_PRIORITY.index(lab.role))
-    if len(distinct) > 1 and not role_overridden:
+    documented = {lab.role for lab in tensor.labels} <= TIED_EMBEDDING_ROLES and best.role == "embedding"
+    if len(distinct) > 1 and not documented and "role" not in settings:
         ways = "; ".join(f"{name!r} -> {lab.role} ({lab.reason})" for name, lab in zip(tensor.names, tensor.labels))
-        why = " (the embedding owns the tensor)" if best.role == "embedding" else ""
         warnings.warn(
             f"mango.param_groups: parameter {tensor.names[0]!r} is tied into modules with different roles: "
-            f"{ways}. It gets one role, {best.role!r}{why}; override it with "
+            f"{ways}. It gets one role, {best.role!r}; override it with "
             f"overrides={{{tensor.names[0]!r}: {{'role': ...}}}}",
             stacklevel=3,
         )
+    if documented and "role" in settings and settings["role"] != best.role:
+        others = ", ".join(repr(n) for n in dict.fromkeys(tensor.names[1:]))
+        warnings.warn(
+            f"mango.param_groups: parameter {tensor.names[0]!r} is one tensor with {others} (tied input/output "
+            f"embedding), documented as role 'embedding'; the override gives it role {settings['role']!r} "
+            "for both uses",
+            stacklevel=3,
+        )
     return best
+
+
+def _warn_tied_overrides(overrides, tensors: list[_Tensor], settings_by_tensor) -> None:
+    """Override keys that reach one tied tensor under different names and set different values."""
+    if not overrides:
+        return
+    for tensor, merged in zip(tensors, settings_by_tensor):
+        if len(tensor.names) < 2 or not merged:
+            continue
+        seen: dict[str, tuple] = {}  # setting -> (value, key, the name it matched)
+        for pattern, settings in overrides.items():
+            name = next((n for n in tensor.names if n == pattern or fnmatchcase(n, pattern)), None)
+            if name is None:
+                continue
+            for setting, value in settings.items():
+                previous = seen.get(setting)
+                if previous is not None and previous[2] != name and not _same(previous[0], value):
+                    warnings.warn(
+                        f"mango.param_groups: overrides {previous[1]!r} and {pattern!r} set {setting} to "
+                        f"{previous[0]!r} and {value!r} for {previous[2]!r} and {name!r}, which are one tied "
+                        f"tensor; the later key wins: {setting}={value!r}",
+                        stacklevel=3,
+                    )
+                seen[setting] = (value, pattern, name)
 
 
 # --------------------------------------------------------------------------- overrides
@@ -469,7 +517,8 @@ def _warn_unresolved(unresolved, qkv_modules, tensors: list[_Tensor], settings_b
 
     Modules that differ only in their layer index share one hint (a glob), so a 48-layer model
     gets one warning, not 48. A module counts as labelled when it is declared in qkv_heads or every
-    trainable weight of its projections has a role override.
+    trainable weight of its projections has a role override (any one of its Linear children, where
+    nothing says which of them are q, k and v).
     """
     role_overridden = {n: "role" in s for t, s in zip(tensors, settings_by_tensor) for n in t.names}
     pending: dict[str, list[str]] = {}
@@ -477,15 +526,16 @@ def _warn_unresolved(unresolved, qkv_modules, tensors: list[_Tensor], settings_b
         if any(i in qkv_modules for i in item.projection_ids):
             continue
         trainable = [n for n in item.weight_names if n in role_overridden]
-        if not trainable or all(role_overridden[n] for n in trainable):
+        settled = any if item.any_override else all
+        if not trainable or settled(role_overridden[n] for n in trainable):
             continue
         pending.setdefault(item.hint, []).append(item.module_name)
     for hint, names in pending.items():
         more = f" (and {len(names) - 1} more like it)" if len(names) > 1 else ""
         warnings.warn(
-            f"mango.param_groups: module {names[0]!r}{more} looks like attention, but its head count is "
-            "not on the module or in the model's config, so its q/k/v projections get whole-matrix "
-            f"'matrix' instead of head-wise norms. To split them into heads, pass {hint}",
+            f"mango.param_groups: module {names[0]!r}{more} looks like attention, but its heads or its "
+            "q/k/v projections are not on the module or in the model's config, so its projections get "
+            f"whole-matrix 'matrix' instead of head-wise norms. To split them into heads, pass {hint}",
             stacklevel=3,
         )
 

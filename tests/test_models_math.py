@@ -43,10 +43,10 @@ from third_party import torchvision
 
 from test_roles_hf import BUILDERS, EXPECTED, TOKENS  # tiny configs and the hand-written labels
 
-# GPT-2 and BERT tie their output layer to the embedding (a labelling warning, tested elsewhere)
-pytestmark = pytest.mark.filterwarnings("ignore:mango.param_groups. parameter .* is tied into modules")
-
-MODELS = ("gpt2", "neox", "llama_gqa", "qwen3", "bert", "mixtral", "qwen3_moe", "gpt_oss", "small_resnet", "vit")
+MODELS = (
+    "gpt2", "neox", "llama_gqa", "qwen3", "bert", "mixtral", "qwen3_moe", "gpt_oss", "phi3", "distilbert", "t5",
+    "deepseek_v3", "deepseek_v2", "small_resnet", "vit",
+)  # fmt: skip
 
 # mango.presets.mango's settings, and the defaults it keeps (SPEC §2, §4)
 LR, BETA1, BETA2, EPS, BETA_OFF = 0.01, 0.95, 0.95, 1e-8, 0.99
@@ -428,6 +428,75 @@ def test_vit_learned_tokens_are_embeddings_and_not_orthogonalized(backend):
 
 
 @BACKENDS
+def test_phi3_fused_qkv_proj_rows_are_q_k_v_head_blocks(backend):
+    """Phi-3's qkv_proj (64, 32) is [4 q heads | 2 k heads | 2 v heads] of 8 rows (GQA), each
+    orthogonalized on its own; one NS over the whole fused matrix (what it got before) is not that."""
+    ops, d = operator_update("phi3", backend, "model.layers.0.self_attn.qkv_proj.weight")
+    assert ops.shape[1:] == (64, 32)
+    for h in range(8):
+        assert_orthogonalized(ops[0, 8 * h : 8 * h + 8], d[0, 8 * h : 8 * h + 8], what=f"block {h}")
+    assert rel(newton_schulz(d[0]), ops[0]) > 0.1
+
+
+@BACKENDS
+def test_distilbert_q_lin_k_lin_v_lin_are_split_head_wise(backend):
+    for proj in ("q_lin", "k_lin", "v_lin"):
+        param = f"distilbert.transformer.layer.0.attention.{proj}"
+        ops, d = operator_update("distilbert", backend, param + ".weight")
+        for h in range(4):
+            assert_orthogonalized(ops[0, 8 * h : 8 * h + 8], d[0, 8 * h : 8 * h + 8], what=f"{proj} head {h}")
+        _, _, update = one_step("distilbert", backend)[param + ".bias"]
+        torch.testing.assert_close(update.view(4, 8).norm(dim=1), torch.full((4,), APPLIED, dtype=torch.float64))
+
+
+@BACKENDS
+def test_t5_q_k_v_heads_are_d_kv_rows(backend):
+    """T5's q, k, v are (4·16, 32): heads of d_kv = 16 rows (not d_model / heads = 8), in the encoder's
+    self-attention and the decoder's cross-attention alike; o is one whole matrix."""
+    for param in ("encoder.block.0.layer.0.SelfAttention.q.weight", "decoder.block.0.layer.1.EncDecAttention.v.weight"):
+        ops, d = operator_update("t5", backend, param)
+        assert ops.shape[1:] == (64, 32)
+        for h in range(4):
+            rows = slice(16 * h, 16 * h + 16)
+            torch.testing.assert_close(ops[0, rows], newton_schulz(d[0, rows]), rtol=1e-10, atol=1e-12)
+        half = torch.cat([newton_schulz(d[0, r : r + 8]) for r in range(0, 64, 8)])
+        assert rel(half, ops[0]) > 0.1  # heads of 8 rows: measurably different
+    ops, d = operator_update("t5", backend, "encoder.block.0.layer.0.SelfAttention.o.weight")
+    torch.testing.assert_close(ops[0], newton_schulz(d[0]), rtol=1e-10, atol=1e-12)  # (32, 64): k = 1
+
+
+@BACKENDS
+@pytest.mark.parametrize("name, kv_block", [("deepseek_v3", 14), ("deepseek_v2", 8)])
+def test_mla_per_head_projections_have_their_own_blocks(backend, name, kv_block):
+    """Multi-head latent attention. The query up-projection (q_b_proj; q_proj without the bottleneck)
+    has one block per head of qk_nope + qk_rope = 12 rows. kv_b_proj (from the kv_lora_rank 8 latent)
+    has per head 8 key rows then v_head_dim value rows: one [key; value] block of 14 per head when
+    v_head_dim = 6, a key block and a value block of 8 when v_head_dim = 8. A block never spans two
+    heads; the shared q_a_proj and kv_a_proj_with_mqa are whole matrices."""
+    attn = "model.layers.0.self_attn."
+    query = attn + ("q_b_proj.weight" if name == "deepseek_v3" else "q_proj.weight")
+    ops, d = operator_update(name, backend, query)
+    assert ops.shape[1] == 4 * 12
+    k = math.sqrt(max(1.0, 12 / ops.shape[2]))
+    for h in range(4):
+        rows = slice(12 * h, 12 * h + 12)
+        torch.testing.assert_close(ops[0, rows], k * newton_schulz(d[0, rows]), rtol=1e-10, atol=1e-12)
+
+    ops, d = operator_update(name, backend, attn + "kv_b_proj.weight")
+    assert ops.shape[1:] == (4 * (8 + (6 if name == "deepseek_v3" else 8)), 8)
+    k = math.sqrt(max(1.0, kv_block / 8))
+    blocks = [k * newton_schulz(d[0, r : r + kv_block]) for r in range(0, ops.shape[1], kv_block)]
+    torch.testing.assert_close(ops[0], torch.cat(blocks), rtol=1e-10, atol=1e-12)
+    whole = math.sqrt(ops.shape[1] / 8) * newton_schulz(d[0])
+    assert rel(whole, ops[0]) > 0.1  # one NS over every head: measurably different
+
+    shared = [attn + "kv_a_proj_with_mqa.weight"] + ([attn + "q_a_proj.weight"] if name == "deepseek_v3" else [])
+    for param in shared:
+        ops, d = operator_update(name, backend, param)
+        torch.testing.assert_close(ops[0], newton_schulz(d[0]), rtol=1e-10, atol=1e-12)  # wide: k = 1
+
+
+@BACKENDS
 @pytest.mark.parametrize(
     "param, operator, k",
     [
@@ -468,6 +537,22 @@ TRAJECTORY_BUILDERS = {
     ),
     "gpt_oss": lambda: transformers.GptOssForCausalLM(
         transformers.GptOssConfig(**{**MICRO_MOE, "intermediate_size": 12}, head_dim=8, num_local_experts=3)
+    ),
+    "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**MICRO, num_key_value_heads=2)),
+    "distilbert": lambda: transformers.DistilBertForMaskedLM(
+        transformers.DistilBertConfig(vocab_size=16, dim=16, n_layers=1, n_heads=4, hidden_dim=24,
+                                      max_position_embeddings=8, pad_token_id=2)  # fmt: skip
+    ),
+    "t5": lambda: transformers.T5ForConditionalGeneration(
+        transformers.T5Config(vocab_size=16, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
+                              relative_attention_num_buckets=8, decoder_start_token_id=0, **TOKENS)  # fmt: skip
+    ),
+    "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(
+        transformers.DeepseekV3Config(
+            **{**MICRO, "num_hidden_layers": 2, "num_attention_heads": 2}, num_key_value_heads=2, q_lora_rank=8,
+            kv_lora_rank=4, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=3, moe_intermediate_size=8,
+            first_k_dense_replace=1, n_routed_experts=3, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+        )  # fmt: skip
     ),
     "small_resnet": lambda: small_resnet((4, 8)),
     "vit": lambda: torchvision().models.VisionTransformer(

@@ -66,7 +66,9 @@ def test_readme_shows_the_examples_a_new_user_needs():
     assert "from bench.gpt import GPT" in quick and "logits, loss = model(" in quick and '"h.*.attn.c_attn"' in quick
     assert "from transformers import" in quick and "mango.param_groups(model)" in quick  # an HF model, no hints
     hf_lightning = "\n".join(by_section["With_Hugging_Face_and_Lightning"])
-    for needle in ("optimizers=(opt, sched)", "resume_from_checkpoint=", "def configure_optimizers", "ckpt_path="):
+    needles = ("optimizers=(opt, sched)", "resume_from_checkpoint=", "def configure_optimizers", "ckpt_path=",
+               "mango.Mango(model, lr=", "mango.Mango(self, lr=")  # both recipes pass the model: real roles
+    for needle in needles:
         assert needle in hf_lightning, needle
     assert sum(bool(TORCHRUN.match(code)) for _, code in BLOCKS) >= 2  # the DDP and FSDP scripts
 

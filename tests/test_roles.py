@@ -256,25 +256,57 @@ def test_every_parameter_gets_its_role(name, build, kwargs, expected):
     assert_covers_model(groups, model)
 
 
-def test_tied_lm_head_is_embedding_once_with_warning():
+def test_tied_lm_head_is_the_embedding_once_silently_and_described():
+    """A tied input/output embedding is the documented case: role embedding, no warning, both names shown."""
     model = TinyGPT(tie=True)
     assert model.lm_head.weight is model.transformer.wte.weight
-    with pytest.warns(UserWarning, match=r"transformer\.wte\.weight.*lm_head.*embedding") as record:
+    with no_warnings():
         groups = param_groups(model, qkv_heads=GPT_QKV)
-    assert len(record) == 1
-    assert "It gets one role, 'embedding'" in str(record[0].message)
     assert labelling(groups) == gpt_expected()  # lm_head.weight is not listed separately
     names = [n for g in groups for n in g["param_names"]]
     assert names.count("transformer.wte.weight") == 1 and "lm_head.weight" not in names
+    (embedding_group,) = [g for g in groups if "transformer.wte.weight" in g["param_names"]]
+    assert embedding_group["tied"] == {"transformer.wte.weight": ["lm_head.weight"]}
+    assert [g for g in groups if "tied" in g] == [embedding_group]
     assert_covers_model(groups, model)
+    (row,) = [line for line in describe(groups).splitlines() if "wte" in line]
+    assert re.search(r"transformer\.wte\.weight = lm_head\.weight\s+\(64, 32\)\s+embedding\s+none", row)
 
 
-def test_tied_weight_role_override_silences_warning():
-    """An override naming the alias decides the role, so there is nothing to warn about."""
+def test_tied_weight_override_that_disagrees_with_the_documented_role_warns():
     model = TinyGPT(tie=True)
-    with no_warnings():
+    with pytest.warns(UserWarning, match=r"'transformer\.wte\.weight' is one tensor with 'lm_head\.weight'.*"
+                      r"documented as role 'embedding'; the override gives it role 'head' for both uses") as record:
         groups = param_groups(model, qkv_heads=GPT_QKV, overrides={"lm_head.weight": {"role": "head"}})
+    assert len(record) == 1
     assert labelling(groups)["transformer.wte.weight"] == ("head", None)
+    with no_warnings():  # agreeing with the documented role, or other settings: nothing to say
+        groups = param_groups(model, qkv_heads=GPT_QKV, overrides={"lm_head.weight": {"role": "embedding", "lr": 0.1}})
+    assert labelling(groups)["transformer.wte.weight"] == ("embedding", None)
+
+
+def test_overrides_that_disagree_across_the_names_of_one_tied_tensor_warn():
+    model = TinyGPT(tie=True)
+    overrides = {"transformer.wte.weight": {"lr": 0.1}, "lm_head.weight": {"lr": 0.2}}
+    with pytest.warns(UserWarning, match=r"overrides 'transformer\.wte\.weight' and 'lm_head\.weight' set lr to "
+                      r"0\.1 and 0\.2 .* one tied tensor; the later key wins: lr=0\.2") as record:
+        groups = param_groups(model, qkv_heads=GPT_QKV, overrides=overrides)
+    assert len(record) == 1
+    (group,) = [g for g in groups if "transformer.wte.weight" in g["param_names"]]
+    assert group["lr"] == 0.2
+
+
+def test_a_tie_between_other_roles_is_warned_about():
+    """Not the documented embedding tie: a weight shared by a declared fused QKV and a plain Linear."""
+    model = nn.Module()
+    model.a, model.b = nn.Linear(8, 24), nn.Linear(8, 24)
+    model.b.weight = model.a.weight
+    with pytest.warns(UserWarning, match=r"'a\.weight' is tied into modules with different roles: "
+                      r"'a\.weight' -> qkv_weight .*'b\.weight' -> matrix.*It gets one role, 'qkv_weight'"):
+        groups = param_groups(model, qkv_heads={"a": 2})
+    assert labelling(groups)["a.weight"] == ("qkv_weight", 4)
+    with no_warnings():  # a role override settles it
+        param_groups(model, qkv_heads={"a": 2}, overrides={"b.weight": {"role": "matrix"}})
 
 
 def test_linear_tied_to_embedding_is_head_candidate_whatever_its_name():
@@ -282,9 +314,10 @@ def test_linear_tied_to_embedding_is_head_candidate_whatever_its_name():
     model.tok = nn.Embedding(20, 8)
     model.decoder = nn.Linear(8, 20, bias=True)
     model.decoder.weight = model.tok.weight
-    with pytest.warns(UserWarning, match=r"'decoder.weight' -> head .*tied to embedding 'tok'"):
+    with no_warnings():
         groups = param_groups(model)
     assert labelling(groups) == {"tok.weight": ("embedding", None), "decoder.bias": ("vector_bias", None)}
+    assert groups[0]["tied"] == {"tok.weight": ["decoder.weight"]}
 
 
 def test_unnamed_fused_qkv_is_not_guessed():
@@ -545,9 +578,9 @@ def test_mango_accepts_the_groups_and_steps_once():
 
     torch.manual_seed(0)
     model = TinyGPT(tie=True)
-    with pytest.warns(UserWarning, match="tied"):
+    with no_warnings():
         groups = param_groups(model, qkv_heads=GPT_QKV)
-    opt = mango.Mango(groups, lr=0.01)
+        opt = mango.Mango(groups, lr=0.01)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     idx = torch.randint(0, 64, (2, 8))
     loss = nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())

@@ -22,10 +22,6 @@ from mango.roles import describe, param_groups
 
 from third_party import torchvision
 
-# GPT-2, BERT and RoBERTa tie their output layer to the embedding; the tests that check
-# warnings record them explicitly (labelled_quietly), the others need not see that one.
-pytestmark = pytest.mark.filterwarnings("ignore:mango.param_groups. parameter .* is tied into modules")
-
 OI, IO = "out_in", "in_out"
 EMB = ("embedding", None, OI, False)
 VW = ("vector_weight", None, OI, False)
@@ -83,6 +79,35 @@ BUILDERS = {
         transformers.GptOssConfig(
             **{**TINY, "intermediate_size": 24}, num_key_value_heads=2, head_dim=8, num_local_experts=4,
             num_experts_per_tok=2, **TOKENS,
+        )  # fmt: skip
+    ),
+    # fused qkv_proj [q | k | v] with GQA: (4 + 2·2)·8 rows; heads from the module and the config
+    "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**TINY, num_key_value_heads=2, **TOKENS)),
+    "distilbert": lambda: transformers.DistilBertForMaskedLM(
+        transformers.DistilBertConfig(
+            vocab_size=64, dim=32, n_layers=1, n_heads=4, hidden_dim=48, max_position_embeddings=16, pad_token_id=2
+        )
+    ),
+    # d_kv 16 != d_model 32 / 4 heads: T5Attention's key_value_proj_dim must win
+    "t5": lambda: transformers.T5ForConditionalGeneration(
+        transformers.T5Config(
+            vocab_size=64, d_model=32, d_kv=16, d_ff=48, num_layers=1, num_heads=4, decoder_start_token_id=0, **TOKENS
+        )
+    ),
+    # multi-head latent attention: q_a_proj -> q_b_proj (4 heads of 8 + 4), kv_a_proj_with_mqa -> kv_b_proj
+    # (4 heads of 8 key + 6 value rows); layer 0 dense, layer 1 MoE (4 routed experts, 1 shared)
+    "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(
+        transformers.DeepseekV3Config(
+            **{**TINY, "num_hidden_layers": 2}, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=8,
+            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, moe_intermediate_size=16, first_k_dense_replace=1,
+            n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, **TOKENS,
+        )  # fmt: skip
+    ),
+    # MLA without the query bottleneck (q_proj) and with qk_nope == v_head_dim, as DeepSeek-V2/V3 ship
+    "deepseek_v2": lambda: transformers.DeepseekV2ForCausalLM(
+        transformers.DeepseekV2Config(
+            **TINY, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=8,
+            qk_rope_head_dim=4, v_head_dim=8, first_k_dense_replace=1, **TOKENS,
         )  # fmt: skip
     ),
     "resnet18": lambda: torchvision().models.resnet18(num_classes=10),
@@ -214,6 +239,85 @@ ROBERTA_HEAD = {
 }  # fmt: skip
 
 
+PHI3 = {
+    "model.embed_tokens.weight": EMB,
+    "model.layers.0.self_attn.qkv_proj.weight": qkv(8),  # (64, 32): 4 q + 2 k + 2 v heads of 8
+    "model.layers.0.self_attn.o_proj.weight": MAT,
+    "model.layers.0.mlp.gate_up_proj.weight": MAT, "model.layers.0.mlp.down_proj.weight": MAT,
+    "model.layers.0.input_layernorm.weight": VW, "model.layers.0.post_attention_layernorm.weight": VW,
+    "model.norm.weight": VW,
+    "lm_head.weight": HEAD,
+}  # fmt: skip
+
+
+def distilbert_expected():
+    p = "distilbert.transformer.layer.0."
+    out = {
+        "distilbert.embeddings.word_embeddings.weight": EMB, "distilbert.embeddings.position_embeddings.weight": EMB,
+        "distilbert.embeddings.LayerNorm.weight": VW, "distilbert.embeddings.LayerNorm.bias": VB,
+    }  # fmt: skip
+    for proj in ("q_lin", "k_lin", "v_lin"):
+        out[p + f"attention.{proj}.weight"] = qkv(8)
+        out[p + f"attention.{proj}.bias"] = qkv_bias(8)
+    out.update({
+        p + "attention.out_lin.weight": MAT, p + "attention.out_lin.bias": VB,
+        p + "sa_layer_norm.weight": VW, p + "sa_layer_norm.bias": VB,
+        p + "ffn.lin1.weight": MAT, p + "ffn.lin1.bias": VB, p + "ffn.lin2.weight": MAT, p + "ffn.lin2.bias": VB,
+        p + "output_layer_norm.weight": VW, p + "output_layer_norm.bias": VB,
+        "vocab_transform.weight": MAT, "vocab_transform.bias": VB,
+        "vocab_layer_norm.weight": VW, "vocab_layer_norm.bias": VB,
+        "vocab_projector.bias": VB,  # vocab_projector.weight is word_embeddings.weight: listed once
+    })  # fmt: skip
+    return out
+
+
+def t5_expected():
+    out = {"shared.weight": EMB}  # = encoder/decoder embed_tokens and lm_head: one tensor
+    attention = {"encoder": ["block.0.layer.0.SelfAttention"],
+                 "decoder": ["block.0.layer.0.SelfAttention", "block.0.layer.1.EncDecAttention"]}  # fmt: skip
+    for stack, modules in attention.items():
+        for module in modules:
+            p = f"{stack}.{module}."
+            out.update({p + f"{proj}.weight": qkv(16) for proj in "qkv"})  # 4 heads of d_kv 16
+            out[p + "o.weight"] = MAT
+        # bucketed relative position bias, an nn.Embedding (buckets, heads): looked up, not a matrix
+        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = EMB
+        ffn = len(modules)  # the feed-forward sublayer follows the attention ones
+        out.update({
+            f"{stack}.block.0.layer.{ffn}.DenseReluDense.wi.weight": MAT,
+            f"{stack}.block.0.layer.{ffn}.DenseReluDense.wo.weight": MAT,
+            **{f"{stack}.block.0.layer.{i}.layer_norm.weight": VW for i in range(ffn + 1)},
+            f"{stack}.final_layer_norm.weight": VW,
+        })  # fmt: skip
+    return out
+
+
+def mla_expected(layers, query, kv_head_dim, moe_layers=()):
+    """DeepSeek-style attention: per-head q_proj/q_b_proj (heads of qk_nope + qk_rope = 12) and kv_b_proj
+    (blocks of `kv_head_dim`) head-wise; the shared low-rank q_a_proj / kv_a_proj_with_mqa whole matrices."""
+    out = {"model.embed_tokens.weight": EMB}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out[p + f"self_attn.{query}.weight"] = qkv(12)
+        if query == "q_b_proj":
+            out.update({p + "self_attn.q_a_proj.weight": MAT, p + "self_attn.q_a_layernorm.weight": VW})
+        out.update({
+            p + "self_attn.kv_a_proj_with_mqa.weight": MAT, p + "self_attn.kv_a_layernorm.weight": VW,
+            p + "self_attn.kv_b_proj.weight": qkv(kv_head_dim), p + "self_attn.o_proj.weight": MAT,
+            p + "input_layernorm.weight": VW, p + "post_attention_layernorm.weight": VW,
+        })  # fmt: skip
+        if i in moe_layers:
+            out.update({
+                p + "mlp.gate.weight": MAT,  # the router
+                p + "mlp.experts.gate_up_proj": EXPERTS, p + "mlp.experts.down_proj": EXPERTS,
+                **{p + f"mlp.shared_experts.{proj}.weight": MAT for proj in ("gate_proj", "up_proj", "down_proj")},
+            })  # fmt: skip
+        else:
+            out.update({p + f"mlp.{proj}.weight": MAT for proj in ("gate_proj", "up_proj", "down_proj")})
+    out.update({"model.norm.weight": VW, "lm_head.weight": HEAD})
+    return out
+
+
 def resnet18_expected():
     out = {"conv1.weight": MAT, "bn1.weight": VW, "bn1.bias": VB}
     for layer, channels in zip(range(1, 5), (64, 128, 256, 512)):
@@ -243,23 +347,34 @@ VIT = {
     "heads.head.weight": HEAD, "heads.head.bias": VB,
 }  # fmt: skip
 
-# model name -> (expected labels, warning the labelling must give: the weight-tying one, or none)
+GPT2_TIED = {"transformer.wte.weight": ["lm_head.weight"]}
+BERT_TIED = {"bert.embeddings.word_embeddings.weight": ["cls.predictions.decoder.weight"],
+             "cls.predictions.bias": ["cls.predictions.decoder.bias"]}  # fmt: skip
+ROBERTA_TIED = {"roberta.embeddings.word_embeddings.weight": ["lm_head.decoder.weight"],
+                "lm_head.bias": ["lm_head.decoder.bias"]}  # fmt: skip
+
+# model name -> (expected labels, the tied tensors {first name: other names}); none warns
 EXPECTED = {
-    "gpt2": (gpt2_expected(), "tied"),
-    "gpt2_cross": (gpt2_expected(cross=True), "tied"),
-    "neox": (NEOX, None),
-    "llama_gqa": (decoder_expected(8), None),
-    "mistral": (decoder_expected(8), None),
-    "qwen2": (decoder_expected(8, attn_bias=True), None),
-    "qwen3": (decoder_expected(16, qk_norm=True), None),
-    "bert": (bert_expected("bert", BERT_HEAD), "tied"),
-    "roberta": (bert_expected("roberta", ROBERTA_HEAD), "tied"),
-    "mixtral": (decoder_expected(8, mlp=MOE_MLP), None),
-    "qwen3_moe": (decoder_expected(16, qk_norm=True, mlp=MOE_MLP), None),
+    "gpt2": (gpt2_expected(), GPT2_TIED),
+    "gpt2_cross": (gpt2_expected(cross=True), GPT2_TIED),
+    "neox": (NEOX, {}),
+    "llama_gqa": (decoder_expected(8), {}),
+    "mistral": (decoder_expected(8), {}),
+    "qwen2": (decoder_expected(8, attn_bias=True), {}),
+    "qwen3": (decoder_expected(16, qk_norm=True), {}),
+    "bert": (bert_expected("bert", BERT_HEAD), BERT_TIED),
+    "roberta": (bert_expected("roberta", ROBERTA_HEAD), ROBERTA_TIED),
+    "mixtral": (decoder_expected(8, mlp=MOE_MLP), {}),
+    "qwen3_moe": (decoder_expected(16, qk_norm=True, mlp=MOE_MLP), {}),
     "gpt_oss": ({**decoder_expected(8, attn_bias=True, mlp=GPT_OSS_MLP),
-                 "model.layers.0.self_attn.sinks": VW, "model.layers.0.self_attn.o_proj.bias": VB}, None),
-    "resnet18": (resnet18_expected(), None),
-    "vit": (VIT, None),
+                 "model.layers.0.self_attn.sinks": VW, "model.layers.0.self_attn.o_proj.bias": VB}, {}),
+    "phi3": (PHI3, {}),
+    "distilbert": (distilbert_expected(), {"distilbert.embeddings.word_embeddings.weight": ["vocab_projector.weight"]}),
+    "t5": (t5_expected(), {"shared.weight": ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"]}),
+    "deepseek_v3": (mla_expected(2, "q_b_proj", 14, moe_layers=(1,)), {}),  # one [8 key; 6 value] block per head
+    "deepseek_v2": (mla_expected(1, "q_proj", 8), {}),  # qk_nope = v_head_dim = 8: key and value blocks per head
+    "resnet18": (resnet18_expected(), {}),
+    "vit": (VIT, {}),
 }  # fmt: skip
 
 
@@ -279,17 +394,21 @@ def labelling(groups):
     return out
 
 
-def labelled_quietly(module, expected_warning, **kwargs):
-    """param_groups(module), asserting it warns about weight tying only where expected, and nothing else."""
+def labelled_quietly(module, **kwargs):
+    """param_groups(module), asserting it gives no warning (tied embeddings are the documented case)."""
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         groups = param_groups(module, **kwargs)
-    messages = [str(w.message) for w in record]
-    if expected_warning == "tied":
-        assert len(messages) == 1 and "is tied into modules with different roles" in messages[0], messages
-    else:
-        assert messages == []
+    assert [str(w.message) for w in record] == []
     return groups
+
+
+def tied_of(groups) -> dict:
+    """{first name: other names} of every tied tensor, from the groups' `tied` key."""
+    out = {}
+    for g in groups:
+        out.update(g.get("tied", {}))
+    return out
 
 
 # --------------------------------------------------------------------------- labelling
@@ -297,10 +416,11 @@ def labelled_quietly(module, expected_warning, **kwargs):
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_every_parameter_of_real_models_without_hints(name):
-    expected, expected_warning = EXPECTED[name]
+    expected, tied = EXPECTED[name]
     net = model(name)
-    groups = labelled_quietly(net, expected_warning)
+    groups = labelled_quietly(net)
     assert labelling(groups) == expected
+    assert tied_of(groups) == tied
     listed = sorted(id(p) for g in groups for p in g["params"])
     assert listed == sorted(id(p) for p in net.parameters())
 
@@ -509,6 +629,118 @@ def test_declaring_the_fused_module_silences_its_warning():
     with warnings.catch_warnings(action="error"):
         lab = labelling(param_groups(net, qkv_heads={"blocks.*.attn.c_attn": 4}))
     assert lab["blocks.0.attn.c_attn.weight"] == qkv(8)
+
+
+# --------------------------------------------------------------------------- attention found by structure
+
+
+class MadeUpAttention(nn.Module):
+    """Attention with names no architecture uses; it states its heads (4 of 8) on itself."""
+
+    def __init__(self, names=("to_queries", "to_keys", "to_values", "to_out"), d=32, kv_rows=32):
+        super().__init__()
+        self.num_heads, self.head_dim = 4, 8
+        q, k, v, out = names
+        setattr(self, q, nn.Linear(d, d))
+        setattr(self, k, nn.Linear(d, kv_rows, bias=False))
+        setattr(self, v, nn.Linear(d, kv_rows, bias=False))
+        setattr(self, out, nn.Linear(d, d))
+
+
+class Mixer(nn.Module):
+    """A fused projection named like nothing, found by its rows: (4 + 2·2) heads of 8 (GQA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = 4, 2, 8
+        self.mix = nn.Linear(32, 64)
+        self.back = nn.Linear(32, 32)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("to_queries", "to_keys", "to_values", "to_out"), ("wq", "wk", "wv", "wo"), ("q", "k", "v", "o"),
+     ("q_lin", "k_lin", "v_lin", "out_lin"), ("query_proj", "key_proj", "value_proj", "dense")],
+    ids=lambda names: names[0],
+)  # fmt: skip
+def test_made_up_attention_with_unusual_names_gets_its_heads(names):
+    net = stack(lambda: MadeUpAttention(names, kv_rows=16), n=2)  # 2 kv heads: GQA read from the rows
+    q, k, v, out = names
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(net))
+    p = "blocks.1.attn."
+    assert lab[p + f"{q}.weight"] == qkv(8) and lab[p + f"{q}.bias"] == qkv_bias(8)
+    assert lab[p + f"{k}.weight"] == lab[p + f"{v}.weight"] == qkv(8)
+    assert lab[p + f"{out}.weight"] == MAT and lab[p + f"{out}.bias"] == VB
+    assert "2 heads ×(8,32)" in describe(param_groups(net)).split(p + f"{k}.weight")[1].splitlines()[0]
+
+
+def test_fused_projection_found_by_its_rows_whatever_its_name():
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(stack(Mixer, n=1)))
+    assert lab["blocks.0.attn.mix.weight"] == qkv(8) and lab["blocks.0.attn.mix.bias"] == qkv_bias(8)
+    assert lab["blocks.0.attn.back.weight"] == MAT
+
+
+def test_attention_whose_projections_cannot_be_told_apart_warns_once_naming_them():
+    """An attention class (by its name) with children that say nothing: the warning lists them and
+    the override that labels them; one override on its q/k/v silences it."""
+    net = stack(lambda: MadeUpAttention(("alpha", "beta", "gamma", "delta")), n=3)
+    with pytest.warns(UserWarning, match=r"'blocks\.0\.attn' \(and 2 more like it\) looks like attention") as record:
+        lab = labelling(param_groups(net))
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "overrides={'blocks.*.attn.NAME.weight': {'role': 'qkv_weight', 'head_dim': HEAD_DIM}}" in message
+    assert "its Linear children: 'alpha', 'beta', 'gamma', 'delta'" in message
+    assert lab["blocks.0.attn.alpha.weight"] == MAT  # left to the generic rule, not guessed
+    fixed = {f"blocks.*.attn.{n}.weight": {"role": "qkv_weight", "head_dim": 8} for n in ("alpha", "beta", "gamma")}
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(net, overrides=fixed))
+    assert lab["blocks.2.attn.beta.weight"] == qkv(8) and lab["blocks.2.attn.delta.weight"] == MAT
+
+
+def test_modules_that_do_not_look_like_attention_are_left_alone():
+    """No attention class name, no q/k/v names, no heads stated: an MLP stays matrices, silently."""
+    mlp = nn.ModuleDict(dict(alpha=nn.Linear(8, 24), beta=nn.Linear(24, 8)))
+    with warnings.catch_warnings(action="error"):
+        assert set(labelling(param_groups(nn.ModuleDict(dict(mlp=mlp)))).values()) == {MAT, VB}
+
+
+def test_mla_without_its_head_sizes_warns_with_the_hint():
+    """A DeepSeek-style module that says neither heads nor qk/v head sizes: reported, not guessed."""
+
+    class LatentAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(32, 48, bias=False)
+            self.kv_a_proj_with_mqa = nn.Linear(32, 12, bias=False)
+            self.kv_b_proj = nn.Linear(8, 56, bias=False)
+            self.o_proj = nn.Linear(24, 32, bias=False)
+
+    with pytest.warns(UserWarning, match=r"'attn' looks like attention") as record:
+        lab = labelling(param_groups(nn.ModuleDict(dict(attn=LatentAttention()))))
+    assert len(record) == 1
+    assert "'attn.kv_b_proj.weight': {'role': 'qkv_weight', 'head_dim': QK_NOPE + V_HEAD_DIM}" in str(record[0].message)
+    assert lab["attn.q_proj.weight"] == lab["attn.kv_b_proj.weight"] == MAT
+
+
+def test_mla_rows_that_contradict_the_head_sizes_are_an_error():
+    net = BUILDERS["deepseek_v3"]()
+    attn = net.model.layers[0].self_attn
+    attn.kv_b_proj = nn.Linear(8, 60, bias=False)  # 4 heads of 8 + 6 = 56 rows
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.kv_b_proj\.weight' has 60 output rows, "
+                       r"expected 4 head blocks of head_dim 14 = 56"):
+        param_groups(net)
+
+
+def test_describe_shows_mla_blocks():
+    text = describe(param_groups(model("deepseek_v3")))
+    (q_b,) = [line for line in text.splitlines() if "layers.0.self_attn.q_b_proj" in line]
+    assert "4 heads ×(12,16)" in q_b  # per head: 8 no-rope + 4 rope query rows, from the q_lora_rank 16 latent
+    (kv_b,) = [line for line in text.splitlines() if "layers.0.self_attn.kv_b_proj" in line]
+    assert "4 heads ×(14,8)" in kv_b  # per head: 8 key + 6 value rows, from the kv_lora_rank 8 latent
+    (kv_b,) = [line for line in describe(param_groups(model("deepseek_v2"))).splitlines() if "kv_b_proj" in line]
+    assert "8 heads ×(8,8)" in kv_b  # qk_nope = v_head_dim = 8: each head's key and value blocks apart
 
 
 # --------------------------------------------------------------------------- experts, tokens, heads

@@ -4,6 +4,7 @@ and `ckpt_path`. Each resumed run must end at exactly the parameters of the unin
 Tiny config-built models, CPU, offline, no reporting integrations."""
 
 import os
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -41,7 +42,8 @@ def _hf_run(output_dir, resume_from=None):
     from transformers import Trainer, TrainingArguments, get_cosine_schedule_with_warmup
 
     model = _llama()
-    opt = mango.Mango(mango.param_groups(model), lr=0.01)
+    with warnings.catch_warnings(action="error"):  # the model itself: real roles, nothing to warn about
+        opt = mango.Mango(model, lr=0.01)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=STEPS)
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=4, save_strategy="steps",
@@ -56,6 +58,9 @@ def _hf_run(output_dir, resume_from=None):
 def test_hf_trainer_with_mango_and_scheduler_resumes_exactly(tmp_path):
     straight, opt = _hf_run(tmp_path / "straight")
     assert float(next(iter(opt.state.values()))["step"]) == STEPS
+    roles = {n: g["role"] for g in opt.param_groups for n in g["param_names"]}
+    assert roles["model.layers.1.self_attn.k_proj.weight"] == "qkv_weight"  # the Trainer steps MANGO's roles
+    assert roles["model.embed_tokens.weight"] == "embedding" and roles["lm_head.weight"] == "head"
     checkpoint = tmp_path / "straight" / "checkpoint-3"
     assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "scheduler.pt").exists()
     resumed, resumed_opt = _hf_run(tmp_path / "resumed", resume_from=str(checkpoint))
@@ -84,7 +89,8 @@ def _lightning_module():
             return torch.nn.functional.cross_entropy(logits.reshape(-1, 64), x[:, 1:].reshape(-1))
 
         def configure_optimizers(self):
-            opt = mango.Mango(mango.param_groups(self.net), lr=0.01)
+            with warnings.catch_warnings(action="error"):
+                opt = mango.Mango(self, lr=0.01)  # the LightningModule is the model
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=STEPS)  # cycles β1 too
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -111,6 +117,10 @@ def test_lightning_configure_optimizers_fit_and_resume_exactly(tmp_path):
     assert trainer.global_step == STEPS
     opt = trainer.optimizers[0]
     assert isinstance(opt, mango.Mango) and float(next(iter(opt.state.values()))["step"]) == STEPS
+    roles = {n: g["role"] for g in opt.param_groups for n in g["param_names"]}
+    assert roles == {"net.0.weight": "embedding", "net.1.weight": "matrix", "net.1.bias": "vector_bias",
+                     "net.3.weight": "vector_weight", "net.3.bias": "vector_bias", "net.4.weight": "matrix",
+                     "net.4.bias": "vector_bias"}  # fmt: skip
     (first_epoch,) = (tmp_path / "straight").glob("epoch=0-step=3.ckpt")
     resumed, resumed_trainer = _lightning_fit(tmp_path / "resumed", ckpt_path=str(first_epoch))
     assert resumed_trainer.global_step == STEPS
