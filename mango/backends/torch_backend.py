@@ -809,6 +809,13 @@ class TorchBackend:
     @staticmethod
     def _bias_div(L, chunk, X, beta) -> None:
         """X /= 1 − βᵗ: one scalar when every tensor of the chunk has the same step count, else per piece."""
+        if torch.compiler.is_compiling():  # no host reads: per piece, from the step counters as tensors
+            base = chunk[0].x0
+            t = L.steps[chunk[0].k : chunk[-1].k + 1].to(torch.float64)
+            corrections = 1 - beta ** t
+            for pc in chunk:
+                X[pc.x0 - base : pc.x1 - base].div_(corrections[pc.k - chunk[0].k])
+            return
         ks = [pc.k for pc in chunk]
         t = L.steps[ks[0] : ks[-1] + 1]
         if bool((t == t[0]).all()):
