@@ -188,6 +188,16 @@ def _check_real(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False, 
         raise _err(name, value, f"must be {'<' if hi_open else '<='} {hi}")
 
 
+def _check_lr(lr) -> None:
+    """A real number, or (as torch.optim allows, for compiled steps whose lr changes without a
+    recompile) a one-element floating-point tensor; >= 0 and finite either way."""
+    if hasattr(lr, "is_floating_point") and hasattr(lr, "numel"):  # a tensor (config does not import torch)
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise _err("lr", lr, "a tensor lr must have one floating-point element")
+        lr = float(lr)
+    _check_real("lr", lr, lo=0.0)
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise _err(name, value, f"must be one of {choices}")
@@ -239,7 +249,7 @@ def validate_group(group: dict) -> None:
     if missing:
         raise ValueError(f"mango: param group lacks setting(s) {missing}")
     _check_betas(group)
-    _check_real("lr", group["lr"], lo=0.0)
+    _check_lr(group["lr"])
     _check_real("beta1", group["beta1"], lo=0.0, hi=1.0, hi_open=True)
     _check_real("eps", group["eps"], lo=0.0)
     _check_choice("preconditioner", group["preconditioner"], PRECONDITIONERS)

@@ -271,10 +271,25 @@ class Mango(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One optimizer step. Under `torch.compile` the bookkeeping (plan, checks, workspace) runs
+        eagerly behind a graph break, and so does any backend that cannot be traced (triton,
+        reference, sharded): the torch backend's math is traced and compiled."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for backend, plan, grads_by_bucket, prepared in self._prepare_step(torch.compiler.is_compiling()):
+            if prepared is None:
+                _run_eagerly(backend.step, self, plan, grads_by_bucket)
+            else:
+                backend.run(self, plan, grads_by_bucket, prepared)
+        return loss
+
+    @torch._disable_dynamo
+    def _prepare_step(self, compiling: bool) -> list:
+        """Everything of a step that is not tensor math: betas sync, the plan, gradient checks, the
+        non-finite policy, each backend's per-step setup. Returns (backend, plan, grads by bucket,
+        what the backend's traceable `run` needs, or None where its whole `step` runs eagerly)."""
         self._betas_sync.sync(self.param_groups)
         active, grads, key = self._collect()
         self._check_grads(active, grads)
@@ -284,22 +299,34 @@ class Mango(Optimizer):
         grad_of = {id(p): g for ps, gs in zip(active, grads) for p, g in zip(ps, gs)}
         grads_by_bucket = [[grad_of[id(s.param)] for s in b.slots] for b in plan.buckets]
         if not plan.buckets:
-            return loss
+            return []
         if self.nonfinite != "propagate":
             bad = self._nonfinite_params(plan, grads_by_bucket)
             if bad:
                 if self.nonfinite == "raise":
                     raise ValueError(f"mango: non-finite gradient in parameter(s) {bad}; nothing was updated")
                 self.skipped_steps += 1
-                return loss
+                return []
         by_backend: dict = {}
         for i, bucket in enumerate(plan.buckets):
             by_backend.setdefault(bucket.device.type, []).append(i)
+        work = []
         for dev, idx in by_backend.items():
             backend = self._backend_for(plan.buckets[idx[0]].device, plan.sharded)
-            if len(by_backend) == 1:
-                backend.step(self, plan, grads_by_bucket)
-            else:
-                sub = type(plan)(key=plan.key, buckets=[plan.buckets[i] for i in idx], cache=plan.cache.setdefault(dev, {}), sharded=plan.sharded)
-                backend.step(self, sub, [grads_by_bucket[i] for i in idx])
-        return loss
+            sub, sub_grads = plan, grads_by_bucket
+            if len(by_backend) > 1:  # one sub-plan per device type, kept with the plan (compiled code guards on it)
+                sub = plan.cache.get(("sub-plan", dev))
+                if sub is None:
+                    sub = plan.cache[("sub-plan", dev)] = type(plan)(key=plan.key, buckets=[plan.buckets[i] for i in idx],
+                                                                     cache=plan.cache.setdefault(dev, {}), sharded=plan.sharded)  # fmt: skip
+                sub_grads = [grads_by_bucket[i] for i in idx]
+            traceable = hasattr(backend, "run") and not plan.sharded
+            prepared = backend.prepare(self, sub, compiling) if traceable else None
+            work.append((backend, sub, sub_grads, prepared))
+        return work
+
+
+@torch._disable_dynamo
+def _run_eagerly(fn, *args):
+    """fn(*args) outside any graph (a clean graph break under torch.compile)."""
+    return fn(*args)

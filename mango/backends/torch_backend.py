@@ -71,7 +71,7 @@ def _frobenius(X: torch.Tensor) -> torch.Tensor:
 
 def batched_newton_schulz(
     X: torch.Tensor, coefficients, prescale: str, eps: float, dtype=None, out_scale: float = 1.0,
-    method: str = "textbook", buffers=None, max_temp_bytes: int = None,
+    method: str = "textbook", buffers=None, max_temp_bytes: int = None, where: list = None,
 ) -> torch.Tensor:  # fmt: skip
     """Newton–Schulz on every (r, c) matrix of a (..., r, c) batch (any strides); returns
     out_scale × the result as a (..., r, c) tensor (possibly a transposed view).
@@ -88,6 +88,7 @@ def batched_newton_schulz(
     yet reached, the stale half of the slices done, and anything past the batch — so with buffers
     the NS allocates nothing (SPEC §8); where there is no such room (a batch of one matrix filling
     its buffers), fresh temporaries for slices under `max_temp_bytes` (at least one matrix).
+    `where`: a list; the index in `buffers` of the one holding the result is appended to it.
     """
     dtype = dtype or X.dtype
     lead = X.shape[:-2]
@@ -109,6 +110,8 @@ def batched_newton_schulz(
     cur, other = (buf.view(-1)[: B * m * n].view(B, m, n) for buf in (buffers[1], buffers[0]))
     torch.div(src, scale, out=cur.view(*lead, m, n))  # X may be in buffers[0]: it is read here, once
     if B == 0:
+        if where is not None:
+            where.append(1)
         return cur.view(*lead, m, n).mT if transposed else cur.view(*lead, m, n)
     iterate = _gram_iterate if method == "gram" else _textbook_iterate
     count = 5 if method == "gram" else 2  # k×k temporaries per matrix
@@ -122,9 +125,12 @@ def batched_newton_schulz(
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
         rooms = _rooms(flat, b0, b1, B, m * n, in_other) if in_place else None
-        Y = iterate(cur[b0:b1], other[b0:b1], coefficients, out_scale, rooms, tall)
-        in_other = Y.data_ptr() != cur[b0:].data_ptr()
+        first = cur[b0:b1]
+        Y = iterate(first, other[b0:b1], coefficients, out_scale, rooms, tall)
+        in_other = Y is not first  # the iterations swap Python references: no pointer needed (traceable)
     Y = (other if in_other else cur).view(*lead, m, n)
+    if where is not None:
+        where.append(0 if in_other else 1)
     return Y.mT if transposed else Y
 
 
@@ -189,7 +195,9 @@ def _times(M, Y, tall: bool, out, add=None, beta: float = 1.0, alpha: float = 1.
 def _textbook_iterate(Y, other, coefficients, out_scale, rooms=None, tall=False):
     """The textbook steps on a contiguous (B, m, n) stack: A and B in two k×k buffers, X ping-ponging."""
     last = len(coefficients) - 1
-    fold = out_scale != 0.0  # CPU bf16 baddbmm with alpha = beta = 0 returns garbage, not zeros
+    # out_scale rides on the last product, except where it is 0 (CPU bf16 baddbmm with alpha = beta = 0
+    # returns garbage, not zeros), a tensor, or traced (lr changes between steps: a separate multiply)
+    fold = _plain_number(out_scale) and out_scale != 0.0 and not torch.compiler.is_compiling()
     A, Bm = _temporaries(Y, 2, rooms) if coefficients else (None, None)
     for step, (a, b, c) in enumerate(coefficients):
         k = out_scale if step == last and fold else 1.0
@@ -197,9 +205,18 @@ def _textbook_iterate(Y, other, coefficients, out_scale, rooms=None, tall=False)
         torch.baddbmm(A, A, A, beta=b, alpha=c, out=Bm)
         _times(Bm, Y, tall, other, add=Y, beta=a * k, alpha=k)  # a·X added in the fp32 accumulator
         Y, other = other, Y
-    if (not coefficients or not fold) and out_scale != 1.0:
+    if (not coefficients or not fold) and not _is_one(out_scale):
         Y.mul_(out_scale)
     return Y
+
+
+def _plain_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_one(x) -> bool:
+    """x is the number 1 (a tensor or traced lr never counts: multiplying by it is always right)."""
+    return _plain_number(x) and not torch.compiler.is_compiling() and x == 1.0
 
 
 def _gram_iterate(Y, other, coefficients, out_scale, rooms=None, tall=False):
@@ -207,7 +224,9 @@ def _gram_iterate(Y, other, coefficients, out_scale, rooms=None, tall=False):
     the m×m iterates (R, P, Q and two products) in five buffers reused every step."""
     steps = len(coefficients)
     if steps == 0:
-        return Y.mul_(out_scale) if out_scale != 1.0 else Y
+        if not _is_one(out_scale):
+            Y.mul_(out_scale)
+        return Y
     restarts = _ns.gram_restarts(steps)
     R, P, Q, T, U = _temporaries(Y, 5, rooms)
     _gram_of(Y, tall, R)
@@ -229,7 +248,7 @@ def _gram_iterate(Y, other, coefficients, out_scale, rooms=None, tall=False):
         if k + 1 < steps and k + 1 not in restarts:
             torch.bmm(P, R, out=U)
             torch.bmm(U, P, out=R)
-    if out_scale != 1.0:
+    if not _is_one(out_scale):
         Q.mul_(out_scale)
     _times(Q, Y, tall, other)
     return other
@@ -425,7 +444,7 @@ def _span(chunk) -> int:
 
 
 def _longest(chunks) -> int:
-    return max((_span(ch) for ch in chunks), default=0)
+    return max([0, *(_span(ch) for ch in chunks)])
 
 
 def _piece_shape(p: torch.Tensor, pc: _Piece) -> tuple:
@@ -444,9 +463,16 @@ class TorchBackend:
         self.chunk_elements = chunk_elements  # None: CPU_CHUNK_ELEMENTS on a CPU, CHUNK_ELEMENTS elsewhere
         self._workspace: dict = {}  # device -> uint8 buffer, grown to the largest need of any plan
         self._budget = 0  # SPEC §8's scratch budget of the plan being stepped (bytes; 0: none)
+        self._ns_in_second = False  # where the last `orthogonalize` left its result (see _ns_unit)
 
     def step(self, opt, plan, grads_by_bucket) -> None:
-        layouts, need = [], {}
+        self.run(opt, plan, grads_by_bucket, self.prepare(opt, plan))
+
+    def prepare(self, opt, plan, compiling: bool = False) -> dict:
+        """A step's setup, outside any graph: the flat layouts (built once per plan) and the workspace,
+        sized for the whole plan up front (never regrown mid-step). Returns {device: workspace}; with
+        `compiling`, a workspace is one buffer per dtype (see `_typed`)."""
+        need, dtypes = {}, {}
         for bucket in plan.buckets:
             group = opt.param_groups[bucket.group_index]
             layout = bucket.cache.get("flat")
@@ -456,13 +482,48 @@ class TorchBackend:
                     budget = plan.cache["torch_budget"] = self.memory_budget(opt, plan)
                 limit = lambda unit, g=group, b=bucket: self._chunk_limit(g, b, unit, budget)  # noqa: E731
                 layout = bucket.cache["flat"] = _FlatLayout(bucket, limit)
-            layouts.append(layout)
             self._budget = plan.cache.get("torch_budget", 0)
             need[bucket.device] = max(need.get(bucket.device, 0), self.workspace_bytes(group, bucket, layout))
-        # sized for the whole plan up front: never regrown mid-step
-        raws = {device: self._scratch(device, nbytes) for device, nbytes in need.items()}
-        for bucket, layout, grads in zip(plan.buckets, layouts, grads_by_bucket):
+            dtypes.setdefault(bucket.device, set()).update({layout.dtype, *(self._ns_dtype(group, bucket, u) for u in layout.units if u.kind == "ns")})
+        if compiling:
+            raws = {device: self._typed_scratch(device, nbytes, dtypes[device]) for device, nbytes in need.items()}
+        else:
+            raws = {device: self._scratch(device, nbytes) for device, nbytes in need.items()}
+        for bucket in plan.buckets:
+            layout, raw = bucket.cache["flat"], raws[bucket.device]
+            ptr = tuple(sorted((str(t.dtype), t.data_ptr()) for t in raw.values())) if isinstance(raw, dict) else raw.data_ptr()
+            if layout.raw_ptr != ptr:  # a new workspace: views of the old one would keep it alive
+                layout.view_cache.clear()
+                layout.raw_ptr = ptr
             group = opt.param_groups[bucket.group_index]
+            if compiling:
+                # compiled code reads the group's settings from a copy whose lr is a tensor: a traced float
+                # is a guard (a recompile per new value), or in some kernels a constant (an lr schedule
+                # would run the value it was compiled with)
+                lr = group["lr"]
+                if not isinstance(lr, torch.Tensor):
+                    lr = bucket.cache.get("lr")
+                    if lr is None:
+                        lr = bucket.cache["lr"] = torch.zeros((), dtype=torch.float64)
+                    lr.fill_(group["lr"])
+                settings = bucket.cache.setdefault("compiled_settings", {})
+                settings.clear()
+                settings.update(group, lr=lr)
+            for unit in layout.units:
+                if unit.kind == "ns":  # the apply sweep's chunks, wherever the NS leaves its result
+                    x_bytes = unit.numel * (torch.finfo(self._ns_dtype(group, bucket, unit)).bits // 8)
+                    for in_y in (False, True):
+                        self._apply_chunks(layout, unit, raw, x_bytes, in_y)
+        return raws
+
+    def run(self, opt, plan, grads_by_bucket, raws) -> None:
+        """The step's tensor math on prepared layouts and workspaces (traceable by torch.compile)."""
+        compiling = torch.compiler.is_compiling()
+        for bucket, grads in zip(plan.buckets, grads_by_bucket):
+            layout = bucket.cache["flat"]
+            # compiled: the settings `prepare` copied, lr a tensor (an operand of the graph, not a float;
+            # the optimizer's own param_groups are guarded value by value when traced)
+            group = bucket.cache["compiled_settings"] if compiling else opt.param_groups[bucket.group_index]
             self._bucket_step(group, bucket, layout, [grads[i] for i in layout.order], raws[bucket.device])
 
     def memory_budget(self, opt, plan) -> int:
@@ -519,18 +580,41 @@ class TorchBackend:
             buf = self._workspace[key] = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=device)
         return buf
 
+    def _typed_scratch(self, device, nbytes: int, dtypes) -> dict:
+        """The workspace for compiled code: one buffer per dtype, each of `nbytes`, with the same byte
+        offsets as the single buffer (aot_autograd cannot mutate views of one buffer in several
+        dtypes). Costs up to one more workspace while compiled."""
+        out = {}
+        for dt in sorted(dtypes, key=str):
+            key = ("typed", self._workspace_key(device), dt)
+            word = torch.finfo(dt).bits // 8
+            buf = self._workspace.get(key)
+            if buf is None or buf.numel() * word < nbytes:
+                self._workspace[key] = None
+                buf = self._workspace[key] = torch.empty(-(-max(nbytes, 16) // word), dtype=dt, device=device)
+            out[dt] = buf
+        return out
+
     @staticmethod
-    def _typed(raw: torch.Tensor, start_bytes: int, n: int, dtype) -> torch.Tensor:
+    def _typed(raw, start_bytes: int, n: int, dtype) -> torch.Tensor:
+        """n elements of `dtype` at a 16-byte aligned offset of the workspace (a uint8 buffer, or
+        under compile one buffer per dtype)."""
         word = torch.finfo(dtype).bits // 8
         start = -(-start_bytes // 16) * 16  # 16-byte aligned
+        if isinstance(raw, dict):
+            return raw[dtype][start // word : start // word + n]
         return raw[start : start + n * word].view(dtype)
+
+    @staticmethod
+    def _nbytes(raw) -> int:
+        """Bytes of a workspace (see `_typed`)."""
+        if isinstance(raw, dict):
+            return min(t.numel() * t.element_size() for t in raw.values())
+        return raw.numel()
 
     # -- one bucket --------------------------------------------------------------------------------
     def _bucket_step(self, group, bucket, L: _FlatLayout, grads, raw) -> None:
         L.steps.add_(1.0)
-        if L.raw_ptr != raw.data_ptr():  # a new workspace: views of the old one would keep it alive
-            L.view_cache.clear()
-            L.raw_ptr = raw.data_ptr()
         for unit in L.units:
             if unit.kind == "ns":
                 self._ns_unit(group, bucket, L, unit, grads, raw)
@@ -586,7 +670,6 @@ class TorchBackend:
         K = unit.k1 - unit.k0
         x_bytes = unit.numel * item
         X = self._typed(raw, 0, unit.numel, ns_dtype)
-        Y = self._typed(raw, x_bytes + 16, unit.numel, ns_dtype)
         n = _longest(unit.chunks)
         G, D = self._chunk_buffers(raw, L, n, start_bytes=x_bytes + 16)  # in Y's room until NS starts
         pre = self._pre_pass(group, L, unit, grads)
@@ -597,30 +680,40 @@ class TorchBackend:
         scale = group["lr"] * nb.shape_factor
         # the NS may use all of the workspace past X (its m×m temporaries go in room the ping-pong leaves)
         y_start = -(-(x_bytes + 16) // 16) * 16
-        y_all = self._typed(raw, y_start, (raw.numel() - y_start) // item, ns_dtype)
+        y_all = self._typed(raw, y_start, (self._nbytes(raw) - y_start) // item, ns_dtype)
+        self._ns_in_second = False  # set by orthogonalize: whether its result is in y_all
         result = self.orthogonalize(group, bucket, unit, X.view(K, *nb.shape), scale=scale, buffers=(X, y_all))
-        # the apply sweep's chunk buffer goes in whichever of X and Y the result is not in
-        word = torch.finfo(L.dtype).bits // 8
-        start, room = (0, x_bytes) if isinstance(result, torch.Tensor) and _within(result, Y) else (y_start, raw.numel() - y_start)
-        chunks = L.chunks(unit, max(1, min(n, room // word)))
-        biggest = _longest(chunks)
-        # one aligned group of rows larger than the free room (a tiny 1×n unit): a buffer of its own
-        if biggest * word <= room:
-            T = self._typed(raw, start, biggest, L.dtype)
-        else:
-            T = unit.cache.get("own_buffer")
-            if T is None or T.numel() < biggest:
-                T = unit.cache["own_buffer"] = torch.empty(biggest, dtype=L.dtype, device=L.device)
+        # the apply sweep's chunk buffer goes in X's room where the result is in the second buffer
+        in_y = isinstance(result, torch.Tensor) and self._ns_in_second
+        chunks, T = self._apply_chunks(L, unit, raw, x_bytes, in_y)
         for chunk in chunks:
             t = T[: _span(chunk)]
             self.copy_ns_result(L, unit, chunk, t, result)
             self._apply(group, L, unit, chunk, t, lr_k=None, trust=trust, raw_d=None)
+
+    def _apply_chunks(self, L, unit, raw, x_bytes: int, in_y: bool):
+        """An NS unit's apply sweep: its chunks and their buffer, in X's room (in_y) or past X. Both
+        are cached (`prepare` builds them for either case, so compiled code finds them ready)."""
+        word = torch.finfo(L.dtype).bits // 8
+        y_start = -(-(x_bytes + 16) // 16) * 16
+        start, room = (0, x_bytes) if in_y else (y_start, self._nbytes(raw) - y_start)
+        chunks = L.chunks(unit, max(1, min(_longest(unit.chunks), room // word)))
+        biggest = _longest(chunks)
+        if biggest * word <= room:
+            return chunks, self._typed(raw, start, biggest, L.dtype)
+        # one aligned group of rows larger than the free room (a tiny 1×n unit): a buffer of its own
+        T = unit.cache.get("own_buffer")
+        if T is None or T.numel() < biggest:
+            T = unit.cache["own_buffer"] = torch.empty(biggest, dtype=L.dtype, device=L.device)
+        return chunks, T
 
     # -- stages ------------------------------------------------------------------------------------
     def _piece_views(self, L, chunk, buf):
         """Views of a chunk buffer shaped like the pieces (rows of tensors) of the chunk. Cached: the
         buffers sit at fixed places of the workspace, and building ~3 views per tensor every step
         was a third of a step's time on models with many small tensors."""
+        if torch.compiler.is_compiling():  # traced once into the graph: nothing to cache (and no pointers)
+            return [buf[pc.x0 - chunk[0].x0 : pc.x1 - chunk[0].x0].view(_piece_shape(L.params[pc.k], pc)) for pc in chunk]
         key = (buf.data_ptr(), buf.dtype, id(chunk))
         views = L.view_cache.get(key)
         if views is None:
@@ -716,6 +809,13 @@ class TorchBackend:
     @staticmethod
     def _bias_div(L, chunk, X, beta) -> None:
         """X /= 1 − βᵗ: one scalar when every tensor of the chunk has the same step count, else per piece."""
+        if torch.compiler.is_compiling():  # no host reads: per piece, from the step counters as tensors
+            base = chunk[0].x0
+            t = L.steps[chunk[0].k : chunk[-1].k + 1].to(torch.float64)
+            corrections = 1 - beta ** t
+            for pc in chunk:
+                X[pc.x0 - base : pc.x1 - base].div_(corrections[pc.k - chunk[0].k])
+            return
         ks = [pc.k for pc in chunk]
         t = L.steps[ks[0] : ks[-1] + 1]
         if bool((t == t[0]).all()):
@@ -808,10 +908,13 @@ class TorchBackend:
             O.lerp_(s, 1 - group["beta_offset"])  # O ← β_off·O + (1−β_off)·s
             s.add_(O)
         params = self._rows_of(L.params, chunk)
-        decay = 0.0 if group["preconditioner"] == "novograd" else group["lr"] * group["weight_decay"]
+        wd = 0.0 if group["preconditioner"] == "novograd" else group["weight_decay"]
         views = self._piece_views(L, chunk, s)
-        if decay:
-            torch._foreach_add_(views, params, alpha=decay)
+        lr = group["lr"]
+        if wd and not _plain_number(lr):  # a tensor lr: lr·λ as an operand
+            torch._foreach_add_(views, torch._foreach_mul(params, lr * wd))
+        elif wd and lr * wd:
+            torch._foreach_add_(views, params, alpha=lr * wd)
         torch._foreach_sub_(params, views)
 
     # -- NS --------------------------------------------------------------------------------------
@@ -839,11 +942,14 @@ class TorchBackend:
         """Copy the chunk's part of `orthogonalize`'s result (norm-block form) into the chunk buffer t
         (storage layout, state dtype)."""
         nb = unit.nb
-        key = ("ns", result.data_ptr(), t.data_ptr(), id(chunk))
-        pairs = L.view_cache.get(key)
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else ("ns", result.data_ptr(), t.data_ptr(), id(chunk))
+        pairs = None if compiling else L.view_cache.get(key)
         if pairs is None:
             dst = [norm_blocks(v, v.shape, nb.norm, nb.head_dim, **nb.layout) for v in self._piece_views(L, chunk, t)]
-            pairs = L.view_cache[key] = (dst, [_result_piece(result[pc.k - unit.k0], nb, pc) for pc in chunk])
+            pairs = (dst, [_result_piece(result[pc.k - unit.k0], nb, pc) for pc in chunk])
+            if not compiling:
+                L.view_cache[key] = pairs
         torch._foreach_copy_(*pairs)
 
     def orthogonalize(self, group, bucket, unit, X: torch.Tensor, scale: float = 1.0, buffers=None) -> torch.Tensor:
@@ -860,8 +966,10 @@ class TorchBackend:
         # the m×m temporaries (A, B or the Gram iterates) stay under 1/16 of the budget (1 MB at least:
         # slicing smaller batches only adds calls)
         limit = max(self._budget // 16, TEMP_FLOOR_BYTES) if self._budget else None
+        where = []
         out = batched_newton_schulz(blocks, coeffs, group["ns_prescale"], group["ns_eps"], dtype=X.dtype, out_scale=scale,
-                                    method=method, buffers=buffers, max_temp_bytes=limit)  # fmt: skip
+                                    method=method, buffers=buffers, max_temp_bytes=limit, where=where)  # fmt: skip
+        self._ns_in_second = where == [1]
         return out
 
 
@@ -876,8 +984,3 @@ def _result_piece(R: torch.Tensor, nb, pc: _Piece) -> torch.Tensor:
         return R[:, pc.r0 // nb.head_dim : pc.r1 // nb.head_dim]
     return R[:, pc.r0 : pc.r1]
 
-
-def _within(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a's first element lies in b's memory."""
-    b0 = b.data_ptr()
-    return b0 <= a.data_ptr() < b0 + b.numel() * b.element_size()

@@ -1,0 +1,159 @@
+"""torch.compile of `opt.step()` and of a whole training step: runs on every backend and equals eager.
+
+The torch backend's math is traced and compiled (inductor); the step's bookkeeping and the
+backends that cannot be traced (triton, reference) run eagerly behind a graph break. An LR
+scheduler changes lr between steps; the compiled step must not be recompiled for every new lr.
+Small MLPs keep compile time down (a few seconds per graph on one core).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import mango
+
+PRESETS = ("mango", "muon", "lamb")
+STEPS = 4
+TOL = 1e-5  # fp32 NS, compiled vs eager, over the whole trajectory
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6),
+    )  # fmt: skip
+
+
+def _optimizer(preset, model, backend="torch", lr_tensor=False):
+    opt = getattr(mango.presets, preset)(model, backend=backend, ns_dtype=torch.float32, weight_decay=0.01)
+    if lr_tensor:  # as the PyTorch compiled-optimizer tutorial does: lr changes without a recompile
+        for g in opt.param_groups:
+            g["lr"] = torch.tensor(g["lr"])
+    return opt
+
+
+def _inputs(t):
+    gen = torch.Generator().manual_seed(100 + t)
+    return torch.randn(5, 12, generator=gen), torch.randn(5, 6, generator=gen)
+
+
+def _run(preset, mode, steps=STEPS, backend="torch", lr_tensor=False, resume_at=None):
+    """Parameters after `steps` steps, with a LambdaLR changing lr every step. mode: "eager",
+    "step" (torch.compile(opt.step)) or "train" (forward, backward, step, zero_grad compiled).
+    resume_at: save the state dicts after that many steps and continue in fresh objects.
+    Returns (parameters per step, unique graphs compiled after each step)."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model()
+    opt = _optimizer(preset, model, backend, lr_tensor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
+
+    def build_step(model, opt):
+        def train_step(x, y):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        def eager_backward_compiled_step(x, y):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            compiled_step()
+            opt.zero_grad()
+
+        if mode == "train":
+            return torch.compile(train_step)
+        if mode == "step":
+            compiled_step = torch.compile(opt.step)
+            return eager_backward_compiled_step
+        return train_step
+
+    step = build_step(model, opt)
+    trajectory, graphs = [], []
+    for t in range(steps):
+        if t == resume_at:
+            saved = (model.state_dict(), opt.state_dict(), sched.state_dict())
+            model = _model()
+            opt = _optimizer(preset, model, backend, lr_tensor)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
+            model.load_state_dict(saved[0])
+            opt.load_state_dict(saved[1])
+            sched.load_state_dict(saved[2])
+            step = build_step(model, opt)
+        step(*_inputs(t))
+        sched.step()
+        trajectory.append([p.detach().clone() for p in model.parameters()])
+        graphs.append(counters["stats"]["unique_graphs"])
+    return trajectory, graphs
+
+
+def _max_diff(a, b) -> float:
+    return max(max((x - y).abs().max().item() for x, y in zip(pa, pb)) for pa, pb in zip(a, b))
+
+
+def _moved(trajectory) -> float:
+    first = [p for p in _model().parameters()]
+    return max((x - y).abs().max().item() for x, y in zip(trajectory[-1], first))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_compiled_step_equals_eager_through_a_state_dict_round_trip(preset):
+    """torch.compile(opt.step) for 2 steps, state dicts saved and loaded into fresh objects, 2 more."""
+    eager, _ = _run(preset, "eager")
+    compiled, graphs = _run(preset, "step", resume_at=2)
+    assert _moved(eager) > 1e-4  # the trajectory is not trivial
+    assert _max_diff(eager, compiled) <= TOL
+    assert graphs[0] >= 1  # something was compiled
+    # a new lr is no recompile; new optimizer objects (the resume) are one
+    assert graphs[1] == graphs[0] and graphs[3] == graphs[2], graphs
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_compiled_train_step_equals_eager(preset):
+    """forward, backward, opt.step() and zero_grad() in one compiled function."""
+    eager, _ = _run(preset, "eager")
+    compiled, graphs = _run(preset, "train")
+    assert _max_diff(eager, compiled) <= TOL
+    assert graphs[-1] == graphs[0], graphs
+
+
+def test_tensor_lr_is_the_same_lr():
+    eager, _ = _run("mango", "eager", lr_tensor=True)
+    reference, _ = _run("mango", "eager")
+    compiled, graphs = _run("mango", "step", lr_tensor=True)
+    assert _max_diff(eager, reference) <= TOL
+    assert _max_diff(eager, compiled) <= TOL
+    assert graphs[-1] == graphs[0], graphs
+
+
+@pytest.mark.parametrize("backend", ("reference", "triton"))
+def test_untraceable_backends_run_eagerly_behind_a_graph_break(backend, monkeypatch):
+    """The reference backend, and the triton backend (here under the Triton interpreter), run their
+    whole step eagerly inside a compiled train step: the result is the eager one, bit for bit."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mode = "train" if backend == "triton" else "step"
+    eager, _ = _run("mango", "eager", steps=2, backend=backend)
+    compiled, _ = _run("mango", mode, steps=2, backend=backend)
+    assert _max_diff(eager, compiled) == 0.0
+    assert _moved(compiled) > 1e-3
+
+
+def test_compiled_step_is_one_graph_of_the_math():
+    """The torch backend's step is traced whole: graph breaks only where the bookkeeping runs."""
+    model = _model()
+    opt = _optimizer("mango", model)
+    torch.nn.functional.mse_loss(model(_inputs(0)[0]), _inputs(0)[1]).backward()
+    ops = []
+
+    def count_ops(gm, example_inputs):
+        ops.append(sum(1 for n in gm.graph.nodes if n.op == "call_function"))
+        return gm
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(opt.step, backend=count_ops)()
+    reasons = list(counters["graph_break"])
+    assert reasons and all("_prepare_step" in r for r in reasons), reasons  # only the call into the eager bookkeeping
+    assert max(ops) > 100  # moments, NS and apply of every bucket in the one graph after it
