@@ -15,6 +15,8 @@ State is float32 for float32/bfloat16/float16 params and float64 for float64 par
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.optim import Optimizer
 
@@ -177,6 +179,17 @@ class Mango(Optimizer):
             key.append((tuple(map(id, ps)), structural_key(group)))
         return active, grads, tuple(key)
 
+    @staticmethod
+    def _grads_by_bucket(plan, active, grads) -> list:
+        """The step's grads in each bucket's slot order (the order is the plan's: one pick per bucket)."""
+        pickers = plan.cache.get("grad_pickers")
+        if pickers is None:
+            where = {id(p): n for n, p in enumerate(p for ps in active for p in ps)}
+            pickers = plan.cache["grad_pickers"] = [[where[id(s.param)] for s in b.slots] for b in plan.buckets]
+            pickers[:] = [operator.itemgetter(*idx) if len(idx) > 1 else (lambda flat, i=idx: tuple(flat[k] for k in i)) for idx in pickers]
+        flat = [g for gs in grads for g in gs]
+        return [list(pick(flat)) for pick in pickers]
+
     def _check_grads(self, active, grads) -> None:
         for group, ps, gs in zip(self.param_groups, active, grads):
             for p, g in zip(ps, gs):
@@ -250,8 +263,7 @@ class Mango(Optimizer):
         if self._plan is None or self._plan.key != key:
             self._plan = self._build_plan(active, key)
         plan = self._plan
-        grad_of = {id(p): g for ps, gs in zip(active, grads) for p, g in zip(ps, gs)}
-        grads_by_bucket = [[grad_of[id(s.param)] for s in b.slots] for b in plan.buckets]
+        grads_by_bucket = self._grads_by_bucket(plan, active, grads)
         if not plan.buckets:
             return loss
         if self.nonfinite != "propagate":
