@@ -206,7 +206,12 @@ def validate_group(group: dict) -> None:
     if missing:
         raise ValueError(f"mango: param group lacks setting(s) {missing}")
     _check_betas(group)
-    _check_real("lr", group["lr"], lo=0.0)
+    lr = group["lr"]
+    if hasattr(lr, "is_floating_point"):  # a tensor: a capturable step's lr, 0-d floating (its value checked here, once)
+        if lr.dim() != 0 or not lr.is_floating_point():
+            raise _err("lr", lr, "a tensor lr must be a 0-d floating-point tensor")
+        lr = float(lr)
+    _check_real("lr", lr, lo=0.0)
     _check_real("beta1", group["beta1"], lo=0.0, hi=1.0, hi_open=True)
     _check_real("eps", group["eps"], lo=0.0)
     _check_choice("preconditioner", group["preconditioner"], PRECONDITIONERS)

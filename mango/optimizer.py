@@ -29,6 +29,17 @@ from .plan import Slot, build_plan, structural_key
 from .reference import init_state, state_keys
 
 
+_LR_KEYS = ("lr", "initial_lr")  # initial_lr: what an LR scheduler copies from lr
+
+
+def _device_lr(lr, device) -> torch.Tensor:
+    """A capturable group's lr: a 0-d float64 tensor on its params' device (float64: a scheduler's
+    value is kept exactly, as a float lr is)."""
+    if isinstance(lr, torch.Tensor):
+        return lr if (lr.dtype == torch.float64 and lr.device == device) else lr.detach().to(device=device, dtype=torch.float64)
+    return torch.tensor(float(lr), dtype=torch.float64, device=device)
+
+
 class Mango(Optimizer):
     """MANGO (Zhang & Cutkosky): LaProp moments, per-tensor dual-norm normalization, Nesterov
     and offset momentum. Every keyword before `backend` is a per-group setting; see
@@ -42,6 +53,10 @@ class Mango(Optimizer):
                no host sync), "skip" (the whole step is skipped; params and state stay
                bit-identical; `skipped_steps` counts them), "raise" (ValueError naming the
                parameters; nothing is modified).
+    capturable: the step can be captured in a CUDA graph and replayed (as in torch.optim): each
+               group's lr becomes a 0-d float64 tensor on its params' device (schedulers write the
+               new value into it), step counters live on that device, and the step makes no host
+               sync and allocates nothing (triton backend). Checkpoints keep lr a float.
     """
 
     def __init__(
@@ -77,6 +92,7 @@ class Mango(Optimizer):
         trust_clamp=config.DEFAULTS["trust_clamp"],
         backend: str = "auto",
         nonfinite: str = "propagate",
+        capturable: bool = False,
     ):
         if backend not in config.BACKENDS:
             raise ValueError(f"mango: invalid backend={backend!r}: must be one of {config.BACKENDS}")
@@ -101,6 +117,9 @@ class Mango(Optimizer):
         defaults["betas"] = (defaults["beta1"], defaults["beta2"])
         config.validate_group(defaults)
         self._betas_sync = _betas.BetasSync()
+        if not isinstance(capturable, bool):
+            raise ValueError(f"mango: invalid capturable={capturable!r}: must be True or False")
+        self.capturable = capturable
         self.backend_name = backend
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -126,6 +145,8 @@ class Mango(Optimizer):
         for name, p in zip(names, params):
             check_param(name, p, merged)
         param_group = dict(merged, params=params, param_names=names)
+        if self.capturable and params:
+            param_group["lr"] = _device_lr(param_group["lr"], params[0].device)
         super().add_param_group(param_group)
         self._betas_sync.record(self.param_groups)
         self._plan = None
@@ -133,11 +154,12 @@ class Mango(Optimizer):
     def __getstate__(self):
         """Pickle/deepcopy keep the frontend settings; the plan and backends are rebuilt lazily."""
         state = super().__getstate__()
-        state.update(backend_name=self.backend_name, nonfinite=self.nonfinite, skipped_steps=self.skipped_steps)
+        state.update(backend_name=self.backend_name, nonfinite=self.nonfinite, skipped_steps=self.skipped_steps, capturable=self.capturable)
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("capturable", False)
         for group in [self.defaults, *self.param_groups]:  # pickles of older versions: new settings
             _groups.upgrade_group(group)
         self._betas_sync = _betas.BetasSync()
@@ -148,15 +170,26 @@ class Mango(Optimizer):
     def state_dict(self) -> dict:
         """torch.optim's state dict, with `betas` and `beta1`/`beta2` synced first (see mango.betas)."""
         self._betas_sync.sync(self.param_groups)
-        return super().state_dict()
+        sd = super().state_dict()
+        for g in sd["param_groups"]:  # one checkpoint layout, capturable or not: lr as a float
+            for key in _LR_KEYS:
+                if isinstance(g.get(key), torch.Tensor):
+                    g[key] = g[key].item()
+        return sd
 
     def load_state_dict(self, state_dict) -> None:
         """Check the saved groups and state shapes against these parameters before anything is
         replaced (a clear ValueError naming the parameter), then load; floating state keeps
         mango's layout (fp32 state for bf16 params) so a round trip is bit-exact."""
         saved_groups = _groups.check_loadable(self, state_dict)
+        lrs = [g["lr"] for g in self.param_groups]
         super().load_state_dict(dict(state_dict, param_groups=saved_groups))
         _groups.restore_state_dtypes(self, saved_groups, state_dict["state"])
+        for g, old in zip(self.param_groups, lrs):
+            if self.capturable and isinstance(old, torch.Tensor):  # the same lr tensor a captured graph reads
+                g["lr"] = old.fill_(float(g["lr"]))
+            elif not self.capturable and isinstance(g["lr"], torch.Tensor):
+                g["lr"] = g["lr"].item()
         self._plan = None
 
     # ------------------------------------------------------------------------------------

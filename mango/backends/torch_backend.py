@@ -51,6 +51,12 @@ _STATE_KEYS = ("exp_avg", "exp_avg_sq", "offset")
 _REDUCE_NORMS = ("l2", "l2_col", "l2_split")
 
 
+
+def _lr(group) -> float:
+    """The group's lr as a number (a capturable optimizer keeps it in a 0-d tensor)."""
+    lr = group["lr"]
+    return lr.item() if isinstance(lr, torch.Tensor) else lr
+
 def ns_work_dtype(setting, device: torch.device, dtype: torch.dtype, method: str = "textbook") -> torch.dtype:
     """The NS operand dtype (see mango.newton_schulz.operand_dtype): "auto" is bf16 for the
     textbook form where bf16 matmul is fast (CUDA, bf16 CPUs), fp16 for the Gram form on CUDA,
@@ -556,7 +562,7 @@ class TorchBackend:
             d = self._direction(group, L, unit, chunk, grads, G, D, pre, update_state=True)
             if unit.nb.norm == "sign":
                 d.sign_()
-            self._apply(group, L, unit, chunk, d, lr_k=group["lr"], trust=trust, raw_d=None)
+            self._apply(group, L, unit, chunk, d, lr_k=_lr(group), trust=trust, raw_d=None)
 
     def _reduce_unit(self, group, L, unit, grads, raw) -> None:
         """l2 / l2_col / l2_split: sums of squares per segment, then Δ = d / ‖segment‖."""
@@ -576,7 +582,7 @@ class TorchBackend:
                 group, L, unit, chunk, grads, G, D, pre, update_state=False)  # fmt: skip
             raw_d = self._raw_copy(group, d, G) if trust is not None and nb.norm == "l2" else None
             self._scale_segments(L, unit, chunk, d, inv)
-            self._apply(group, L, unit, chunk, d, lr_k=group["lr"], trust=trust, raw_d=raw_d)
+            self._apply(group, L, unit, chunk, d, lr_k=_lr(group), trust=trust, raw_d=raw_d)
 
     def _ns_unit(self, group, bucket, L, unit, grads, raw) -> None:
         """ns / ns_split: d into the unit's NS buffer X, NS between X and Y, then apply from the result."""
@@ -594,7 +600,7 @@ class TorchBackend:
             d = self._direction(group, L, unit, chunk, grads, G, D, pre, update_state=True)
             X[chunk[0].x0 - unit.a : chunk[-1].x1 - unit.a].copy_(d)
         trust = self._trust(group, L, unit)
-        scale = group["lr"] * nb.shape_factor
+        scale = _lr(group) * nb.shape_factor
         # the NS may use all of the workspace past X (its m×m temporaries go in room the ping-pong leaves)
         y_start = -(-(x_bytes + 16) // 16) * 16
         y_all = self._typed(raw, y_start, (raw.numel() - y_start) // item, ns_dtype)
@@ -801,14 +807,14 @@ class TorchBackend:
             if raw_d is not None:  # l2 with ‖W‖ = 0: the raw step lr·d (LAMB's trust ratio of 1)
                 raws = self._piece_views(L, chunk, raw_d)
                 for v, r, w in zip(views, raws, ws):
-                    torch.where(w > 0, v, r * (group["lr"] * nb.shape_factor), out=v)
+                    torch.where(w > 0, v, r * (_lr(group) * nb.shape_factor), out=v)
             torch._foreach_mul_(views, factors)
         if "offset" in L.state:
             O = L.state["offset"][x0:x1]
             O.lerp_(s, 1 - group["beta_offset"])  # O ← β_off·O + (1−β_off)·s
             s.add_(O)
         params = self._rows_of(L.params, chunk)
-        decay = 0.0 if group["preconditioner"] == "novograd" else group["lr"] * group["weight_decay"]
+        decay = 0.0 if group["preconditioner"] == "novograd" else _lr(group) * group["weight_decay"]
         views = self._piece_views(L, chunk, s)
         if decay:
             torch._foreach_add_(views, params, alpha=decay)

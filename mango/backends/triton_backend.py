@@ -56,6 +56,7 @@ from mango_kernels.tables import (
     NORM_PRECOMPUTED,
     NORM_SEGMENT_L2,
     NF,
+    NI,
     NORM_SIGN,
     PRECONDITIONER_CODES,
     ElementwiseLayout,
@@ -87,9 +88,11 @@ def _frozen_coefficients(value):
     return value
 
 
-def _lr_key(lr):
+def _lr_key(lr, capturable: bool):
     """A capturable lr (a tensor) by identity: its value is read on the device."""
-    return id(lr) if isinstance(lr, torch.Tensor) else lr
+    if isinstance(lr, torch.Tensor):
+        return id(lr) if capturable else lr.item()
+    return lr
 
 
 def ns_kernel_dtype(setting, compute_dtype: torch.dtype, method: str = "textbook"):
@@ -497,7 +500,7 @@ class _LaunchGroup:
         """The float columns shared by a bucket's tensors, from its group's current settings."""
         pre = group["preconditioner"]
         b1, eps, wd = group["beta1"], group["eps"], group["weight_decay"]
-        lr = 0.0 if self.capturable else group["lr"]  # capturable: written on the device each step
+        lr = 0.0 if self.capturable else float(group["lr"])  # capturable: written on the device each step
         b2 = group["beta2"] if pre is not None else 0.0  # not validated (may be None) without a preconditioner
         c = (1 - b1) if (pre == "adam" or group["ema_momentum"]) else 1.0
         bo = group["beta_offset"] or 0.0
@@ -528,7 +531,7 @@ class _LaunchGroup:
         """What the table and the NS schedules read from the groups, as plain values (a capturable
         lr by identity: its value is read on the device)."""
         return tuple(
-            (_lr_key(g["lr"]), _frozen_coefficients(g["ns_coefficients"]), *map(g.__getitem__, _TABLE_SETTINGS))
+            (_lr_key(g["lr"], self.capturable), _frozen_coefficients(g["ns_coefficients"]), *map(g.__getitem__, _TABLE_SETTINGS))
             for g in map(groups.__getitem__, self.group_indices)
         )
 
