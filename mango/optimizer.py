@@ -15,6 +15,8 @@ State is float32 for float32/bfloat16/float16 params and float64 for float64 par
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.optim import Optimizer
 
@@ -26,6 +28,17 @@ from .backends import make_backend
 from .groups import check_param
 from .plan import Slot, build_plan, structural_key
 from .reference import init_state, state_keys
+
+
+_LR_KEYS = ("lr", "initial_lr")  # initial_lr: what an LR scheduler copies from lr
+
+
+def _device_lr(lr, device) -> torch.Tensor:
+    """A capturable group's lr: a 0-d float64 tensor on its params' device (float64: a scheduler's
+    value is kept exactly, as a float lr is)."""
+    if isinstance(lr, torch.Tensor):
+        return lr if (lr.dtype == torch.float64 and lr.device == device) else lr.detach().to(device=device, dtype=torch.float64)
+    return torch.tensor(float(lr), dtype=torch.float64, device=device)
 
 
 class Mango(Optimizer):
@@ -63,6 +76,10 @@ class Mango(Optimizer):
     process_group: under DDP, a ProcessGroup or 1-D DeviceMesh over which the Newton–Schulz work
                is split (each rank orthogonalizes its share, then one all-gather; see mango.ddp).
                None: every rank runs the whole step.
+    capturable: the step can be captured in a CUDA graph and replayed (as in torch.optim): each
+               group's lr becomes a 0-d float64 tensor on its params' device (schedulers write the
+               new value into it), step counters live on that device, and the step makes no host
+               sync and allocates nothing (triton backend). Checkpoints keep lr a float.
     """
 
     def __init__(
@@ -99,6 +116,7 @@ class Mango(Optimizer):
         backend: str = "auto",
         nonfinite: str = "propagate",
         process_group=None,
+        capturable: bool = False,
     ):
         if backend not in config.BACKENDS:
             raise ValueError(f"mango: invalid backend={backend!r}: must be one of {config.BACKENDS}")
@@ -125,6 +143,9 @@ class Mango(Optimizer):
         params = plain.groups_from(params)  # a module is labelled; named biases are biases
         plain.warn_shape_only(plain.shape_only_names(params, role, norm), "mango.Mango")
         self._betas_sync = _betas.BetasSync()
+        if not isinstance(capturable, bool):
+            raise ValueError(f"mango: invalid capturable={capturable!r}: must be True or False")
+        self.capturable = capturable
         self.backend_name = backend
         self.nonfinite = nonfinite
         self.process_group = _ddp.resolve_process_group(process_group)
@@ -152,6 +173,8 @@ class Mango(Optimizer):
         for name, p in zip(names, params):
             check_param(name, p, merged)
         param_group = dict(merged, params=params, param_names=names)
+        if self.capturable and params:
+            param_group["lr"] = _device_lr(param_group["lr"], params[0].device)
         super().add_param_group(param_group)
         self._betas_sync.record(self.param_groups)
         self._plan = None
@@ -159,11 +182,12 @@ class Mango(Optimizer):
     def __getstate__(self):
         """Pickle/deepcopy keep the frontend settings; the plan and backends are rebuilt lazily."""
         state = super().__getstate__()
-        state.update(backend_name=self.backend_name, nonfinite=self.nonfinite, skipped_steps=self.skipped_steps)
+        state.update(backend_name=self.backend_name, nonfinite=self.nonfinite, skipped_steps=self.skipped_steps, capturable=self.capturable)
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("capturable", False)
         for group in [self.defaults, *self.param_groups]:  # pickles of older versions: new settings
             _groups.upgrade_group(group)
         self._betas_sync = _betas.BetasSync()
@@ -177,15 +201,26 @@ class Mango(Optimizer):
     def state_dict(self) -> dict:
         """torch.optim's state dict, with `betas` and `beta1`/`beta2` synced first (see mango.betas)."""
         self._betas_sync.sync(self.param_groups)
-        return super().state_dict()
+        sd = super().state_dict()
+        for g in sd["param_groups"]:  # one checkpoint layout, capturable or not: lr as a float
+            for key in _LR_KEYS:
+                if isinstance(g.get(key), torch.Tensor):
+                    g[key] = g[key].item()
+        return sd
 
     def load_state_dict(self, state_dict) -> None:
         """Check the saved groups and state shapes against these parameters before anything is
         replaced (a clear ValueError naming the parameter), then load; floating state keeps
         mango's layout (fp32 state for bf16 params) so a round trip is bit-exact."""
         saved_groups = _groups.check_loadable(self, state_dict)
+        lrs = [g["lr"] for g in self.param_groups]
         super().load_state_dict(dict(state_dict, param_groups=saved_groups))
         _groups.restore_state_dtypes(self, saved_groups, state_dict["state"])
+        for g, old in zip(self.param_groups, lrs):
+            if self.capturable and isinstance(old, torch.Tensor):  # the same lr tensor a captured graph reads
+                g["lr"] = old.fill_(float(g["lr"]))
+            elif not self.capturable and isinstance(g["lr"], torch.Tensor):
+                g["lr"] = g["lr"].item()
         self._plan = None
 
     # ------------------------------------------------------------------------------------
@@ -207,6 +242,17 @@ class Mango(Optimizer):
             grads.append(gs)
             key.append((tuple(map(id, ps)), structural_key(group)))
         return active, grads, tuple(key)
+
+    @staticmethod
+    def _grads_by_bucket(plan, active, grads) -> list:
+        """The step's grads in each bucket's slot order (the order is the plan's: one pick per bucket)."""
+        pickers = plan.cache.get("grad_pickers")
+        if pickers is None:
+            where = {id(p): n for n, p in enumerate(p for ps in active for p in ps)}
+            pickers = plan.cache["grad_pickers"] = [[where[id(s.param)] for s in b.slots] for b in plan.buckets]
+            pickers[:] = [operator.itemgetter(*idx) if len(idx) > 1 else (lambda flat, i=idx: tuple(flat[k] for k in i)) for idx in pickers]
+        flat = [g for gs in grads for g in gs]
+        return [list(pick(flat)) for pick in pickers]
 
     def _check_grads(self, active, grads) -> None:
         for group, ps, gs in zip(self.param_groups, active, grads):
@@ -296,8 +342,7 @@ class Mango(Optimizer):
         if self._plan is None or self._plan.key != key:
             self._plan = self._build_plan(active, key)
         plan = self._plan
-        grad_of = {id(p): g for ps, gs in zip(active, grads) for p, g in zip(ps, gs)}
-        grads_by_bucket = [[grad_of[id(s.param)] for s in b.slots] for b in plan.buckets]
+        grads_by_bucket = self._grads_by_bucket(plan, active, grads)
         if not plan.buckets:
             return []
         if self.nonfinite != "propagate":

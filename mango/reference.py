@@ -187,7 +187,7 @@ def update(param: torch.Tensor, grad: torch.Tensor, state: dict, settings: dict)
     W = param.detach().to(dt)
     state["step"] += 1
     t = float(state["step"])
-    lr, b1, b2, eps = settings["lr"], settings["beta1"], settings["beta2"], settings["eps"]
+    lr, b1, b2, eps = float(settings["lr"]), settings["beta1"], settings["beta2"], settings["eps"]
     wd, pre = settings["weight_decay"], settings["preconditioner"]
     ema_v = settings["second_moment"] == "ema"
     m = state["exp_avg"]

@@ -87,19 +87,24 @@ def record(name: str, n: int = 1) -> None:
     global _total
     _total += n
     for log in _active_logs:
-        log.events.extend([name] * n)
+        if n == 1:
+            log.events.append(name)
+        else:
+            log.events.extend([name] * n)
 
 
 def launch(name: str, kernel, grid, *args, **kwargs) -> None:
     """Launch a Triton kernel and count it. Empty grids launch nothing and count nothing."""
-    if any(g == 0 for g in grid):
+    if 0 in grid:
         return
     record(name)
-    for log in _active_logs:
-        if log.capture:
-            log.launches.append(Launch(name, kernel, tuple(grid), args, kwargs))
-    if not dry_run_active():
-        kernel[grid](*args, **kwargs)
+    if _active_logs:
+        for log in _active_logs:
+            if log.capture:
+                log.launches.append(Launch(name, kernel, tuple(grid), args, kwargs))
+        if dry_run_active():
+            return
+    kernel[grid](*args, **kwargs)
 
 
 def dry_run_active() -> bool:

@@ -83,6 +83,8 @@ class TensorTable:
         self.device = torch.device(device)
         self.host = torch.zeros((n, ROW), dtype=torch.int64)
         self.device_table = self.host if self.device.type == "cpu" else torch.zeros((n, ROW), dtype=torch.int64, device=device)
+        self.dirty = True  # the host table holds what the device table does not yet
+        self.aligned = None  # cached addresses_aligned()
 
     @property
     def ints(self) -> torch.Tensor:
@@ -94,22 +96,33 @@ class TensorTable:
 
     def set_int(self, column: int, values) -> None:
         self.host[:, column] = torch.as_tensor(values, dtype=torch.int64)
+        self.changed()
 
     def set_float(self, column: int, values) -> None:
         self.floats[:, column] = torch.as_tensor(values, dtype=torch.float64)
+        self.changed()
+
+    def changed(self) -> None:
+        """Mark the host table as rewritten: the next `upload` copies it, `addresses_aligned` rechecks."""
+        self.dirty = True
+        self.aligned = None
 
     def addresses_aligned(self) -> bool:
         """Whether every address in the table is 16-byte aligned (lets kernels vectorize)."""
-        return bool((self.host[:, ADDRESS_COLUMNS] % 16 == 0).all())
+        if self.aligned is None:
+            self.aligned = bool((self.host[:, ADDRESS_COLUMNS] % 16 == 0).all())
+        return self.aligned
 
     def upload(self):
-        """Copy the host table to the device (one copy; a no-op on CPU). Returns (ints, floats) views."""
+        """Copy the host table to the device if it changed since the last upload (one copy; a no-op
+        on CPU). Returns (ints, floats) views of the device table."""
         from ._launch import record
 
-        if self.device_table is not self.host:
-            staging = self.host.pin_memory() if torch.cuda.is_available() else self.host
+        if self.device_table is not self.host and self.dirty:
+            staging = self.host.pin_memory() if torch.cuda.is_available() else self.host  # fresh pinned memory: an earlier async copy may still read the last one
             self.device_table.copy_(staging, non_blocking=True)
             record("table_copy")
+        self.dirty = False
         return self.device_table, self.device_table.view(torch.float64)
 
 

@@ -51,6 +51,15 @@ _STATE_KEYS = ("exp_avg", "exp_avg_sq", "offset")
 _REDUCE_NORMS = ("l2", "l2_col", "l2_split")
 
 
+
+def _lr(group):
+    """The group's lr: a number in an eager step (a capturable optimizer keeps it in a 0-d tensor,
+    read here so the step is bit-identical to a float lr), the tensor itself under torch.compile
+    (an operand, so a scheduler's new value needs no recompile)."""
+    lr = group["lr"]
+    return lr.item() if isinstance(lr, torch.Tensor) and not torch.compiler.is_compiling() else lr
+
+
 def ns_work_dtype(setting, device: torch.device, dtype: torch.dtype, method: str = "textbook") -> torch.dtype:
     """The NS operand dtype (see mango.newton_schulz.operand_dtype): "auto" is bf16 for the
     textbook form where bf16 matmul is fast (CUDA, bf16 CPUs), fp16 for the Gram form on CUDA,
@@ -640,7 +649,7 @@ class TorchBackend:
             d = self._direction(group, L, unit, chunk, grads, G, D, pre, update_state=True)
             if unit.nb.norm == "sign":
                 d.sign_()
-            self._apply(group, L, unit, chunk, d, lr_k=group["lr"], trust=trust, raw_d=None)
+            self._apply(group, L, unit, chunk, d, lr_k=_lr(group), trust=trust, raw_d=None)
 
     def _reduce_unit(self, group, L, unit, grads, raw) -> None:
         """l2 / l2_col / l2_split: sums of squares per segment, then Δ = d / ‖segment‖."""
@@ -660,7 +669,7 @@ class TorchBackend:
                 group, L, unit, chunk, grads, G, D, pre, update_state=False)  # fmt: skip
             raw_d = self._raw_copy(group, d, G) if trust is not None and nb.norm == "l2" else None
             self._scale_segments(L, unit, chunk, d, inv)
-            self._apply(group, L, unit, chunk, d, lr_k=group["lr"], trust=trust, raw_d=raw_d)
+            self._apply(group, L, unit, chunk, d, lr_k=_lr(group), trust=trust, raw_d=raw_d)
 
     def _ns_unit(self, group, bucket, L, unit, grads, raw) -> None:
         """ns / ns_split: d into the unit's NS buffer X, NS between X and Y, then apply from the result."""
@@ -677,7 +686,7 @@ class TorchBackend:
             d = self._direction(group, L, unit, chunk, grads, G, D, pre, update_state=True)
             X[chunk[0].x0 - unit.a : chunk[-1].x1 - unit.a].copy_(d)
         trust = self._trust(group, L, unit)
-        scale = group["lr"] * nb.shape_factor
+        scale = _lr(group) * nb.shape_factor
         # the NS may use all of the workspace past X (its m×m temporaries go in room the ping-pong leaves)
         y_start = -(-(x_bytes + 16) // 16) * 16
         y_all = self._typed(raw, y_start, (self._nbytes(raw) - y_start) // item, ns_dtype)
@@ -901,7 +910,7 @@ class TorchBackend:
             if raw_d is not None:  # l2 with ‖W‖ = 0: the raw step lr·d (LAMB's trust ratio of 1)
                 raws = self._piece_views(L, chunk, raw_d)
                 for v, r, w in zip(views, raws, ws):
-                    torch.where(w > 0, v, r * (group["lr"] * nb.shape_factor), out=v)
+                    torch.where(w > 0, v, r * (_lr(group) * nb.shape_factor), out=v)
             torch._foreach_mul_(views, factors)
         if "offset" in L.state:
             O = L.state["offset"][x0:x1]
@@ -910,7 +919,7 @@ class TorchBackend:
         params = self._rows_of(L.params, chunk)
         wd = 0.0 if group["preconditioner"] == "novograd" else group["weight_decay"]
         views = self._piece_views(L, chunk, s)
-        lr = group["lr"]
+        lr = _lr(group)
         if wd and not _plain_number(lr):  # a tensor lr: lr·λ as an operand
             torch._foreach_add_(views, torch._foreach_mul(params, lr * wd))
         elif wd and lr * wd:

@@ -37,6 +37,9 @@ such device op is counted in the launch log. ns_dtype="auto" means bf16 NS here 
 
 from __future__ import annotations
 
+import itertools
+import operator
+
 import torch
 
 import mango_kernels as mk
@@ -53,6 +56,7 @@ from mango_kernels.tables import (
     NORM_PRECOMPUTED,
     NORM_SEGMENT_L2,
     NF,
+    NI,
     NORM_SIGN,
     PRECONDITIONER_CODES,
     ElementwiseLayout,
@@ -66,6 +70,29 @@ from ..reference import ns_method_for, spectral_norm
 from .torch_backend import _safe_inverse, batched_newton_schulz
 
 _NORM_KIND = {"none": NORM_NONE, "sign": NORM_SIGN, "l2": NORM_SEGMENT_L2, "l2_split": NORM_SEGMENT_L2, "l2_col": NORM_SEGMENT_L2}
+
+
+# the group settings a step's table and NS schedules read (a change refreshes them); with lr and
+# ns_coefficients, which `_settings_key` reads apart
+_TABLE_SETTINGS = (
+    "beta1", "beta2", "eps", "weight_decay", "preconditioner", "second_moment", "ema_momentum", "nesterov", "maximize",
+    "beta_offset", "trust_ratio", "trust_clamp", "bias_correction", "ns_steps", "ns_eps", "ns_prescale",
+)  # fmt: skip
+
+
+def _frozen_coefficients(value):
+    """ns_coefficients as a value that compares by content and cannot change under the cache
+    (a name, one triple, or one triple per step)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(tuple(c) if isinstance(c, (list, tuple)) else c for c in value)
+    return value
+
+
+def _lr_key(lr, capturable: bool):
+    """A capturable lr (a tensor) by identity: its value is read on the device."""
+    if isinstance(lr, torch.Tensor):
+        return id(lr) if capturable else lr.item()
+    return lr
 
 
 def ns_kernel_dtype(setting, compute_dtype: torch.dtype, method: str = "textbook"):
@@ -322,35 +349,41 @@ class _Round:
         self._newton_schulz(groups)
         mk.launch_apply(tables, layout, ws, dtype, aligned)
 
+    def set_step_lists(self, groups) -> None:
+        """Which entries need host work in the NS stage under the current settings (a spectral
+        pre-scale, zero NS steps, torch NS or row norms), so the step loops only over those."""
+        def mine(e) -> bool:  # under a DDP split, a rank's host NS work is for the matrices it owns
+            return self.split is None or self.split.owns(e)
+
+        self.spectral = [[e for e in members if groups[e.bucket.group_index]["ns_prescale"] == "spectral" and mine(e)]
+                         for _, members in self.ns_batches]  # fmt: skip
+        self.zero_steps = [[e.spec for e in members if batch.specs[e.spec].steps == 0 and mine(e)] for batch, members in self.ns_batches]
+        torch_ns = [e for e in self.entries if (e.ns_dtype is not None and not e.ns_kernel and mine(e)) or e.torch_norm]
+        self.torch_entries = [e for e in torch_ns if self.shard is None or not self.shard.handles(e)]  # FSDP2: owner ranks
+
     def _newton_schulz(self, groups) -> None:
-        for batch, members in self.ns_batches:
-            for e in members:
-                group = groups[e.bucket.group_index]
-                if group["ns_prescale"] == "spectral" and (self.split is None or self.split.owns(e)):  # option, not the hot path: torch fills the batch's sums
-                    blocks = torch.stack(batch.block_views(e.spec)).float()
-                    s = batch.specs[e.spec]
-                    batch.sums[s.segment : s.segment + s.n_blocks] = spectral_norm(blocks).square()
-                    mk.record("spectral_norm")
+        for (batch, _), spectral, zero_steps in zip(self.ns_batches, self.spectral, self.zero_steps):
+            for e in spectral:  # option, not the hot path: torch fills the batch's sums
+                blocks = torch.stack(batch.block_views(e.spec)).float()
+                s = batch.specs[e.spec]
+                batch.sums[s.segment : s.segment + s.n_blocks] = spectral_norm(blocks).square()
+                mk.record("spectral_norm")
             batch.run()
-            mk.prescale_only(batch, [e.spec for e in members if batch.specs[e.spec].steps == 0 and (self.split is None or self.split.owns(e))])
-        for e in self.entries:  # float64 NS, and l2_col of transposed layouts: torch, on the work buffer
-            if e.ns_dtype is not None and not e.ns_kernel and self.split is not None and not self.split.owns(e):
+            if zero_steps:
+                mk.prescale_only(batch, zero_steps)
+        for e in self.torch_entries:  # float64 NS, and l2_col of transposed layouts: torch, on the work buffer
+            group = groups[e.bucket.group_index]
+            nb = e.nb
+            d = self.work[e.work_offset : e.work_offset + e.numel].view(nb.shape)
+            blocks = norm_blocks(d, nb.shape, nb.norm, nb.head_dim, **nb.layout)
+            if e.torch_norm:
+                blocks.mul_(_safe_inverse(torch.linalg.vector_norm(blocks, dim=-1, keepdim=True)))
+                mk.record("torch_row_norm")
                 continue
-            if self.shard is not None and self.shard.handles(e):
-                continue
-            if (e.ns_dtype is not None and not e.ns_kernel) or e.torch_norm:
-                group = groups[e.bucket.group_index]
-                nb = e.nb
-                d = self.work[e.work_offset : e.work_offset + e.numel].view(nb.shape)
-                blocks = norm_blocks(d, nb.shape, nb.norm, nb.head_dim, **nb.layout)
-                if e.torch_norm:
-                    blocks.mul_(_safe_inverse(torch.linalg.vector_norm(blocks, dim=-1, keepdim=True)))
-                    mk.record("torch_row_norm")
-                    continue
-                out = batched_newton_schulz(blocks.to(e.ns_dtype), ns_schedule(group), group["ns_prescale"], group["ns_eps"],
-                                            method=e.ns_method)  # fmt: skip
-                blocks.copy_(out)
-                mk.record("torch_newton_schulz")
+            out = batched_newton_schulz(blocks.to(e.ns_dtype), ns_schedule(group), group["ns_prescale"], group["ns_eps"],
+                                        method=e.ns_method)  # fmt: skip
+            blocks.copy_(out)
+            mk.record("torch_newton_schulz")
         if self.split is not None:
             self.split.exchange(self, groups)
         if self.shard is not None:
@@ -368,8 +401,9 @@ class _LaunchGroup:
     """All buckets of one (device, compute dtype): one tensor table, uploaded once per step, and
     the rounds that run one after another (moments, NS, apply each), sharing one arena."""
 
-    def __init__(self, buckets, groups, device, compute_dtype, ns_config, block, memory_budget=None):
+    def __init__(self, buckets, groups, device, compute_dtype, ns_config, block, memory_budget=None, capturable=False):
         self.buckets = buckets
+        self.capturable = capturable
         self.device = device
         self.dtype = compute_dtype
         self.entries = []
@@ -478,12 +512,39 @@ class _LaunchGroup:
         self.fused = torch.tensor([e.fused for e in self.entries], dtype=torch.bool)
         self.params = [e.slot.param for e in self.entries]
         self.states = [e.slot.state for e in self.entries]
+        self.group_indices = sorted({b.group_index for b in self.buckets})
+        self.lr_index = torch.tensor([self.group_indices.index(e.bucket.group_index) for e in self.entries], dtype=torch.long)
+        self.ns_entries = [e for e in self.entries if e.ns_kernel]
+        self.copied = [e for e in self.entries if e.param_copy is not None]
+        self.settings_key = self.grad_ptrs = self.param_ptrs = None
+        self._bind_step_counters()
 
     # -- per-step tables ---------------------------------------------------------------------
+    # A step refreshes only what changed: the float columns and NS schedules when a setting the
+    # table reads changed (one tuple comparison per group), addresses when a pointer changed (one
+    # list comparison), the bias-correction columns every step where they apply (vectorized, from
+    # a host-side copy of the step count: no sync). The table goes to the device only when it
+    # changed. With `capturable`, lr and the step count live on the device and the columns they
+    # feed are written there by a few torch ops, so a captured step replays with the current lr.
+
+    def _bind_step_counters(self) -> None:
+        """Every slot's state["step"] (empty tensors' too) becomes a view of one flat counter: one
+        add per step. The host keeps its own copy of the count for the bias corrections (read once, here)."""
+        slots = [s for b in self.buckets for s in b.slots]
+        position = {id(s): k for k, s in enumerate(slots)}
+        self.entry_step = torch.tensor([position[id(e.slot)] for e in self.entries], dtype=torch.long)
+        steps = [s.state["step"] for s in slots]
+        device = self.device if self.capturable else (steps[0].device if steps else torch.device("cpu"))
+        self.step_count = torch.stack(steps).reshape(-1).to(device=device, dtype=torch.float32) if steps else torch.zeros(0)
+        for k, s in enumerate(slots):
+            s.state["step"] = self.step_count[k]
+        self.step_count_host = None if self.capturable else self.step_count.to(device="cpu", dtype=torch.float64)
+
     def _bucket_floats(self, group) -> list:
         """The float columns shared by a bucket's tensors, from its group's current settings."""
         pre = group["preconditioner"]
-        b1, eps, lr, wd = group["beta1"], group["eps"], group["lr"], group["weight_decay"]
+        b1, eps, wd = group["beta1"], group["eps"], group["weight_decay"]
+        lr = 0.0 if self.capturable else float(group["lr"])  # capturable: written on the device each step
         b2 = group["beta2"] if pre is not None else 0.0  # not validated (may be None) without a preconditioner
         c = (1 - b1) if (pre == "adam" or group["ema_momentum"]) else 1.0
         bo = group["beta_offset"] or 0.0
@@ -510,7 +571,23 @@ class _LaunchGroup:
         correct = pre == "laprop" and group["bias_correction"]
         return correct and group["ema_momentum"], correct, pre == "novograd"
 
-    def _fill_floats(self, groups) -> None:
+    def _settings_key(self, groups) -> tuple:
+        """What the table and the NS schedules read from the groups, as plain values (a capturable
+        lr by identity: its value is read on the device)."""
+        return tuple(
+            (_lr_key(g["lr"], self.capturable), _frozen_coefficients(g["ns_coefficients"]), *map(g.__getitem__, _TABLE_SETTINGS))
+            for g in map(groups.__getitem__, self.group_indices)
+        )
+
+    def _refresh_settings(self, groups) -> None:
+        """Float columns, flags, NS schedules and NS output addresses, from the groups' settings."""
+        for r in self.rounds:
+            r.set_ns_schedules(groups)
+        ints = self.table.ints
+        for e in self.ns_entries:  # where the NS result is depends on the parity of ns_steps
+            ints[e.row, ICOL.DELTA] = e.batch.output_view(e.spec).data_ptr()
+        for r in self.rounds:
+            r.set_step_lists(groups)
         bucket_groups = [groups[b.group_index] for b in self.buckets]
         base = torch.tensor([self._bucket_floats(g) for g in bucket_groups], dtype=torch.float64)
         floats = base[self.bucket_of_entry]
@@ -520,20 +597,71 @@ class _LaunchGroup:
         trust = torch.tensor([bool(g["trust_ratio"]) for g in bucket_groups], dtype=torch.bool)[self.bucket_of_entry]
         flags = flags | torch.where(trust, FLAG_TRUST, 0) | torch.where(trust & self.is_l2, FLAG_TRUST_RAW, 0)
         flags = flags | torch.where(self.fused, FLAG_FUSED, 0)
-        if bool(masks.any()):  # needs the step counts on the host (a sync if they live on a GPU)
-            t = torch.stack([s["step"] for s in self.states]).to(device="cpu", dtype=torch.float64).reshape(-1)
-            floats[:, FCOL.BIAS1] = torch.where(masks[:, 0], 1 - floats[:, FCOL.BETA1] ** t, 1.0)
-            floats[:, FCOL.BIAS2] = torch.where(masks[:, 1], 1 - floats[:, FCOL.BETA2] ** t, 1.0)
-            flags = flags | torch.where(masks[:, 2] & (t == 1), FLAG_FIRST_STEP, 0)
         self.table.floats[:] = floats
         self.table.ints[:, ICOL.FLAGS] = flags
+        self.static_flags = flags
+        self.bias_masks = masks if bool(masks.any()) else None
+        self.beta1, self.beta2 = floats[:, FCOL.BETA1].clone(), floats[:, FCOL.BETA2].clone()
+        if self.capturable:
+            dev = self.device
+            self.lr_groups = [g for g in map(groups.__getitem__, self.group_indices)]
+            self.dev_cols = dict(
+                lr_index=self.lr_index.to(dev), entry_step=self.entry_step.to(dev), shape_factor=self.shape_factor.to(dev),
+                decay_wd=torch.tensor([0.0 if g["preconditioner"] == "novograd" else g["weight_decay"] for g in bucket_groups],
+                                      dtype=torch.float64)[self.bucket_of_entry].to(dev),
+                masks=None if self.bias_masks is None else masks.to(dev),
+                beta1=self.beta1.to(dev), beta2=self.beta2.to(dev), flags=flags.to(dev),
+            )  # fmt: skip
+        self.table.changed()
 
-    def _fill_addresses(self, grads) -> list:
-        """Addresses of params, grads and state; returns the grads the kernels read (kept alive)."""
+    def _fill_bias_columns(self) -> None:
+        """1−β^t where bias correction applies and the novograd first-step flag, from the host's step count."""
+        if self.bias_masks is None:
+            return
+        masks, t = self.bias_masks, self.step_count_host[self.entry_step]
+        floats = self.table.floats
+        floats[:, FCOL.BIAS1] = torch.where(masks[:, 0], 1 - self.beta1**t, 1.0)
+        floats[:, FCOL.BIAS2] = torch.where(masks[:, 1], 1 - self.beta2**t, 1.0)
+        self.table.ints[:, ICOL.FLAGS] = self.static_flags | torch.where(masks[:, 2] & (t == 1), FLAG_FIRST_STEP, 0)
+        self.table.changed()
+
+    def _fill_device_columns(self, device_table) -> None:
+        """capturable: lr·k, lr·λ and the bias corrections written into the device table by torch
+        ops from the device lr tensors and step counters (the same float64 arithmetic as the host's)."""
+        c = self.dev_cols
+        floats = device_table.view(torch.float64)[:, NI:]
+        lr = torch.stack([g["lr"] for g in self.lr_groups]).to(torch.float64)[c["lr_index"]]
+        floats[:, FCOL.LR_K] = lr * c["shape_factor"]
+        floats[:, FCOL.DECAY] = lr * c["decay_wd"]
+        n = 7  # stack, cast, gather, two products, two column writes
+        if c["masks"] is not None:
+            masks, t = c["masks"], self.step_count.to(torch.float64)[c["entry_step"]]
+            floats[:, FCOL.BIAS1] = torch.where(masks[:, 0], 1 - c["beta1"] ** t, 1.0)
+            floats[:, FCOL.BIAS2] = torch.where(masks[:, 1], 1 - c["beta2"] ** t, 1.0)
+            device_table[:, ICOL.FLAGS] = c["flags"] | torch.where(masks[:, 2] & (t == 1), FLAG_FIRST_STEP, 0)
+            n += 16
+        mk.record("capturable_columns", n)
+
+    def _refresh_addresses(self, grads) -> list:
+        """Grad and param addresses (compared with the last step's; the table is rewritten only
+        where one moved); returns the grads the kernels read (kept alive)."""
+        if not all(map(torch.Tensor.is_contiguous, grads)):
+            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        ptrs = list(map(torch.Tensor.data_ptr, grads))
+        if ptrs != self.grad_ptrs:
+            self.grad_ptrs = ptrs
+            self.table.ints[:, ICOL.GRAD] = torch.tensor(ptrs, dtype=torch.int64)
+            self.table.changed()
+        ptrs = list(map(torch.Tensor.data_ptr, self.params))
+        if ptrs != self.param_ptrs:
+            self.param_ptrs = ptrs
+            self._fill_state_addresses()
+        return grads
+
+    def _fill_state_addresses(self) -> None:
+        """Addresses of params (or their contiguous stand-ins) and state, and the dtype codes."""
         ints = self.table.ints
-        gs = [g if g.is_contiguous() else g.contiguous() for g in grads]
-        ints[:, ICOL.GRAD] = torch.tensor([g.data_ptr() for g in gs], dtype=torch.int64)
-        ints[:, ICOL.GRAD_DTYPE] = torch.tensor([DTYPE_CODES[g.dtype] for g in gs], dtype=torch.int64)
+        ints[:, ICOL.GRAD_DTYPE] = torch.tensor([DTYPE_CODES[p.dtype] for p in self.params], dtype=torch.int64)  # autograd: grad dtype = param dtype
         ints[:, ICOL.PARAM] = torch.tensor(
             [(e.param_copy if e.param_copy is not None else p).data_ptr() for e, p in zip(self.entries, self.params)], dtype=torch.int64
         )
@@ -541,42 +669,43 @@ class _LaunchGroup:
         ints[:, ICOL.EXP_AVG] = torch.tensor([s["exp_avg"].data_ptr() for s in self.states], dtype=torch.int64)
         ints[:, ICOL.EXP_AVG_SQ] = torch.tensor([s["exp_avg_sq"].data_ptr() if "exp_avg_sq" in s else 0 for s in self.states], dtype=torch.int64)
         ints[:, ICOL.OFFSET] = torch.tensor([s["offset"].data_ptr() if "offset" in s else 0 for s in self.states], dtype=torch.int64)
-        for e in self.entries:  # where the NS result is depends on the parity of ns_steps
-            if e.ns_kernel:
-                ints[e.row, ICOL.DELTA] = e.batch.output_view(e.spec).data_ptr()
         if any(e.numel and not s["exp_avg"].is_contiguous() for e, s in zip(self.entries, self.states)):
             raise RuntimeError("mango: triton backend needs contiguous optimizer state tensors")
-        return gs
+        self.table.changed()
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, groups, grads) -> None:
-        steps = [s.state["step"] for b in self.buckets for s in b.slots]
-        torch._foreach_add_(steps, 1.0)
-        if steps[0].device.type != "cpu":
+        self.step_count.add_(1.0)
+        if self.step_count.device.type != "cpu":
             mk.record("step_counters")
-        for r in self.rounds:
-            r.set_ns_schedules(groups)
-        self._fill_floats(groups)
-        live_grads = self._fill_addresses(grads)
+        if self.step_count_host is not None:
+            self.step_count_host += 1.0
+        key = self._settings_key(groups)
+        if key != self.settings_key:
+            self.settings_key = key
+            self._refresh_settings(groups)
+        if not self.capturable:
+            self._fill_bias_columns()
+        live_grads = self._refresh_addresses(grads)
         self._copy_params_in()
         aligned = self.table.addresses_aligned()
         tables = self.table.upload()
+        if self.capturable:
+            self._fill_device_columns(tables[0])
         for r in self.rounds:
             r.run(tables, groups, aligned)
         self._copy_params_out()
         del live_grads
 
     def _copy_params_in(self) -> None:
-        for e in self.entries:
-            if e.param_copy is not None:
-                e.param_copy.copy_(e.slot.param.detach())
-                mk.record("param_copy")
+        for e in self.copied:
+            e.param_copy.copy_(e.slot.param.detach())
+            mk.record("param_copy")
 
     def _copy_params_out(self) -> None:
-        for e in self.entries:
-            if e.param_copy is not None:
-                e.slot.param.detach().copy_(e.param_copy)
-                mk.record("param_copy")
+        for e in self.copied:
+            e.slot.param.detach().copy_(e.param_copy)
+            mk.record("param_copy")
 
     def nonfinite_in_last_step(self) -> list:
         """Names of tensors whose gradient had a NaN/Inf in the last moments pass (host sync)."""
@@ -600,7 +729,8 @@ class TritonBackend:
         """The plan's launch groups, built on first use; rebuilt if a setting that shapes the
         tables (trust_ratio, which adds ‖W‖ segments; the NS schedule, which groups the Gram form's
         batches) changes without a plan rebuild."""
-        key = (self.memory_budget, tuple((bool(g["trust_ratio"]), ns_schedule(g)) for g in opt.param_groups))  # the Gram form batches by schedule
+        key = (self.memory_budget, getattr(opt, "capturable", False),
+               tuple((bool(g["trust_ratio"]), g["ns_steps"], _frozen_coefficients(g["ns_coefficients"])) for g in opt.param_groups))  # the Gram form batches by schedule
         cached = plan.cache.get("triton")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -609,17 +739,19 @@ class TritonBackend:
             by_key.setdefault((bucket.device, bucket.dtype), []).append(bucket)
         launch_groups = []
         for (device, dtype), buckets in by_key.items():
-            lg = _LaunchGroup(buckets, opt.param_groups, device, dtype, self.ns_config, self.block, self.memory_budget)
+            lg = _LaunchGroup(buckets, opt.param_groups, device, dtype, self.ns_config, self.block, self.memory_budget,
+                              capturable=getattr(opt, "capturable", False))  # fmt: skip
+            first = {id(b): n for n, b in zip(itertools.accumulate([0] + [len(b.slots) for b in plan.buckets]), plan.buckets)}
+            lg.grad_order = [first[id(e.bucket)] + e.slot_index for e in lg.entries]  # where each entry's grad is in the step's flat list
+            lg.grad_picker = operator.itemgetter(*lg.grad_order) if lg.grad_order else (lambda flat: ())
             launch_groups.append(lg)
         plan.cache["triton"] = (key, launch_groups)
         return launch_groups
 
     def step(self, opt, plan, grads_by_bucket) -> None:
-        grads_of = {id(b): g for b, g in zip(plan.buckets, grads_by_bucket)}
+        flat = [g for gs in grads_by_bucket for g in gs]
         for lg in self._program(opt, plan):
-            grads = []
-            for e in lg.entries:
-                grads.append(grads_of[id(e.bucket)][e.slot_index])
+            grads = list(lg.grad_picker(flat)) if len(lg.entries) > 1 else [flat[i] for i in lg.grad_order]
             if lg.device.type == "cuda":
                 with torch.cuda.device(lg.device):
                     lg.step(opt.param_groups, grads)
