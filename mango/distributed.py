@@ -52,11 +52,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .backends.torch_backend import TorchBackend, batched_newton_schulz, ns_work_dtype
+from .backends.torch_backend import TorchBackend, batched_newton_schulz
 from .config import NS_NORMS, ns_schedule
 from .dtensor import is_dtensor, local_tensor
 from .layout import norm_blocks
-from .reference import ns_method_for
+from .ns_engine import choose_for_bucket
 
 if TYPE_CHECKING:  # the annotation only
     from .plan import ElementwiseBucket
@@ -350,9 +350,8 @@ class _Worker:
 
 
 def _method(group, bucket, nb) -> str:
-    """The NS form of a bucket's blocks (the same choice the single-process backend makes)."""
-    r, c = nb.block_shape
-    return ns_method_for(group, r, c, bucket.dtype, bucket.device)
+    """The NS form of a bucket's blocks: the plan's choice (mango.ns_engine), read, not made again."""
+    return choose_for_bucket(nb, bucket, group, "torch").method
 
 
 class ShardedTorchBackend(TorchBackend):
@@ -590,7 +589,7 @@ class ShardedTorchBackend(TorchBackend):
                 sums.setdefault(entry.pg, []).append(i)
                 continue
             group, bucket, nb, d = payload
-            dt = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype, _method(group, bucket, nb))
+            dt = choose_for_bucket(nb, bucket, group, "torch").dtype
             if nb.cache["mango.distributed"].ns_mode == "gram":
                 # its Frobenius pre-scaling joins this round's sums of squares
                 info = nb.cache["mango.distributed"]
