@@ -154,10 +154,10 @@ def _rank_main(rank, args, store_path, out_path):
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     if rank == 0:
-        from mango.backends.torch_backend import ns_work_dtype
+        from mango.ns_engine import auto_dtype
 
         described = mango.describe(groups)
-        ns_dtypes = sorted({str(ns_work_dtype(g["ns_dtype"], params[0].device, torch.float32)).replace("torch.", "") for g in opt.param_groups})
+        ns_dtypes = sorted({str(auto_dtype(g, "textbook", params[0].device)).replace("torch.", "") for g in opt.param_groups})
         info = dict(
             ns_dtypes=ns_dtypes,
             params=sum(p.numel() for p in params),

@@ -42,8 +42,7 @@ def ns_tensors(opt, device="cuda") -> list:
     """Every NS-bound tensor of the plan `opt` (a mango optimizer, params on the meta device) builds,
     in plan order: dict(group, bucket, shape, block, norm, experts, steps, prescale, esize), esize
     being the bytes of one element in the NS operand dtype the backends pick for it on `device`."""
-    from mango.backends.torch_backend import ns_work_dtype
-    from mango.reference import ns_method_for
+    from mango import ns_engine
 
     device = torch.device(device)
     for g in opt.param_groups:
@@ -64,7 +63,7 @@ def ns_tensors(opt, device="cuda") -> list:
             for i in nb.slots:
                 p = b.slots[i].param
                 r, c = nb.block_shape
-                dt = ns_work_dtype(group["ns_dtype"], device, b.dtype, ns_method_for(group, r, c, b.dtype, device))
+                dt = ns_engine.choose(group, r, c, b.dtype, device, "torch").dtype
                 out.append(dict(group=b.group_index, bucket=(bi, ni), shape=tuple(p.shape), block=tuple(nb.block_shape), norm=nb.norm,
                                 experts=nb.experts, orientation=nb.orientation, round=requests - 1, steps=steps, prescale=group["ns_prescale"], esize=torch.finfo(dt).bits // 8))  # fmt: skip
     for g in opt.param_groups:

@@ -81,9 +81,9 @@ def _stack(bucket, device, dtype, oriented: bool, seed: int = 0):
 
 
 def _torch_ns_dtype(device, method: str = "textbook") -> torch.dtype:
-    from mango.backends.torch_backend import ns_work_dtype
+    from mango.ns_engine import auto_dtype
 
-    return ns_work_dtype("auto", torch.device(device), torch.float32, method)
+    return auto_dtype({}, method, torch.device(device))
 
 
 class TritonNS:
@@ -164,11 +164,11 @@ def _ours_ns(device, bucket):
 
 
 def auto_method(bucket, device, settings=None) -> str:
-    """What ns_method="auto" picks for this bucket's blocks on `device` (mango.reference.ns_method_for)."""
-    from mango.reference import ns_method_for
+    """What ns_method="auto" picks for this bucket's blocks on `device` (mango.ns_engine)."""
+    from mango.ns_engine import auto_method
 
     r, c = bucket.block
-    return ns_method_for(dict(config.DEFAULTS, **(settings or {})), r, c, torch.float32, torch.device(device))
+    return auto_method(settings or {}, r, c, torch.device(device))
 
 
 def ns_buckets_bench(pset: ParamSet, device, rates: dict, budget_s: float = 0.3, forms: bool | None = None,

@@ -150,7 +150,7 @@ def ns_bucket_budget(pset, device, settings: dict | None = None) -> dict:
     batched together) in the dtype its Newton–Schulz runs in under `settings` on `device`."""
     from mango import config
     from mango import newton_schulz as ns
-    from mango.reference import cpu_has_fast_bf16, ns_method_for
+    from mango.ns_engine import auto_dtype, auto_method
 
     from .roofline import ns_buckets
 
@@ -159,8 +159,8 @@ def ns_bucket_budget(pset, device, settings: dict | None = None) -> dict:
     best = None
     for b in ns_buckets(pset):
         r, c = b.block
-        method = ns_method_for(s, r, c, torch.float32, device)
-        dt = ns.operand_dtype(s["ns_dtype"], method, device, torch.float32, cpu_has_fast_bf16())
+        method = auto_method(s, r, c, device)
+        dt = auto_dtype(s, method, device)
         nbytes = b.batch * r * c * (torch.finfo(dt).bits // 8)
         if best is None or nbytes > best["bucket_bytes"]:
             best = {"bucket": b.label, "bucket_bytes": nbytes, "dtype": str(dt).replace("torch.", ""), "method": method}

@@ -20,8 +20,8 @@ parameter.
 Per NS method (`ns_methods`): the textbook and the Gram form of the same polynomial (SPEC §6),
 counted by `mango.newton_schulz.textbook_flops` / `gram_flops` (2 FLOPs per multiply-add, no
 symmetry, the Gram form with its restarts), and what ``ns_method="auto"`` picks per bucket on the
-device (`mango.reference.ns_method_for`). Each method's floor uses the measured matmul rate of the
-dtype that method runs in there (`mango.newton_schulz.operand_dtype`: bf16 textbook on CUDA and
+device (`mango.ns_engine`). Each method's floor uses the measured matmul rate of the
+dtype that method runs in there (`mango.ns_engine.auto_dtype`: bf16 textbook on CUDA and
 bf16 CPUs, fp16 Gram on CUDA, fp32 otherwise) plus the state traffic over the copy bandwidth.
 """
 
@@ -223,17 +223,16 @@ def ns_methods(pset: ParamSet, rates: dict, device, settings: dict | None = None
     bucket on `device` — with each method's floor (see the module docstring). `settings`: mango
     group settings over the defaults (ns_dtype, ns_coefficients, ns_steps, ns_method)."""
     from mango import newton_schulz as ns
-    from mango.reference import cpu_has_fast_bf16, ns_method_for
+    from mango.ns_engine import auto_dtype, auto_method
 
     device = torch.device(device)
     s = dict(config.DEFAULTS, **(settings or {}))
     steps = len(config.ns_schedule(s))
-    fast = cpu_has_fast_bf16()
     mm = rates["matmul_flops"]
     t_state = state_bytes(pset) / rates["copy_bytes_per_s"]
 
     def dtype_of(method):
-        return str(ns.operand_dtype(s["ns_dtype"], method, device, torch.float32, fast)).replace("torch.", "")
+        return str(auto_dtype(s, method, device)).replace("torch.", "")
 
     def rate_of(dtype_name):
         return mm.get(dtype_name) if isinstance(mm.get(dtype_name), float) else None
@@ -244,7 +243,7 @@ def ns_methods(pset: ParamSet, rates: dict, device, settings: dict | None = None
     for b in ns_buckets(pset):
         r, c = b.block
         flops = {"textbook": b.batch * ns.textbook_flops(r, c, steps), "gram": b.batch * ns.gram_flops(r, c, steps)}
-        auto = ns_method_for(s, r, c, torch.float32, device)
+        auto = auto_method(s, r, c, device)
         dts = {m: dtype_of(m) for m in ("textbook", "gram")}
         row = {"bucket": b.label, "block": list(b.block), "batch": b.batch, "textbook_flops": flops["textbook"],
                "gram_flops": flops["gram"], "gram_restarts": list(ns.gram_restarts(steps)), "auto": auto,

@@ -29,7 +29,6 @@ import torch  # noqa: E402
 
 import mango  # noqa: E402
 import mango_kernels as mk  # noqa: E402
-from mango.backends import triton_backend  # noqa: E402
 
 from . import params as P  # noqa: E402
 
@@ -44,20 +43,16 @@ def measure(set_name: str, form: str, budget) -> dict:
     opt = mango.Mango(P.mango_groups(pset, params), backend="triton", **FORMS[form])
     backend = opt._backend_for(torch.device("cpu"))
     backend.ns_config, backend.memory_budget = GPU_TILES, budget
+    backend.ns_target = "sm_90"  # the engines, forms and dtypes an H200 step runs
     for p in params:
         p.grad = torch.zeros_like(p)
-    choose = triton_backend.ns_method_for
-    triton_backend.ns_method_for = lambda g, r, c, dt, dev: choose(g, r, c, dt, torch.device("cuda"))  # CUDA's choice
-    try:
-        with mk.count_launches(dry_run=True):
-            opt.step()  # builds the plan
-        with mk.count_launches(dry_run=True) as log:
-            opt.step()
-    finally:
-        triton_backend.ns_method_for = choose
+    with mk.count_launches(dry_run=True):
+        opt.step()  # builds the plan
+    with mk.count_launches(dry_run=True) as log:
+        opt.step()
     (lg,) = opt._plan.cache["triton"][1]
     mem = lg.memory()
-    forms = sorted({f"{str(e.ns_dtype).replace('torch.', '')} {e.ns_method}" for e in lg.entries if e.ns_kernel})
+    forms = sorted({f"{e.ns_choice.engine} {str(e.ns_dtype).replace('torch.', '')} {e.ns_method}" for e in lg.entries if e.ns_kernel})
     return dict(
         set=set_name, form=form, ns_forms=forms, one_round=budget is not None,
         rounds=mem["rounds"], arena_bytes=mem["arena"], budget_bytes=mem["spec_budget"], round_bytes=mem["round_bytes"],

@@ -478,9 +478,9 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
     skip = {s for s in args.skip.split(",") if s}
-    from mango.backends.torch_backend import ns_work_dtype
+    from mango.ns_engine import auto_dtype
 
-    ns_dt = str(ns_work_dtype("auto", device, torch.float32)).replace("torch.", "")
+    ns_dt = str(auto_dtype({}, "textbook", device)).replace("torch.", "")
     args.optimizers_given = args.optimizers is not None
     if args.optimizers is None:
         defaults = O.CONTENDERS + (O.PEERS if device.type == "cuda" else ())

@@ -28,6 +28,7 @@ SPLIT_NORMS = ("ns_split", "l2_split")
 PRECONDITIONERS = (None, "laprop", "adam", "novograd")
 NS_PRESCALES = ("frobenius", "spectral")
 NS_METHODS = ("auto", "textbook", "gram")
+NS_ENGINES = ("auto", "triton", "cublas")  # triton backend: Triton kernels, or torch batched GEMMs (cuBLAS on CUDA)
 SHAPE_SCALES = (None, "original", "match_rms_adamw")
 SECOND_MOMENTS = ("ema", "sum")
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
@@ -116,7 +117,8 @@ DEFAULTS = dict(
     ns_method="auto",  # "textbook" X ← p(XXᵀ)X, "gram" (iterate on the Gram matrix), "auto": fewer FLOPs per shape
     ns_prescale="frobenius",
     ns_eps=1e-7,
-    ns_dtype="auto",  # torch backend: bfloat16 on CUDA, float32 on CPU; reference: input dtype
+    ns_dtype="auto",  # decided per NS bucket by mango.ns_engine (measured on CPUs); reference: input dtype
+    ns_engine="auto",  # triton backend: "triton" kernels, "cublas" (torch batched GEMMs), "auto": per bucket (mango.ns_engine)
     shape_scale="original",
     orientation="out_in",  # how a matrix is stored: (out, in) like nn.Linear, or "in_out" (HF Conv1D)
     experts=False,  # dim 0 indexes independent matrices (MoE experts): every norm is taken per expert
@@ -279,6 +281,7 @@ def validate_group(group: dict) -> None:
     normalize_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
     _check_choice("ns_prescale", group["ns_prescale"], NS_PRESCALES)
     _check_choice("ns_method", group["ns_method"], NS_METHODS)
+    _check_choice("ns_engine", group["ns_engine"], NS_ENGINES)
     _check_choice("orientation", group["orientation"], ORIENTATIONS)
     if not isinstance(group["experts"], bool):
         raise _err("experts", group["experts"], "must be True or False")

@@ -31,7 +31,7 @@ from .backends.torch_backend import TEMP_FLOOR_BYTES, TorchBackend, batched_newt
 from .config import NS_NORMS, ns_schedule
 from .distributed import CommStats, assign_owners, gram_ns_flops, ns_flops, use_gram_ns
 from .layout import norm_blocks
-from .reference import ns_method_for
+from .ns_engine import choose_for_bucket
 
 __all__ = ["resolve_process_group", "assign_plan", "SplitTorchBackend", "split_triton_backend", "NSGather"]
 
@@ -197,7 +197,7 @@ class SplitTorchBackend(TorchBackend):
             limit = max(self._budget // 16, TEMP_FLOOR_BYTES) if self._budget else None
             out = batched_newton_schulz(norm_blocks(owned, nb.shape, nb.norm, nb.head_dim, **nb.layout), ns_schedule(group),
                                         group["ns_prescale"], group["ns_eps"], dtype=X.dtype, out_scale=scale,
-                                        method=ns_method_for(group, r, c, bucket.dtype, bucket.device), max_temp_bytes=limit)  # fmt: skip
+                                        method=choose_for_bucket(nb, bucket, group, "torch").method, max_temp_bytes=limit)  # fmt: skip
             for pos, j in enumerate(mine):
                 results[j] = out[pos]
             self.comm.ns_flops += len(mine) * ns_flops(nb.shape, nb.block_shape, len(ns_schedule(group)))
@@ -294,6 +294,8 @@ class _TritonRoundSplit:
             owners = e.nb.cache.get("mango.ddp.owners")
             if owners is None or e.ns_dtype is None:
                 continue
+            if e.ns_kernel and getattr(e.batch, "engine", None) == "cublas":
+                continue  # a cuBLAS bucket runs its GEMMs on the whole batch with one schedule: run everywhere
             if e.ns_kernel and e.ns_method == "gram" and e.batch.spec_is_large[e.spec]:
                 continue  # the Gram form's large items iterate as one host batch with one schedule: run everywhere
             self.owner[e.row] = owners[e.nb.slots.index(e.slot_index)]

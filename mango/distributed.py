@@ -53,11 +53,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .backends.torch_backend import TorchBackend, batched_newton_schulz, ns_work_dtype
+from .backends.torch_backend import TorchBackend, batched_newton_schulz
 from .config import NS_NORMS, ns_schedule
 from .dtensor import is_dtensor, local_tensor
 from .layout import norm_blocks
-from .reference import ns_method_for
+from .ns_engine import choose_for_bucket
 
 if TYPE_CHECKING:  # the annotation only
     from .plan import ElementwiseBucket
@@ -351,9 +351,8 @@ class _Worker:
 
 
 def _method(group, bucket, nb) -> str:
-    """The NS form of a bucket's blocks (the same choice the single-process backend makes)."""
-    r, c = nb.block_shape
-    return ns_method_for(group, r, c, bucket.dtype, bucket.device)
+    """The NS form of a bucket's blocks: the plan's choice (mango.ns_engine), read, not made again."""
+    return choose_for_bucket(nb, bucket, group, "torch").method
 
 
 class ShardedTorchBackend(TorchBackend):
@@ -627,7 +626,7 @@ class ShardedTorchBackend(TorchBackend):
 
     def ns_exchange_dtype(self, group, bucket, nb) -> torch.dtype:
         """The dtype rows travel and the owner orthogonalizes in: the torch backend's NS dtype."""
-        return ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype, _method(group, bucket, nb))
+        return choose_for_bucket(nb, bucket, group, "torch").dtype
 
     def _gram_newton_schulz(self, pg, dtype, items) -> list:
         """Newton–Schulz on row-sharded tall matrices without gathering them.

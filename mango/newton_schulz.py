@@ -1,5 +1,5 @@
 """Newton–Schulz, written to be read: the textbook and the Gram form of the same polynomial,
-their FLOP counts, and the choice between them (SPEC §6).
+and their FLOP counts (which form and dtype a bucket runs in is mango.ns_engine's choice).
 
 Every step of Newton–Schulz applies one odd polynomial to the singular values:
 
@@ -15,7 +15,7 @@ at the end, Q·X:
                X ← Q·X
 
 For a wide matrix (m ≪ n: MLP weights 768×3072, a vocabulary head, attention head blocks 64×768)
-that is ~1.5–4× fewer FLOPs; for a square one it is more, so "auto" picks per shape. In exact
+that is ~1.5–4× fewer FLOPs; for a square one it is more, so "auto" picks per shape (mango.ns_engine). In exact
 arithmetic both give the same X; in floating point R carries σ² where X carries σ, so the Gram
 form loses precision faster: it restarts every 3 steps from step 2 (the Gram Newton–Schulz
 literature restarts at step 2 of 5), and in 16 bits it runs in float16 (10 mantissa bits) rather
@@ -36,8 +36,6 @@ __all__ = [
     "gram_restarts",
     "textbook_flops",
     "gram_flops",
-    "choose_method",
-    "operand_dtype",
 ]
 
 
@@ -125,44 +123,3 @@ def gram_flops(rows: int, cols: int, steps: int, restarts=None) -> int:
         if k + 1 < steps and k + 1 not in restarts:
             total += 2 * small  # P·R·P
     return total + big  # Q·X
-
-
-# Relative time of one FLOP by operand dtype where it differs by device: CUDA tensor cores run
-# bf16 and fp16 alike; CPUs with native bf16 (AVX512-BF16/AMX) run bf16 ~4× faster than fp32 and
-# fp16 no faster than fp32.
-def _flop_cost(dtype: torch.dtype, device: torch.device, fast_bf16_cpu: bool) -> float:
-    if device.type == "cuda":
-        return 1.0 if dtype in (torch.bfloat16, torch.float16) else 16.0
-    if dtype == torch.bfloat16 and fast_bf16_cpu:
-        return 0.25
-    return 1.0
-
-
-def operand_dtype(setting, method: str, device: torch.device, state_dtype: torch.dtype, fast_bf16_cpu: bool) -> torch.dtype:
-    """The NS operand dtype. An explicit `ns_dtype` is used as given; "auto" is float64 for float64
-    state, else the textbook form in bf16 where bf16 matmul is fast (CUDA, bf16 CPUs) and the Gram
-    form in fp16 on CUDA; everything else in the state dtype."""
-    if setting != "auto":
-        return setting
-    if state_dtype == torch.float64:
-        return torch.float64
-    if method == "gram":
-        return torch.float16 if device.type == "cuda" else state_dtype
-    fast = device.type == "cuda" or (device.type == "cpu" and fast_bf16_cpu)
-    return torch.bfloat16 if fast else state_dtype
-
-
-def choose_method(setting: str, rows: int, cols: int, steps: int, ns_dtype, device, state_dtype, fast_bf16_cpu: bool) -> str:
-    """ns_method for one block shape: the setting, or for "auto" the form with the lower FLOP count,
-    each weighted by how fast its operand dtype runs here. bf16 never runs the Gram form (it cannot
-    hold the Gram iterates: ~4% error), so an explicit ns_dtype=bfloat16 means textbook."""
-    if setting != "auto":
-        return setting
-    if ns_dtype == torch.bfloat16:
-        return "textbook"
-    device = torch.device(device)
-    cost = {}
-    for method, flops in (("textbook", textbook_flops(rows, cols, steps)), ("gram", gram_flops(rows, cols, steps))):
-        dt = operand_dtype(ns_dtype, method, device, state_dtype, fast_bf16_cpu)
-        cost[method] = flops * _flop_cost(dt, device, fast_bf16_cpu)
-    return "gram" if cost["gram"] < cost["textbook"] else "textbook"

@@ -25,6 +25,7 @@ from . import config, distributed, plain
 from . import ddp as _ddp
 from . import groups as _groups
 from .backends import make_backend
+from . import ns_engine
 from .groups import check_param
 from .plan import Slot, build_plan, structural_key
 from .reference import init_state, state_keys
@@ -103,6 +104,7 @@ class Mango(Optimizer):
         ns_prescale: str = config.DEFAULTS["ns_prescale"],
         ns_eps: float = config.DEFAULTS["ns_eps"],
         ns_dtype="auto",
+        ns_engine: str = config.DEFAULTS["ns_engine"],
         shape_scale=config.DEFAULTS["shape_scale"],
         orientation: str = config.DEFAULTS["orientation"],
         experts: bool = config.DEFAULTS["experts"],
@@ -127,7 +129,7 @@ class Mango(Optimizer):
             second_moment=second_moment, nesterov=nesterov, ema_momentum=ema_momentum,
             bias_correction=bias_correction, role=role,
             norm=norm, head_dim=head_dim, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
-            ns_method=ns_method, ns_prescale=ns_prescale, ns_eps=ns_eps, ns_dtype=ns_dtype, shape_scale=shape_scale,
+            ns_method=ns_method, ns_prescale=ns_prescale, ns_eps=ns_eps, ns_dtype=ns_dtype, ns_engine=ns_engine, shape_scale=shape_scale,
             orientation=orientation, experts=experts,
             trust_ratio=trust_ratio, trust_clamp=trust_clamp, beta_offset=beta_offset,
             weight_decay=weight_decay, maximize=maximize,
@@ -183,6 +185,8 @@ class Mango(Optimizer):
         """Pickle/deepcopy keep the frontend settings; the plan and backends are rebuilt lazily."""
         state = super().__getstate__()
         state.update(backend_name=self.backend_name, nonfinite=self.nonfinite, skipped_steps=self.skipped_steps, capturable=self.capturable)
+        if self.__dict__.get("_ns_profiles"):
+            state["_ns_profiles"] = self._ns_profiles
         return state
 
     def __setstate__(self, state):
@@ -199,13 +203,18 @@ class Mango(Optimizer):
         self.process_group = getattr(self, "process_group", None)
 
     def state_dict(self) -> dict:
-        """torch.optim's state dict, with `betas` and `beta1`/`beta2` synced first (see mango.betas)."""
+        """torch.optim's state dict, with `betas` and `beta1`/`beta2` synced first (see mango.betas),
+        and the measured NS profile "auto" decided by (`ns_profiles`), so a resumed run keeps its
+        NS dtypes and forms."""
         self._betas_sync.sync(self.param_groups)
         sd = super().state_dict()
         for g in sd["param_groups"]:  # one checkpoint layout, capturable or not: lr as a float
             for key in _LR_KEYS:
                 if isinstance(g.get(key), torch.Tensor):
                     g[key] = g[key].item()
+        profiles = self.__dict__.get("_ns_profiles")
+        if profiles:
+            sd["ns_profiles"] = {k: p.to_state() for k, p in profiles.items()}
         return sd
 
     def load_state_dict(self, state_dict) -> None:
@@ -214,7 +223,11 @@ class Mango(Optimizer):
         mango's layout (fp32 state for bf16 params) so a round trip is bit-exact."""
         saved_groups = _groups.check_loadable(self, state_dict)
         lrs = [g["lr"] for g in self.param_groups]
+        profiles = state_dict.get("ns_profiles")
+        state_dict = {k: v for k, v in state_dict.items() if k != "ns_profiles"}
         super().load_state_dict(dict(state_dict, param_groups=saved_groups))
+        if profiles:  # the saved verdict wins, also on another machine: the run keeps its NS dtypes
+            self._ns_profiles = {k: ns_engine.DeviceProfile.from_state(p) for k, p in profiles.items()}
         _groups.restore_state_dtypes(self, saved_groups, state_dict["state"])
         for g, old in zip(self.param_groups, lrs):
             if self.capturable and isinstance(old, torch.Tensor):  # the same lr tensor a captured graph reads
@@ -285,7 +298,44 @@ class Mango(Optimizer):
                     state.pop("offset", None)
                 slots.append(Slot(p, self._name(group, p), gi, role, norm, state))
             slots_by_group.append(slots)
-        return build_plan(key, self.param_groups, slots_by_group)
+        plan = build_plan(key, self.param_groups, slots_by_group)
+        self._choose_ns(plan)
+        return plan
+
+    def _choose_ns(self, plan) -> None:
+        """Every NS bucket's engine, form and dtype, decided once per plan (mango.ns_engine) under
+        the backend that runs it; on a CPU from this optimizer's measured profile, which stays fixed
+        for its life (and travels in its state dict)."""
+        for bucket in plan.buckets:
+            group = self.param_groups[bucket.group_index]
+            backend = self._backend_for(bucket.device, plan.sharded)
+            if backend.name == "reference":  # the oracle evaluates the form and dtype it is handed
+                continue
+            for nb in bucket.norm_buckets:
+                if nb.norm in config.NS_NORMS:
+                    r, c = nb.block_shape
+                    profile = self._ns_profile(bucket.device) if backend.name == "torch" else None
+                    nb.ns_choice = ns_engine.choose(group, r, c, bucket.dtype, bucket.device, backend.name,
+                                                    count=nb.blocks_per_tensor * len(nb.slots), profile=profile,
+                                                    arch=getattr(backend, "ns_target", None))  # fmt: skip
+
+    def _ns_profile(self, device):
+        """The matmul rates NS "auto" decides by on `device` (CPUs: measured once, then kept)."""
+        if device.type != "cpu":
+            return None
+        profiles = self.__dict__.setdefault("_ns_profiles", {})
+        if "cpu" not in profiles:
+            profiles["cpu"] = ns_engine.cpu_profile()
+        return profiles["cpu"]
+
+    def ns_choices(self) -> list:
+        """[(parameter names, block shape, NSChoice)] for every NS bucket of the current plan."""
+        out = []
+        for bucket in (self._plan.buckets if self._plan else []):
+            for nb in bucket.norm_buckets:
+                if nb.ns_choice is not None:
+                    out.append(([bucket.slots[i].name for i in nb.slots], nb.block_shape, nb.ns_choice))
+        return out
 
     @staticmethod
     def _nonfinite_flags(grads) -> torch.Tensor:

@@ -26,6 +26,7 @@ from .reference import compute_dtype, shape_factor
 # Group settings that change the plan's structure; everything else is read every step.
 STRUCTURAL_KEYS = (
     "role", "norm", "head_dim", "preconditioner", "beta_offset", "ns_dtype", "shape_scale", "orientation", "experts", "ns_method",
+    "ns_engine",
 )  # fmt: skip
 
 
@@ -61,6 +62,7 @@ class NormBucket:
     row_offset: int = 0  # first row of these tensors within the whole tensor (a row shard under FSDP2)
     global_rows: int = None  # rows of the whole tensor, where the tensors here are row shards
     cache: dict = field(default_factory=dict)  # backend-specific data (e.g. Triton tables)
+    ns_choice: object = None  # NS buckets: how their NS runs (mango.ns_engine.NSChoice), set at plan time
 
     @property
     def layout(self) -> dict:

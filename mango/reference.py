@@ -72,26 +72,6 @@ def newton_schulz(
     return _ns.newton_schulz(X, coefficients, prescale, eps, method)
 
 
-def ns_method_for(settings: dict, rows: int, cols: int, dtype: torch.dtype, device) -> str:
-    """The NS form a block of (rows, cols) gets under these settings (what every backend picks)."""
-    steps = len(ns_schedule(settings))
-    return _ns.choose_method(settings.get("ns_method", "auto"), rows, cols, steps, settings.get("ns_dtype", "auto"),
-                             torch.device(device), dtype, cpu_has_fast_bf16())  # fmt: skip
-
-
-def _detect_fast_bf16() -> bool:
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-_FAST_BF16 = _detect_fast_bf16()  # read once at import: a constant keeps torch.compile's graph whole
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 NS is ~4× fp32."""
-    return _FAST_BF16
-
-
 # ----------------------------------------------------------------------------------------
 # Normalizations
 # ----------------------------------------------------------------------------------------
@@ -132,9 +112,10 @@ def normalize(d: torch.Tensor, norm: str, settings: dict) -> torch.Tensor:
     elif norm == "l2_col":  # one unit vector per operator row (output neuron, token embedding)
         out = _unit_l2(blocks, dim=-1)
     elif norm in ("ns", "ns_split"):
+        # the oracle holds no policy: the form and dtype it is handed, "auto" as textbook in d's dtype
         ns_dtype = settings.get("ns_dtype", "auto")
         work = blocks if ns_dtype == "auto" else blocks.to(ns_dtype)
-        method = ns_method_for(settings, blocks.shape[-2], blocks.shape[-1], work.dtype, d.device)
+        method = "textbook" if settings.get("ns_method", "auto") == "auto" else settings["ns_method"]
         out = newton_schulz(work, ns_schedule(settings), settings["ns_prescale"], settings["ns_eps"], method)
     else:
         raise ValueError(f"mango: invalid norm={norm!r}")

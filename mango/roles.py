@@ -186,6 +186,10 @@ def describe(groups_or_optimizer) -> str:
     lines = [_format_row(header, widths), _format_row(tuple("-" * w for w in widths), widths)]
     lines += [_format_row(r, widths) for r in rows]
     lines.append(f"{len(rows)} parameters ({numel:,} elements) in {len(groups)} groups")
+    if hasattr(groups_or_optimizer, "ns_choices"):  # after a step: where each NS bucket runs, and why
+        from .ns_engine import describe_choices
+
+        lines += describe_choices(groups_or_optimizer.ns_choices())
     return "\n".join(lines)
 
 

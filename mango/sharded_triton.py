@@ -26,11 +26,11 @@ from __future__ import annotations
 import torch
 
 from .backends.torch_backend import _safe_inverse
-from .backends.triton_backend import TritonBackend, _cross_shard, _torch_row_norm, ns_kernel_dtype
+from .backends.triton_backend import TritonBackend, _cross_shard, _torch_row_norm
 from .distributed import ShardedTorchBackend
 from .dtensor import local_tensor
+from .ns_engine import choose_for_bucket
 from .plan import Plan
-from .reference import ns_method_for
 
 __all__ = ["ShardedTritonBackend"]
 
@@ -40,8 +40,7 @@ class _OwnerNS(ShardedTorchBackend):
     backend picks (bf16 for "auto"), so an FSDP2 step orthogonalizes in the dtype one GPU would."""
 
     def ns_exchange_dtype(self, group, bucket, nb):
-        r, c = nb.block_shape
-        return ns_kernel_dtype(group["ns_dtype"], bucket.dtype, ns_method_for(group, r, c, bucket.dtype, bucket.device))
+        return choose_for_bucket(nb, bucket, group, "triton").dtype
 
 
 class ShardedTritonBackend:

@@ -87,6 +87,14 @@ def choose_ns_as_on(monkeypatch, device_type: str) -> None:
     choice is made on the host from the device type, shapes and settings, so a CPU dry run then
     launches what a step on that device launches: CI sees the CUDA launch structure without a GPU."""
     import mango.backends.triton_backend as tb
+    from mango import ns_engine
 
-    choose = tb.ns_method_for
-    monkeypatch.setattr(tb, "ns_method_for", lambda settings, rows, cols, dtype, device: choose(settings, rows, cols, dtype, torch.device(device_type)))
+    arch = "sm_90" if device_type == "cuda" else None  # the committed table's architecture
+
+    def as_on(nb, bucket, group, backend, profile=None):
+        r, c = nb.block_shape
+        count = nb.blocks_per_tensor * len(nb.slots)
+        nb.ns_choice = ns_engine.choose(group, r, c, bucket.dtype, bucket.device, backend, count, profile, arch=arch)
+        return nb.ns_choice
+
+    monkeypatch.setattr(tb, "choose_for_bucket", as_on)

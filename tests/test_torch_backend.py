@@ -52,16 +52,6 @@ def test_float32_newton_schulz_trajectory(pre, norm):
     assert rel_err(out, ref) <= 1e-4
 
 
-def test_ns_dtype_auto_picks_bf16_where_fast():
-    from mango.backends.torch_backend import cpu_has_fast_bf16, ns_work_dtype
-
-    cpu = torch.device("cpu")
-    assert ns_work_dtype("auto", cpu, torch.float64) == torch.float64
-    assert ns_work_dtype("auto", cpu, torch.float32) == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
-    assert ns_work_dtype("auto", torch.device("cuda"), torch.float32) == torch.bfloat16
-    assert ns_work_dtype(torch.float16, cpu, torch.float32) == torch.float16
-
-
 @pytest.mark.parametrize("norm", ["ns", "ns_split"])
 def test_bf16_newton_schulz_within_spec(norm):
     """ns_dtype=bfloat16 (the GPU default) vs float64: one step within SPEC's 2e-2, on the update."""

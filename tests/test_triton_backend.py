@@ -328,7 +328,7 @@ def test_gpt2_launch_structure_with_the_cuda_choice_in_a_dry_run(monkeypatch):
     tensor cores, so the head blocks may get the Gram form): the choice is host-side, so a CPU dry
     run launches what the CUDA step launches, and CI sees it without a GPU."""
     choose_ns_as_on(monkeypatch, "cuda")
-    from mango.reference import ns_method_for
+    from mango import ns_engine
 
     opt = gpt_step_optimizer(1, "cpu")
     with mk.count_launches(dry_run=True):
@@ -337,7 +337,9 @@ def test_gpt2_launch_structure_with_the_cuda_choice_in_a_dry_run(monkeypatch):
     for e in lg.entries:
         if e.ns_kernel:
             group = opt.param_groups[e.bucket.group_index]
-            assert e.ns_method == ns_method_for(group, *e.nb.block_shape, lg.dtype, torch.device("cuda"))
+            count = e.nb.blocks_per_tensor * len(e.nb.slots)
+            want = ns_engine.choose(group, *e.nb.block_shape, lg.dtype, "cpu", "triton", count, arch="sm_90")
+            assert (e.ns_choice.engine, e.ns_method, e.ns_dtype) == (want.engine, want.method, want.dtype)
     check_gpt2_launch_structure("cpu")
 
 

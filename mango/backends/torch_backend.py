@@ -38,9 +38,10 @@ import torch
 from .. import newton_schulz as _ns
 from ..config import ns_schedule
 from ..layout import block_shape, norm_blocks
-from ..reference import cpu_has_fast_bf16, ns_method_for, spectral_norm
+from ..ns_engine import choose_for_bucket
+from ..reference import spectral_norm
 
-__all__ = ["TorchBackend", "batched_newton_schulz", "ns_work_dtype", "cpu_has_fast_bf16", "CHUNK_ELEMENTS"]
+__all__ = ["TorchBackend", "batched_newton_schulz", "CHUNK_ELEMENTS"]
 
 CHUNK_ELEMENTS = 1 << 22  # elements per elementwise sweep (a 16 MB fp32 chunk buffer): few ops on a GPU
 CPU_CHUNK_ELEMENTS = 1 << 18  # on a CPU: two 1 MB fp32 chunk buffers stay in a core's L2 across a chunk's ~15 ops
@@ -58,13 +59,6 @@ def _lr(group):
     (an operand, so a scheduler's new value needs no recompile)."""
     lr = group["lr"]
     return lr.item() if isinstance(lr, torch.Tensor) and not torch.compiler.is_compiling() else lr
-
-
-def ns_work_dtype(setting, device: torch.device, dtype: torch.dtype, method: str = "textbook") -> torch.dtype:
-    """The NS operand dtype (see mango.newton_schulz.operand_dtype): "auto" is bf16 for the
-    textbook form where bf16 matmul is fast (CUDA, bf16 CPUs), fp16 for the Gram form on CUDA,
-    else the state dtype; float64 state always runs NS in float64."""
-    return _ns.operand_dtype(setting, method, torch.device(device), dtype, cpu_has_fast_bf16())
 
 
 # ----------------------------------------------------------------------------------------
@@ -542,8 +536,7 @@ class TorchBackend:
             group = opt.param_groups[bucket.group_index]
             for nb in bucket.norm_buckets:
                 if nb.norm in ("ns", "ns_split"):
-                    r, c = nb.block_shape
-                    dt = ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype, ns_method_for(group, r, c, bucket.dtype, bucket.device))
+                    dt = choose_for_bucket(nb, bucket, group, "torch").dtype
                     numel = sum(bucket.slots[i].param.numel() for i in nb.slots)
                     largest = max(largest, numel * (torch.finfo(dt).bits // 8))
         return 2 * largest
@@ -928,9 +921,8 @@ class TorchBackend:
 
     # -- NS --------------------------------------------------------------------------------------
     def _ns_dtype(self, group, bucket, unit):
-        r, c = unit.nb.block_shape
-        method = ns_method_for(group, r, c, bucket.dtype, bucket.device)
-        return ns_work_dtype(group["ns_dtype"], bucket.device, bucket.dtype, method)
+        """The unit's NS operand dtype, as decided at plan time (mango.ns_engine)."""
+        return choose_for_bucket(unit.nb, bucket, group, "torch").dtype
 
     # ------------------------------------------------------------------------------------
     # Stages that need whole tensors. A sharded (distributed) backend overrides these with
@@ -969,8 +961,7 @@ class TorchBackend:
         blocks = norm_blocks(X, nb.shape, nb.norm, nb.head_dim, **nb.layout)
         if blocks.numel() == 0:  # an empty row shard (FSDP2): nothing here to orthogonalize
             return blocks
-        r, c = nb.block_shape
-        method = ns_method_for(group, r, c, bucket.dtype, bucket.device)
+        method = choose_for_bucket(nb, bucket, group, "torch").method
         coeffs = ns_schedule(group)
         # the m×m temporaries (A, B or the Gram iterates) stay under 1/16 of the budget (1 MB at least:
         # slicing smaller batches only adds calls)

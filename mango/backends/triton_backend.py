@@ -66,7 +66,9 @@ from mango_kernels.tables import (
 
 from ..config import ns_schedule
 from ..layout import norm_blocks, operator_shape
-from ..reference import ns_method_for, spectral_norm
+from ..ns_engine import choose_for_bucket
+from ..reference import spectral_norm
+from .ns_cublas import CublasNSBatch
 from .torch_backend import _safe_inverse, batched_newton_schulz
 
 _NORM_KIND = {"none": NORM_NONE, "sign": NORM_SIGN, "l2": NORM_SEGMENT_L2, "l2_split": NORM_SEGMENT_L2, "l2_col": NORM_SEGMENT_L2}
@@ -93,16 +95,6 @@ def _lr_key(lr, capturable: bool):
     if isinstance(lr, torch.Tensor):
         return id(lr) if capturable else lr.item()
     return lr
-
-
-def ns_kernel_dtype(setting, compute_dtype: torch.dtype, method: str = "textbook"):
-    """The NS operand dtype: "auto" is bf16 for the textbook form and fp16 for the Gram form (the
-    kernels' design point, on any device); float64 params: float64, done by torch."""
-    if setting == "auto":
-        if compute_dtype == torch.float64:
-            return torch.float64
-        return torch.float16 if method == "gram" else torch.bfloat16
-    return setting
 
 
 def ns_blocks(nb, numel: int) -> list:
@@ -141,9 +133,10 @@ class _Entry:
         self.slot = bucket.slots[slot_index]
         self.slot_index = slot_index
         self.numel = self.slot.param.numel()
-        self.ns_dtype = None  # set for NS-bound entries
-        self.ns_method = None  # "textbook" or "gram" for NS-bound entries
-        self.ns_kernel = False  # NS by the Triton kernels (else by torch, in the work buffer)
+        self.ns_choice = None  # NS-bound entries: the bucket's mango.ns_engine.NSChoice (engine, form, dtype)
+        self.ns_dtype = None  # its dtype, for NS-bound entries
+        self.ns_method = None  # its form: "textbook" or "gram"
+        self.ns_kernel = False  # d in an NS stack: the Triton kernels' or the cuBLAS engine's (else torch, in the work buffer)
         self.torch_norm = False  # Δ by torch in the work buffer (l2_col on a transposed layout)
         self.fused = False  # none/sign without trust ratio: applied in the moments pass, no direction buffer
         self.ns_spec = None  # its items in the NS stack (mk.NSSpec), for NS-kernel entries
@@ -266,6 +259,13 @@ def _share_small_tile_heights(rounds, groups) -> None:
             batch.small_block_r = height[kind]
 
 
+def _with_tiles(config, tiles):
+    """`config` with the tiled kernels' tile sizes the engine choice gives (they fit the target)."""
+    import dataclasses
+
+    return dataclasses.replace(config, block_m=tiles[0], block_n=tiles[1], block_k=tiles[2])
+
+
 class _Round:
     """The tensors of one round: their tile layout and kernel scratch, their NS batches (one per NS
     dtype and form, and for the Gram form per schedule: its large items iterate as one batch) and the
@@ -301,10 +301,15 @@ class _Round:
             if e.ns_kernel:
                 group = groups[e.bucket.group_index]
                 sched = ns_schedule(group) if e.ns_method == "gram" else None
-                by_key.setdefault((e.ns_dtype, e.ns_method, sched), []).append(e)
-        for (dtype, method, _), members in by_key.items():
-            specs = [e.ns_spec for e in members]
-            batch = mk.NSBatch(specs, dtype, device, ns_config, method=method, bind=False)
+                engine = id(e.nb) if e.ns_choice.engine == "cublas" else e.ns_choice.tiles  # cuBLAS: one batch per bucket
+                by_key.setdefault((e.ns_dtype, e.ns_method, sched, engine), []).append(e)
+        for (dtype, method, _, _), members in by_key.items():
+            choice = members[0].ns_choice
+            if choice.engine == "cublas":
+                batch = CublasNSBatch(members[0].nb, len(members), dtype, device, method)
+            else:
+                config = ns_config if choice.tiles is None else _with_tiles(ns_config, choice.tiles)
+                batch = mk.NSBatch([e.ns_spec for e in members], dtype, device, config, method=method, bind=False)
             for n, e in enumerate(members):
                 e.spec, e.batch = n, batch
             self.ns_batches.append((batch, members))
@@ -357,12 +362,16 @@ class _Round:
 
         self.spectral = [[e for e in members if groups[e.bucket.group_index]["ns_prescale"] == "spectral" and mine(e)]
                          for _, members in self.ns_batches]  # fmt: skip
-        self.zero_steps = [[e.spec for e in members if batch.specs[e.spec].steps == 0 and mine(e)] for batch, members in self.ns_batches]
+        self.zero_steps = [[] if isinstance(batch, CublasNSBatch) else [e.spec for e in members if batch.specs[e.spec].steps == 0 and mine(e)]
+                           for batch, members in self.ns_batches]  # fmt: skip
         torch_ns = [e for e in self.entries if (e.ns_dtype is not None and not e.ns_kernel and mine(e)) or e.torch_norm]
         self.torch_entries = [e for e in torch_ns if self.shard is None or not self.shard.handles(e)]  # FSDP2: owner ranks
 
     def _newton_schulz(self, groups) -> None:
         for (batch, _), spectral, zero_steps in zip(self.ns_batches, self.spectral, self.zero_steps):
+            if isinstance(batch, CublasNSBatch):  # pre-scale (either kind) and all steps in its GEMMs
+                batch.run()
+                continue
             for e in spectral:  # option, not the hot path: torch fills the batch's sums
                 blocks = torch.stack(batch.block_views(e.spec)).float()
                 s = batch.specs[e.spec]
@@ -413,10 +422,9 @@ class _LaunchGroup:
                 for i in nb.slots:
                     e = _Entry(pos, bucket, nb, i)
                     if nb.norm in ("ns", "ns_split"):
-                        r, c = nb.block_shape
-                        e.ns_method = ns_method_for(group, r, c, compute_dtype, device)
-                        e.ns_dtype = ns_kernel_dtype(group["ns_dtype"], compute_dtype, e.ns_method)
-                        e.ns_kernel = e.ns_dtype in mk.NS_DTYPES and not _cross_shard(nb)
+                        e.ns_choice = choose_for_bucket(nb, bucket, group, "triton")
+                        e.ns_method, e.ns_dtype = e.ns_choice.method, e.ns_choice.dtype
+                        e.ns_kernel = e.ns_choice.engine != "torch" and e.ns_dtype in mk.NS_DTYPES and not _cross_shard(nb)
                         if e.ns_kernel:
                             e.ns_spec = mk.NSSpec(e.numel, ns_blocks(nb, e.numel))
                     e.torch_norm = (_torch_row_norm(nb) or (_cross_shard(nb) and nb.norm == "l2_split")) and e.numel > 0
@@ -430,7 +438,8 @@ class _LaunchGroup:
         self.budget = self.spec_budget if memory_budget is None else memory_budget
         # a round's buffers each start on an aligned byte: room for that padding (at most one batch
         # per NS dtype, form and group in a round, 4 buffers each, and the work buffer)
-        batches = len({(e.ns_dtype, e.ns_method, e.bucket.group_index) for e in self.entries if e.ns_kernel})
+        batches = len({(e.ns_dtype, e.ns_method, e.bucket.group_index, id(e.nb) if e.ns_choice.engine == "cublas" else e.ns_choice.tiles)
+                       for e in self.entries if e.ns_kernel})  # fmt: skip
         capacity = self.budget - _ARENA_ALIGN * (1 + 4 * batches)
         self.rounds = [_Round(es, groups, device, compute_dtype, ns_config, block)
                        for es in _pack_rounds(self.entries, cost, capacity)]  # fmt: skip
@@ -447,6 +456,8 @@ class _LaunchGroup:
         workspaces, or its direction in the work buffer."""
         if e.numel == 0:
             return 0
+        if e.ns_kernel and e.ns_choice.engine == "cublas":
+            return CublasNSBatch.nbytes_for(e.nb, 1, e.ns_dtype, e.ns_method)
         if e.ns_kernel:
             return mk.ns_buffer_bytes([e.ns_spec], e.ns_dtype, e.ns_method, ns_config)
         if _needs_work(e):
@@ -718,12 +729,14 @@ class _LaunchGroup:
 class TritonBackend:
     name = "triton"
 
-    def __init__(self, ns_config: "mk.NSConfig" = None, block: int = None, memory_budget: float = None):
+    def __init__(self, ns_config: "mk.NSConfig" = None, block: int = None, memory_budget: float = None, ns_target: str = None):
         """`memory_budget`: bytes of work buffers a step may use (None: SPEC §8's 2× the largest
-        bucket; float("inf"): one round, the fewest launches)."""
+        bucket; float("inf"): one round, the fewest launches). `ns_target` (e.g. "sm_90"): choose
+        the NS engines as on that GPU architecture (a launch dry run on a CPU counting its step)."""
         self.ns_config = ns_config or mk.NSConfig()
         self.block = block or mk.DEFAULT_BLOCK
         self.memory_budget = memory_budget
+        self.ns_target = ns_target
 
     def _program(self, opt, plan) -> list:
         """The plan's launch groups, built on first use; rebuilt if a setting that shapes the
