@@ -222,6 +222,7 @@ def test_fsdp2_checkpoint_moves_between_torch_and_triton(world, check):
 def test_ddp_split_ns_equals_single_process(world, check):
     worst = check(world, "ddp_split")
     assert set(worst) == {"mango", "settings", "muon", "gpt2_conv1d", "mixtral_experts_gqa", "float32"}
+    assert worst.pop("float32") <= 1e-6  # the row-split tall matrix's Gram sums in another order, in fp32
     assert max(worst.values()) <= 1e-10
 
 

@@ -49,7 +49,7 @@ def warn_if_unvalidated(device: torch.device) -> None:
 
 def make_backend(name: str, device: torch.device, sharded: bool = False, process_group=None):
     """Instantiate a backend by name; "auto" is triton on CUDA (when importable), torch elsewhere.
-    sharded: the plan has DTensor (FSDP2) parameters, which only the torch backend's sharded variant runs.
+    sharded: the plan has DTensor (FSDP2) parameters: the sharded variants (mango.distributed, mango.sharded_triton).
     process_group: whole (DDP) parameters with the NS split across this group's ranks (mango.ddp)."""
     if process_group is not None:
         return _split_backend(name, device, sharded, process_group)
