@@ -3,15 +3,18 @@
 The module tree says what a tensor is, but only to a reader who knows the conventions of the
 libraries that build it: Hugging Face's GPT-2 stores its projections transposed in a ``Conv1D``
 and fuses q/k/v in ``c_attn``; Llama/Mistral/Qwen keep q/k/v in separate Linears whose head size
-sits on the attention module or in the model's config; BERT calls them query/key/value; MoE
-models stack their experts in one 3-D parameter. This module reads those conventions by duck
-typing (no library is imported) and returns labels for :func:`mango.param_groups`.
+sits on the attention module or in the model's config; BERT calls them query/key/value,
+DistilBERT q_lin/k_lin/v_lin, T5 q/k/v, Phi-3 fuses them in qkv_proj; DeepSeek's latent
+attention projects per-head rows from shared latents; MoE models stack their experts in one 3-D
+parameter. This module reads those conventions by duck typing (no library is imported): the
+projections of an attention module by the words of their names, or by rows that are exactly a
+fused projection's, and returns labels for :func:`mango.param_groups`.
 
-Head counts come from the attention module or the model's config, never from shapes: a wrong
-head split cannot be seen in the loss, only in a worse optimizer. Where a module looks like
-attention but its heads cannot be found, it is reported (with the hint that fixes it) and left
-to the generic ``matrix`` rule; where module, config and tensor contradict, a ValueError names
-the parameter.
+Head counts come from the attention module or the model's config, never from shapes alone: a
+wrong head split cannot be seen in the loss, only in a worse optimizer. Where a module looks
+like attention but its heads or its projections cannot be found, it is reported (with the hint
+that fixes it) and left to the generic ``matrix`` rule; where module, config and tensor
+contradict, a ValueError names the parameter.
 """
 
 from __future__ import annotations
@@ -160,9 +163,9 @@ def _label_attention(name, module, by_name, root, found: Recognised) -> None:
 
     A module is taken as attention when its Linear children are named as q/k/v projections
     (any spelling: ``q_proj``, ``q_lin``, ``q``, ``query``, fused ``qkv_proj`` / ``Wqkv``), or when
-    its class name says attention or it states its heads and one child's rows are exactly the
-    ``(n_q + 2·n_kv)·head_dim`` of a fused projection. Where it looks like attention and the heads
-    or the projections cannot be found, it is reported with the hint that fixes it.
+    its class name says attention or it states its head count and size, and one child's rows are
+    exactly the ``(n_q + 2·n_kv)·head_dim`` of a fused projection. Where it looks like attention
+    and the heads or the projections cannot be found, it is reported with the hint that fixes it.
     """
     children = [(local, child) for local, child in module.named_children() if is_linear_like(child)]
     if not children:
@@ -187,7 +190,8 @@ def _label_attention(name, module, by_name, root, found: Recognised) -> None:
 
 
 def _states_heads(module) -> bool:
-    return _positive_int_attr(module, _N_HEADS_ATTRS) is not None
+    """Head count and head size both on the module (timm's Attention): evidence enough of attention."""
+    return _positive_int_attr(module, _N_HEADS_ATTRS) is not None and _positive_int_attr(module, _HEAD_DIM_ATTRS) is not None
 
 
 def _label_named(name, kinds, heads: _Heads, found: Recognised) -> None:

@@ -411,9 +411,8 @@ def _choose_label(tensor: _Tensor, settings: dict) -> _Label:
     if documented and "role" in settings and settings["role"] != best.role:
         others = ", ".join(repr(n) for n in dict.fromkeys(tensor.names[1:]))
         warnings.warn(
-            f"mango.param_groups: parameter {tensor.names[0]!r} is one tensor with {others} (tied input/output "
-            f"embedding), documented as role 'embedding'; the override gives it role {settings['role']!r} "
-            "for both uses",
+            f"mango.param_groups: parameter {tensor.names[0]!r} is one tensor with {others} (tied), "
+            f"documented as role 'embedding'; the override gives it role {settings['role']!r} for every use",
             stacklevel=3,
         )
     return best

@@ -275,8 +275,8 @@ def test_tied_lm_head_is_the_embedding_once_silently_and_described():
 
 def test_tied_weight_override_that_disagrees_with_the_documented_role_warns():
     model = TinyGPT(tie=True)
-    with pytest.warns(UserWarning, match=r"'transformer\.wte\.weight' is one tensor with 'lm_head\.weight'.*"
-                      r"documented as role 'embedding'; the override gives it role 'head' for both uses") as record:
+    with pytest.warns(UserWarning, match=r"'transformer\.wte\.weight' is one tensor with 'lm_head\.weight' \(tied\), "
+                      r"documented as role 'embedding'; the override gives it role 'head' for every use") as record:
         groups = param_groups(model, qkv_heads=GPT_QKV, overrides={"lm_head.weight": {"role": "head"}})
     assert len(record) == 1
     assert labelling(groups)["transformer.wte.weight"] == ("head", None)
