@@ -21,6 +21,7 @@ Variants of the torch backend, run only when --optimizers names them (the NS-met
     torch_fp32           ns_dtype=float32, ns_method="auto": the regime of CPUs without bf16, where
                          "auto" picks the Gram form for wide blocks
     torch_fp32_textbook  ns_dtype=float32, ns_method="textbook"
+    torch_fp16_gram      ns_dtype=float16, ns_method="gram" (the Gram form's 16-bit candidate)
     torch_pe4            ns_coefficients="polar_express_4" (4 steps instead of 5)
     torch_fp32_pe4       the same in fp32 (Gram form where auto picks it)
 
@@ -64,6 +65,7 @@ VARIANTS = {
     "torch_textbook": ("mango torch (textbook NS)", {"ns_method": "textbook"}),
     "torch_fp32": ("mango torch (fp32 NS, auto)", {"ns_dtype": torch.float32}),
     "torch_fp32_textbook": ("mango torch (fp32 NS, textbook)", {"ns_dtype": torch.float32, "ns_method": "textbook"}),
+    "torch_fp16_gram": ("mango torch (fp16 NS, Gram)", {"ns_dtype": torch.float16, "ns_method": "gram"}),
     "torch_pe4": ("mango torch (polar_express_4)", {"ns_coefficients": "polar_express_4"}),
     "torch_fp32_pe4": ("mango torch (fp32 NS, polar_express_4)", {"ns_dtype": torch.float32, "ns_coefficients": "polar_express_4"}),
 }

@@ -167,6 +167,9 @@ class Contender:
             return
         self.rec["label"] = self.runner.label
         self.rec["info"] = dict(self.runner.info)
+        choices = getattr(self.runner.optimizer, "ns_choices", None)
+        if choices is not None:  # mango: which engine, form and dtype each NS bucket runs in, and why
+            self.rec["info"]["ns_choices"] = [f"{r}x{c} x{len(names)}: {ch.label()}" for names, (r, c), ch in choices()]
 
     @property
     def ok(self) -> bool:
@@ -253,6 +256,8 @@ def _print_rec(rec, wall=None):
     if rec["status"] == "ok":
         w = f", {wall:.1f} s wall" if wall is not None else ""
         print(f"  {rec['label']:<32} {rec['median_s'] * 1e3:10.3f} ms  ({rec['steps']} steps{w})", flush=True)
+        for line in (rec.get("info") or {}).get("ns_choices") or []:
+            print(f"      NS {line}", flush=True)
     else:
         print(f"  {rec['label']:<32} {rec['status']}: {rec['reason']}", flush=True)
 
