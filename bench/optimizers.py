@@ -235,13 +235,14 @@ def _compiled_torch(pset, params, device, compile_backend="inductor", timeout_s=
     opt = mango.presets.mango(mango_groups(pset, params), backend="torch")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    step = torch.compile(opt.step, backend=compile_backend)
+    step = None
     use_alarm = timeout_s and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
     if use_alarm:
         old = signal.signal(signal.SIGALRM, lambda signum, frame: (_ for _ in ()).throw(_Timeout()))
         signal.alarm(int(timeout_s))
     t0 = time.perf_counter()
     try:
+        step = torch.compile(opt.step, backend=compile_backend)
         step()
     except _Timeout:
         torch._dynamo.reset()
