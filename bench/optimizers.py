@@ -30,6 +30,11 @@ And of the triton backend (CUDA only; on in the GPU run):
     triton_one_round     the whole step in one round (memory_budget=inf): the fewest launches, NS
                          buffers for every tensor at once, beyond SPEC §8's memory budget
 
+And compiled, run only when --optimizers names it:
+
+    torch_compiled       torch.compile(opt.step) of the torch backend (inductor by default): the
+                         bookkeeping eager behind a graph break, the step's math one graph
+
 All MANGO contenders use the preset's defaults (LaProp, Nesterov, offset momentum, NS norms per role).
 """
 
@@ -75,10 +80,11 @@ TRITON_VARIANTS = {
 }
 LABELS.update({k: v[0] for k, v in {**VARIANTS, **TRITON_VARIANTS}.items()})
 LABELS.update(peers.LABELS)
+LABELS["torch_compiled"] = "torch.compile(mango torch)"
 PEERS = peers.PEERS  # other packages' Muon (bench/peers.py): by default on CUDA, named on CPU
-ALL_CONTENDERS = CONTENDERS + tuple(VARIANTS) + tuple(TRITON_VARIANTS) + PEERS
+ALL_CONTENDERS = CONTENDERS + tuple(VARIANTS) + tuple(TRITON_VARIANTS) + ("torch_compiled",) + PEERS
 # contenders that run mango's math (SPEC §8's memory budget applies to them)
-MANGO_KEYS = ("triton", "torch", "torch_bf16", "reference", "compile") + tuple(VARIANTS) + tuple(TRITON_VARIANTS)
+MANGO_KEYS = ("triton", "torch", "torch_bf16", "reference", "compile") + tuple(VARIANTS) + tuple(TRITON_VARIANTS) + ("torch_compiled",)
 MUON_ROLES = ("matrix", "qkv_weight")
 
 
@@ -229,6 +235,40 @@ def _compiled_reference(pset, params, device, compile_backend="inductor", timeou
     return Runner("compile", LABELS["compile"], step, lambda: (t for st in states for t in st.values()), None, info)
 
 
+def _compiled_torch(pset, params, device, compile_backend="inductor", timeout_s=None) -> Runner:
+    """torch.compile(opt.step) of mango's torch backend; compiled at build (one real step, like a
+    warm-up step), under --compile-timeout where the platform has SIGALRM."""
+    import torch._dynamo
+
+    opt = mango.presets.mango(mango_groups(pset, params), backend="torch")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step = None
+    use_alarm = timeout_s and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    if use_alarm:
+        old = signal.signal(signal.SIGALRM, lambda signum, frame: (_ for _ in ()).throw(_Timeout()))
+        signal.alarm(int(timeout_s))
+    t0 = time.perf_counter()
+    try:
+        step = torch.compile(opt.step, backend=compile_backend)
+        step()
+    except _Timeout:
+        torch._dynamo.reset()
+        raise Unavailable(f"compile failed: no result within --compile-timeout {int(timeout_s)} s") from None
+    except Exception as e:
+        torch._dynamo.reset()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise Unavailable(f"compile failed: {type(e).__name__}: {msg[:200]}") from e
+    finally:
+        if use_alarm:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    counters = torch._dynamo.utils.counters
+    info = {"compile_backend": compile_backend, "compile_s": time.perf_counter() - t0,
+            "graph_breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"].get("unique_graphs", None)}  # fmt: skip
+    return Runner("torch_compiled", LABELS["torch_compiled"], step, _opt_state(opt), opt, info)
+
+
 def _fused_adamw(params, device, **kw):
     """AdamW(fused=True) where the device supports it, else foreach; says which in `impl`."""
     probe = torch.nn.Parameter(torch.zeros(2, device=device))
@@ -278,6 +318,8 @@ def build(key: str, pset: ParamSet, params: list, device, compile_backend="induc
         return _mango(key, pset, params, device)
     if key == "compile":
         return _compiled_reference(pset, params, device, compile_backend, compile_timeout_s)
+    if key == "torch_compiled":
+        return _compiled_torch(pset, params, device, compile_backend, compile_timeout_s)
     if key == "muon_adamw":
         return _muon_adamw(pset, params, device)
     if key == "adamw":

@@ -245,7 +245,7 @@ class Contender:
     def close(self):
         self.runner = None
         self.params = self.grads = None
-        if self.key == "compile":
+        if self.key in ("compile", "torch_compiled"):
             import torch._dynamo as dynamo
 
             dynamo.reset()

@@ -160,7 +160,7 @@ def _first_fit(room_sizes, count: int, size: int) -> list | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _slice_in_place(B: int, item: int, count: int, mm: int, cur_len: int, other_len: int):
+def _slice_in_place_search(B: int, item: int, count: int, mm: int, cur_len: int, other_len: int):
     """The largest slice size whose `count` m×m temporaries (mm elements per matrix) fit in the
     `_rooms` of every slice, or None where even single matrices do not fit. Cached: a plan asks
     the same questions every step, and the search is up to B·log B first-fit checks."""
@@ -169,6 +169,12 @@ def _slice_in_place(B: int, item: int, count: int, mm: int, cur_len: int, other_
                for b0 in range(0, B, k)):  # fmt: skip
             return k
     return None
+
+
+@torch.compiler.assume_constant_result  # compiled code calls it once, at trace time: ints in, an int out
+def _slice_in_place(B: int, item: int, count: int, mm: int, cur_len: int, other_len: int):
+    """`_slice_in_place_search`, cached."""
+    return _slice_in_place_search(B, item, count, mm, cur_len, other_len)
 
 
 def _temporaries(Y, count: int, rooms) -> list:
