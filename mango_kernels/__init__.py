@@ -17,7 +17,7 @@ This package has no torch.optim dependency: `mango.backends.triton_backend` maps
 optimizer's plan onto these tables.
 """
 
-from ._launch import INTERPRET, LaunchLog, count_launches, launch_count, record
+from ._launch import INTERPRET, LaunchLog, LaunchProgram, count_launches, launch_count, record, recording
 from .elementwise import (
     DEFAULT_BLOCK,
     launch_apply,

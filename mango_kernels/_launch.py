@@ -82,8 +82,7 @@ class LaunchLog:
         return f"LaunchLog(count={self.count}, {self.by_name()})"
 
 
-def record(name: str, n: int = 1) -> None:
-    """Count `n` device launches called `name` (a kernel, a torch fallback op, a table copy)."""
+def _count(name: str, n: int = 1) -> None:
     global _total
     _total += n
     for log in _active_logs:
@@ -93,11 +92,20 @@ def record(name: str, n: int = 1) -> None:
             log.events.extend([name] * n)
 
 
+def record(name: str, n: int = 1) -> None:
+    """Count `n` device launches called `name` (a kernel, a torch fallback op, a table copy)."""
+    _count(name, n)
+    for program in _recording:  # a device op that is not a kernel launch: the block cannot be replayed
+        program.replayable = False
+
+
 def launch(name: str, kernel, grid, *args, **kwargs) -> None:
     """Launch a Triton kernel and count it. Empty grids launch nothing and count nothing."""
     if 0 in grid:
         return
-    record(name)
+    _count(name)
+    for program in _recording:
+        program.launches.append(Launch(name, kernel, tuple(grid), args, kwargs))
     if _active_logs:
         for log in _active_logs:
             if log.capture:
@@ -105,6 +113,48 @@ def launch(name: str, kernel, grid, *args, **kwargs) -> None:
         if dry_run_active():
             return
     kernel[grid](*args, **kwargs)
+
+
+class LaunchProgram:
+    """The kernel launches a block of host code made, kept to be made again without that code
+    (its Python: argument dicts, tables of kernel settings) while the arguments stay the same
+    objects. Replayable only if the block issued nothing but kernel launches."""
+
+    def __init__(self):
+        self.launches: list[Launch] = []
+        self.replayable = True
+
+    def replay(self) -> None:
+        """The launches again, counted and captured as `launch` does (the checks made once)."""
+        global _total
+        if _recording:
+            for program in _recording:
+                program.launches.extend(self.launches)
+        _total += len(self.launches)
+        if _active_logs:
+            names = [la.name for la in self.launches]
+            for log in _active_logs:
+                log.events.extend(names)
+                if log.capture:
+                    log.launches.extend(self.launches)
+            if dry_run_active():
+                return
+        for _, kernel, grid, args, kwargs in self.launches:
+            kernel[grid](*args, **kwargs)
+
+
+_recording: list = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Context manager yielding a `LaunchProgram` of the launches made inside the block (they run as usual)."""
+    program = LaunchProgram()
+    _recording.append(program)
+    try:
+        yield program
+    finally:
+        _recording.remove(program)
 
 
 def dry_run_active() -> bool:

@@ -295,6 +295,7 @@ class _Round:
             if _needs_work(e):
                 e.work_offset = self.work_elems
                 self.work_elems += -(-e.numel // 16) * 16  # 16-element aligned, for vector loads
+        self.forget_program()
         self.ns_batches = []
         by_key: dict = {}
         for e in entries:
@@ -340,7 +341,24 @@ class _Round:
             batch.set_schedule(steps, coefficients, eps, spectral)
 
     def run(self, tables, groups, aligned: bool) -> None:
-        """moments → segment sums → NS → apply, for this round's tensors."""
+        """moments → segment sums → NS → apply, for this round's tensors. A round whose step is
+        kernel launches only (no torch op between them) makes the launches of its last step again
+        while its settings and tables stay the same (`program`, dropped by `forget_program`)."""
+        if self.program_aligned == aligned and self.program is not None:
+            if self.program is False:  # torch ops between the launches: the host code each step
+                self._run(tables, groups, aligned)
+            else:
+                self.program.replay()
+            return
+        with mk.recording() as program:
+            self._run(tables, groups, aligned)
+        self.program = program if program.replayable else False
+        self.program_aligned = aligned
+
+    def forget_program(self) -> None:
+        self.program, self.program_aligned = None, None
+
+    def _run(self, tables, groups, aligned: bool) -> None:
         layout, ws, dtype = self.layout, self.ws, self.dtype
         if layout.n_tiles == 0:
             return
@@ -599,6 +617,7 @@ class _LaunchGroup:
             ints[e.row, ICOL.DELTA] = e.batch.output_view(e.spec).data_ptr()
         for r in self.rounds:
             r.set_step_lists(groups)
+            r.forget_program()  # the NS item tables may be new tensors
         bucket_groups = [groups[b.group_index] for b in self.buckets]
         base = torch.tensor([self._bucket_floats(g) for g in bucket_groups], dtype=torch.float64)
         floats = base[self.bucket_of_entry]
