@@ -154,6 +154,8 @@ def _reduced_nonfinite_flags(pg, comm, flags: torch.Tensor) -> torch.Tensor:
 class SplitTorchBackend(TorchBackend):
     """The torch backend with each NS bucket's tensors orthogonalized by their owners and all-gathered."""
 
+    traceable = False  # its step all-gathers per bucket: it runs eagerly (behind a graph break when compiled)
+
     def __init__(self, pg):
         super().__init__()
         self.pg = pg
@@ -203,6 +205,7 @@ class SplitTorchBackend(TorchBackend):
             self.comm.ns_flops += len(mine) * ns_flops(nb.shape, nb.block_shape, len(ns_schedule(group)))
         R = buffers[1].view(-1)[: blocks.numel()].view(blocks.shape)
         self.gather(owners, results, list(R.unbind(0)))
+        self._ns_in_second = True  # the apply sweep's chunk buffer must not overlap R
         return R
 
     def _row_split_ns(self, group, bucket, unit, X, scale, buffers) -> torch.Tensor:
@@ -243,6 +246,7 @@ class SplitTorchBackend(TorchBackend):
                 results.append(Y[k] if q == me else None)
                 dests.append(R[k, lo : lo + split[q]])
         self.gather(owners, results, dests)
+        self._ns_in_second = True
         return R.view(norm_blocks(X, nb.shape, nb.norm, nb.head_dim, **nb.layout).shape)
 
 

@@ -415,7 +415,7 @@ class Mango(Optimizer):
                     sub = plan.cache[("sub-plan", dev)] = type(plan)(key=plan.key, buckets=[plan.buckets[i] for i in idx],
                                                                      cache=plan.cache.setdefault(dev, {}), sharded=plan.sharded)  # fmt: skip
                 sub_grads = [grads_by_bucket[i] for i in idx]
-            traceable = hasattr(backend, "run") and not plan.sharded
+            traceable = getattr(backend, "traceable", False) and not plan.sharded
             prepared = backend.prepare(self, sub, compiling) if traceable else None
             work.append((backend, sub, sub_grads, prepared))
         return work

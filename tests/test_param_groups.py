@@ -73,7 +73,7 @@ def test_known_foreign_keys_and_keys_like_nothing_are_kept_silently(fresh_key_wa
     keys = {"initial_lr": 0.01, "max_lr": 0.1, "min_lr": 0.0, "lr_scale": 0.5, "momentum": 0.9, "tag": "body", "xyz": 1}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt = mango.Mango([{"params": [w], **keys}], backend="torch")
+        opt = mango.Mango([{"params": [w], "role": "matrix", **keys}], backend="torch")
         torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
         opt.load_state_dict(opt.state_dict())
     assert all(opt.param_groups[0][k] == v for k, v in keys.items() if k not in ("initial_lr", "max_lr", "min_lr", "momentum"))

@@ -467,6 +467,9 @@ def _piece_shape(p: torch.Tensor, pc: _Piece) -> tuple:
 
 class TorchBackend:
     name = "torch"
+    # the optimizer runs `prepare` eagerly and `run` (the math) where torch.compile can trace it;
+    # a subclass whose step makes collectives or host decisions per step sets this False
+    traceable = True
 
     def __init__(self, chunk_elements: int = None):
         self.chunk_elements = chunk_elements  # None: CPU_CHUNK_ELEMENTS on a CPU, CHUNK_ELEMENTS elsewhere

@@ -342,7 +342,7 @@ class _Round:
 
     def run(self, tables, groups, aligned: bool) -> None:
         """moments → segment sums → NS → apply, for this round's tensors. A round whose step is
-        kernel launches only (no torch op between them) makes the launches of its last step again
+        kernel launches only (no torch op or collective between them) makes the launches of its last step again
         while its settings and tables stay the same (`program`, dropped by `forget_program`)."""
         if self.program_aligned == aligned and self.program is not None:
             if self.program is False:  # torch ops between the launches: the host code each step
@@ -352,7 +352,10 @@ class _Round:
             return
         with mk.recording() as program:
             self._run(tables, groups, aligned)
-        self.program = program if program.replayable else False
+        # a round that exchanges NS work with other ranks (DDP split, FSDP2 shards) makes collectives
+        # between its launches: it runs its host code each step
+        exchanges = self.split is not None or self.shard is not None
+        self.program = program if program.replayable and not exchanges else False
         self.program_aligned = aligned
 
     def forget_program(self) -> None:
