@@ -58,19 +58,33 @@ def anchors(page: str) -> set:
 BLOCKS = [b for page in PAGES for b in page_blocks(page)]
 
 
-def test_readme_shows_the_examples_a_new_user_needs():
+def _by_section(page: str) -> dict:
     by_section = {}
-    for block_id, code in readme_blocks():
+    for block_id, code in page_blocks(page):
         by_section.setdefault(block_id.split("@")[0], []).append(code)
-    quick = "\n".join(by_section["Quick_start"])
+    return {k: "\n".join(v) for k, v in by_section.items()}
+
+
+def test_readme_shows_the_examples_a_new_user_needs():
+    quick = _by_section("README.md")["Quick_start"]
     assert "from bench.gpt import GPT" in quick and "logits, loss = model(" in quick and '"h.*.attn.c_attn"' in quick
     assert "from transformers import" in quick and "mango.param_groups(model)" in quick  # an HF model, no hints
-    hf_lightning = "\n".join(by_section["With_Hugging_Face_and_Lightning"])
-    needles = ("optimizers=(opt, sched)", "resume_from_checkpoint=", "def configure_optimizers", "ckpt_path=",
-               "mango.Mango(model, lr=", "mango.Mango(self, lr=")  # both recipes pass the model: real roles
-    for needle in needles:
-        assert needle in hf_lightning, needle
+    for needle in ("optimizers=(opt, sched)", "def configure_optimizers", "mango.Mango(model, lr=", "mango.Mango(self, lr="):
+        assert needle in quick, needle  # HF Trainer and Lightning, each passing the model: real roles
+    recipes = _by_section(os.path.join("docs", "guide.md"))["guide:With_Hugging_Face_and_Lightning"]
+    for needle in ("optimizers=(opt, sched)", "resume_from_checkpoint=", "def configure_optimizers", "ckpt_path=",
+                   "mango.Mango(model, lr=", "mango.Mango(self, lr="):
+        assert needle in recipes, needle  # the full recipes resume from a checkpoint
     assert sum(bool(TORCHRUN.match(code)) for _, code in BLOCKS) >= 2  # the DDP and FSDP scripts
+
+
+def test_readme_is_a_front_page_and_docs_say_what_they_hold():
+    readme = _read("README.md")
+    assert len(readme) <= 20_000, f"README.md is {len(readme)} characters"
+    for page in ("guide", "architectures", "distributed", "design", "benchmarks", "report"):
+        assert f"(docs/{page}.md)" in readme, f"the README's map of docs/ misses {page}.md"
+        body = _read(os.path.join("docs", f"{page}.md")).split("\n")
+        assert body[0].startswith("# ") and "What you will find here" in "\n".join(body[1:4]), page
 
 
 @pytest.mark.parametrize("page", PAGES)
