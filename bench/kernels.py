@@ -6,7 +6,7 @@
   mango's torch backend uses on this device), with the achieved TFLOP/s.
 - `bare_ns_step`: the bare batched matmuls of one step's NS alone, nothing else (no pre-scaling,
   no stacking, no transpose, no dtype cast), on the same stacked shapes: timed in the same rounds
-  as the optimizers, the denominator of the SPEC §8 CPU target "torch step <= 1.3x the bare NS
+  as the optimizers, the denominator of the performance contract's CPU target "torch step <= 1.3x the bare NS
   matmul time".
 - `TritonNS`: mango_kernels' batched NS as the Triton backend runs it (tables built once).
 - `stage_breakdown`: mango torch-backend steps split into moments / NS / other norms / apply+rest,

@@ -16,8 +16,9 @@ the highest level reached inside it (peak), on CPU as well as on CUDA:
 
 So the most memory the optimizer holds during a step, beyond parameters and gradients, is
 state + persistent + peak transient; "extra beyond state" is persistent + peak transient, which
-SPEC §8 bounds by 2x the largest NS bucket in its NS dtype. On CUDA `max_memory_allocated` minus
-the memory before the optimizer existed measures the same peak independently (bench.measure.Memory).
+the memory budget (docs/design.md) bounds by 2x the largest NS bucket in its NS dtype. On CUDA
+`max_memory_allocated` minus the memory before the optimizer existed measures the same peak
+independently (bench.measure.Memory).
 
 Limits: memory not allocated through PyTorch's allocators (Python objects, Triton's compiled
 kernels, allocator caching/fragmentation) is not counted; a free of a block that was allocated
@@ -146,7 +147,7 @@ def storage_bytes(tensors) -> int:
 
 
 def ns_bucket_budget(pset, device, settings: dict | None = None) -> dict:
-    """SPEC §8's budget for memory beyond the state: 2x the largest NS bucket (same-shape blocks
+    """The memory budget for memory beyond the state: 2x the largest NS bucket (same-shape blocks
     batched together) in the dtype its Newton–Schulz runs in under `settings` on `device`."""
     from mango import config
     from mango import newton_schulz as ns

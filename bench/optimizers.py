@@ -28,7 +28,7 @@ Variants of the torch backend, run only when --optimizers names them (the NS-met
 And of the triton backend (CUDA only; on in the GPU run):
 
     triton_one_round     the whole step in one round (memory_budget=inf): the fewest launches, NS
-                         buffers for every tensor at once, beyond SPEC §8's memory budget
+                         buffers for every tensor at once, beyond the memory budget
 
 And compiled, run only when --optimizers names it:
 
@@ -83,7 +83,7 @@ LABELS.update(peers.LABELS)
 LABELS["torch_compiled"] = "torch.compile(mango torch)"
 PEERS = peers.PEERS  # other packages' Muon (bench/peers.py): by default on CUDA, named on CPU
 ALL_CONTENDERS = CONTENDERS + tuple(VARIANTS) + tuple(TRITON_VARIANTS) + ("torch_compiled",) + PEERS
-# contenders that run mango's math (SPEC §8's memory budget applies to them)
+# contenders that run mango's math (the memory budget applies to them)
 MANGO_KEYS = ("triton", "torch", "torch_bf16", "reference", "compile") + tuple(VARIANTS) + tuple(TRITON_VARIANTS) + ("torch_compiled",)
 MUON_ROLES = ("matrix", "qkv_weight")
 

@@ -17,7 +17,7 @@ GPT-2 layout (nanoGPT / ``bench.gpt`` naming), per layer::
 
 plus ``wte.weight`` (vocab, d), ``wpe.weight`` (block, d) (embedding) and ``ln_f``. The output
 projection is tied to ``wte.weight`` (one tensor). Which role that one tensor gets is a choice:
-``tied_role="head"`` (default) orthogonalizes it with NS, which is what SPEC §8 counts (1.77 TFLOP
+``tied_role="head"`` (default) orthogonalizes it with NS, which is what the performance contract counts (1.77 TFLOP
 of NS for GPT-2 124M); ``tied_role="embedding"`` is what ``mango.param_groups`` picks for a tied
 model (the embedding owns the tensor; no NS on it, 1.17 TFLOP).
 """
@@ -49,7 +49,7 @@ class TensorSpec:
 
 @dataclass
 class ParamSet:
-    """A named list of tensors with roles; `targets` names the SPEC §8 CPU targets it carries."""
+    """A named list of tensors with roles; `targets` names the CPU targets of the performance contract it carries."""
 
     name: str
     title: str
@@ -158,7 +158,7 @@ def gpt_set(
 _SET_ARGS = {
     "gpt2-124m": dict(n_layer=12, d=768, vocab=50257, block=1024, title="GPT-2 124M (12L d768)"),
     "gpt2-350m": dict(n_layer=24, d=1024, vocab=50257, block=1024, title="GPT-2 350M (24L d1024)"),
-    # SPEC §8 CPU targets: byte-level vocab (as bench.train) so the named cost dominates.
+    # CPU targets of the performance contract: byte-level vocab (as bench.train) so the named cost dominates.
     # Compiling the reference over 150-300 tensors takes minutes on a CPU and is not part of
     # these targets: left out unless asked for (--optimizers ...,compile).
     "gpt-24l-d64": dict(n_layer=24, d=64, vocab=256, block=128, title="GPT 24L d64 (per-tensor overhead)",

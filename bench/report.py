@@ -95,7 +95,7 @@ def markdown(result: dict) -> str:
     for s in result["sets"]:
         lines += _set_markdown(result, s)
     if result.get("targets"):
-        lines += ["### SPEC §8 CPU targets", "",
+        lines += ["### CPU targets of the performance contract", "",
                   "| set | figure | value | target | met | with bf16 NS (torch_bf16) | dominant stage of mango torch step |",
                   "| --- | --- | ---: | ---: | :---: | ---: | --- |"]  # fmt: skip
         for t in result["targets"]:
@@ -135,7 +135,7 @@ def _memory_markdown(s) -> list:
     cuda = any("cuda_max_allocated_extra_bytes" in o["memory"] for o in rows)
     out = [f"Optimizer-owned memory, MB (× the fp32 parameter bytes, {unit / 1e6:.2f} MB): state; persistent work buffers "
            "(kept between steps beyond the state: mango torch's workspace, ...); peak transient (the most a step "
-           "allocates at once above that); extra = persistent + peak transient, against SPEC §8's budget of 2× the "
+           "allocates at once above that); extra = persistent + peak transient, against the memory budget of 2× the "
            "largest NS bucket in its NS dtype. From torch.profiler's allocation events (bench/memory.py)"
            + ("; CUDA: max_memory_allocated above the memory before the optimizer existed." if cuda else "."), "",
            "| optimizer | state | persistent | of which workspace | peak transient | extra beyond state | budget (2× largest NS bucket) | extra / budget |"

@@ -3,7 +3,7 @@
     floor = NS FLOPs (symmetric) / measured matmul rate  +  state bytes / measured copy bandwidth
 
 Both rates are measured on the device the benchmark runs on (`measure_device`), so every step
-time can be reported as a multiple of the floor of that same machine. SPEC §8 states the GPT-2
+time can be reported as a multiple of the floor of that same machine. The performance contract states the GPT-2
 124M figures this reproduces: 1.77 TFLOP of NS (1.28 TFLOP using symmetry), ~4.2 GiB of state
 traffic, ≈3 ms on an H100.
 
@@ -17,7 +17,7 @@ State bytes: the least traffic a step can do: read the gradient, read and write 
 and every state tensor (m, v, offset for MANGO), once each. For fp32 MANGO that is 36 bytes per
 parameter.
 
-Per NS method (`ns_methods`): the textbook and the Gram form of the same polynomial (SPEC §6),
+Per NS method (`ns_methods`): the textbook and the Gram form of the same polynomial (the kernel design),
 counted by `mango.newton_schulz.textbook_flops` / `gram_flops` (2 FLOPs per multiply-add, no
 symmetry, the Gram form with its restarts), and what ``ns_method="auto"`` picks per bucket on the
 device (`mango.ns_engine`). Each method's floor uses the measured matmul rate of the

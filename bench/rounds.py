@@ -1,6 +1,6 @@
 """`python -m bench.rounds`: the triton backend's work memory and launches per step, without a GPU.
 
-The triton backend packs a step into rounds whose buffers fit SPEC §8's budget (2× the largest
+The triton backend packs a step into rounds whose buffers fit the memory budget (2× the largest
 bucket in its NS dtype; `mango.backends.triton_backend`). How many rounds, how big the arena, and
 how many launches follow from the plan alone, so this builds each parameter set on CPU tensors,
 takes `backend="triton"` steps as dry runs (`mango_kernels.count_launches(dry_run=True)`: the host

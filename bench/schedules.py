@@ -7,7 +7,7 @@ torch backend runs) for k = 1, 2, ... steps and records the singular values of t
 (float64 SVD): σ_min, σ_max (the σ range: 1 is orthogonal), the 10th percentile and the median.
 
     forms × dtypes   textbook in float64 (the exact polynomial), bf16 (CUDA and bf16 CPUs) and fp32;
-                     Gram form (SPEC §6, with its restarts) in float64, fp32 (CPUs) and fp16 (CUDA)
+                     Gram form (the kernel design, with its restarts) in float64, fp32 (CPUs) and fp16 (CUDA)
     inputs           "gaussian": i.i.d. N(0, 1) entries (a well-conditioned spectrum);
                      "gradient": U·diag(σ)·Vᵀ with σ_i ∝ (i+1)^-1.5 and random orthogonal U, V (a
                      low-rank-ish spectrum like a gradient's or a momentum's: a few large directions

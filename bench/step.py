@@ -12,10 +12,10 @@ bench/optimizers.py) it measures, in one run on one device:
 - optimizer-owned memory, counted exactly for every contender (bench/memory.py): state bytes,
   persistent work buffers, peak transient bytes of a step (torch.profiler allocation events, CPU
   and CUDA; on CUDA also max_memory_allocated), as multiples of the fp32 parameter bytes, and
-  mango's extra beyond state against SPEC §8's 2x the largest NS bucket in its NS dtype;
+  mango's extra beyond state against the memory budget's 2x the largest NS bucket in its NS dtype;
 - NS FLOPs per method (textbook, Gram, what ns_method="auto" picks per bucket) and their floors;
 - per NS bucket: mango's batched NS vs the bare torch.bmm NS; the torch backend's stages (GB/s);
-- SPEC §8 CPU targets where the set carries them (24L d64: torch vs reference >= 3x;
+- CPU targets of the performance contract where the set carries them (24L d64: torch vs reference >= 3x;
   12L d256: torch step <= 1.3x the bare NS matmuls, and <= 0.7x by the Gram form and schedules, for every torch-backend
   variant asked for with --optimizers, e.g. torch_textbook, torch_fp32, torch_pe4).
 
@@ -24,7 +24,7 @@ prints the markdown report. `--quick` runs every code path at tiny sizes (CI; no
 
     python -m bench.step                                  # CPU: gpt-cpu + the two CPU target sets
     python -m bench.step --sets gpt2-124m,gpt2-350m       # GPU: GPT-2 shapes
-    python -m bench.step --cpu-targets --skip compile     # only the SPEC §8 CPU targets, fast
+    python -m bench.step --cpu-targets --skip compile     # only the performance contract's CPU targets
     python -m bench.step --quick --out /tmp/b             # CI smoke run
     python -m bench.step --sets gpt-12l-d256 --optimizers torch,torch_textbook,torch_fp32,torch_fp32_textbook,muon_adamw
                                                           # NS methods vs the bare textbook NS
@@ -58,13 +58,15 @@ CPU_TARGET_SETS = ("gpt-24l-d64", "gpt-12l-d256")
 TARGETS = {
     "overhead": dict(
         name="torch backend vs reference speedup",
-        spec="SPEC §8: torch backend on CPU >= 3x faster than the reference where per-tensor overhead dominates (24 layers, d=64)",
+        spec="Performance contract: torch backend on CPU >= 3x faster than the reference where per-tensor overhead "
+             "dominates (24 layers, d=64)",
         target=3.0,
         better="higher",
     ),
     "ns": dict(
         name="torch step / bare NS matmuls",
-        spec="SPEC §8: torch backend on CPU <= 1.3x the bare NS matmul time where FLOPs dominate (12 layers, d=256)",
+        spec="Performance contract: torch backend on CPU <= 1.3x the bare NS matmul time where FLOPs dominate "
+             "(12 layers, d=256)",
         target=1.3,
         better="lower",
     ),
@@ -298,7 +300,7 @@ def _variant_ratios(by_key: dict, bare_ns: dict, same: str) -> dict:
 
 
 def _targets(pset: ParamSet, by_key: dict, ns_bench: dict | None, bare_ns: dict, same: str) -> list:
-    """The SPEC §8 CPU targets `pset` carries; `same`: the torch backend's NS dtype here."""
+    """The performance contract's CPU targets `pset` carries; `same`: the torch backend's NS dtype here."""
     out = []
     torch_rec = by_key.get("torch", {})
     t_torch = torch_rec.get("median_s")
@@ -450,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--sets", help=f"comma-separated parameter sets ({', '.join(SETS)}); default: CPU {','.join(DEFAULT_SETS['cpu'])}, "
                                   f"CUDA {','.join(DEFAULT_SETS['cuda'])}")  # fmt: skip
-    p.add_argument("--cpu-targets", action="store_true", help=f"only the SPEC §8 CPU target sets ({', '.join(CPU_TARGET_SETS)})")
+    p.add_argument("--cpu-targets", action="store_true",
+                   help=f"only the CPU target sets of the performance contract ({', '.join(CPU_TARGET_SETS)})")
     p.add_argument("--optimizers", help=f"comma-separated, from {', '.join(O.ALL_CONTENDERS)} (default: {', '.join(O.CONTENDERS)}; "
                                         "torch_bf16 only where the torch backend's NS is not bf16 already)")
     p.add_argument("--skip", default="", help="comma-separated optimizers to leave out (e.g. compile)")
@@ -460,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), help="results folder")
     p.add_argument("--quick", action="store_true", help="every code path at tiny sizes, in seconds (CI); no timing claims")
     p.add_argument("--threads", default="auto", help="torch CPU threads: N or auto (default; fewer when other processes load the cores)")
-    p.add_argument("--tied-role", default="head", choices=TIED_ROLES, help="role of the tied wte/lm_head tensor (default head: NS, as SPEC §8 counts)")
+    p.add_argument("--tied-role", default="head", choices=TIED_ROLES,
+                   help="role of the tied wte/lm_head tensor (default head: NS, as the performance contract counts)")
     p.add_argument("--budget", type=float, help="seconds of timed steps per optimizer (default 2)")
     p.add_argument("--steps", type=int, help="minimum timed steps per optimizer")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --quick: aot_eager)")

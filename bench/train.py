@@ -59,7 +59,7 @@ from .data import Batches, make_corpus
 from .gpt import GPT, GPTConfig
 
 DEFAULT_SPECS = ["adamw", "muon", "mango"]
-COMMITTED_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # the README's figures
+COMMITTED_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # the figures of docs/report.md
 LOCAL_RESULTS = os.path.join(COMMITTED_RESULTS, "local")  # default output, listed in .gitignore
 ABLATION_SPECS = ["mango:beta2=none", "mango:offset=none", "mango:nosplit"]
 OPTIMIZERS = ("adamw", "muon", "mango")

@@ -2,7 +2,7 @@
 
 One place defines what a param group may contain, so the frontend, the reference,
 the torch and triton backends and the presets agree on spelling and defaults, and
-bad input is rejected before any state is touched (SPEC §9).
+bad input is rejected before any state is touched (the reliability contract, docs/design.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ BACKENDS = ("auto", "torch", "triton", "reference")
 ORIENTATIONS = ("out_in", "in_out")
 MATRIX_NORMS = ("ns", "ns_split", "l2_col")
 
-# The report's best norm per role (SPEC §3).
+# The report's best norm per role (the roles, docs/guide.md).
 ROLE_DEFAULT_NORM = {
     "matrix": "ns",
     "qkv_weight": "ns_split",
@@ -49,7 +49,7 @@ ROLE_DEFAULT_NORM = {
     "vector_bias": "l2",
 }
 
-# Norms each role accepts (SPEC §3 "default" + "alternatives").
+# Norms each role accepts (the roles table of docs/guide.md: "default norm" + "alternatives").
 ROLE_NORMS = {
     "matrix": ("ns", "l2", "l2_col", "sign", "none"),
     "qkv_weight": ("ns_split", "ns", "l2", "l2_col", "sign", "none"),
@@ -84,7 +84,7 @@ def _polar_express(steps: int) -> tuple:
     return tuple(pe[:steps]) + (pe[-1],) * max(0, steps - len(pe))
 
 
-# Named coefficient schedules for `ns_coefficients` (SPEC §6: schedules are data). Each maps a
+# Named coefficient schedules for `ns_coefficients` (the kernel design: schedules are data). Each maps a
 # step count to one (a, b, c) per step; `steps` is the schedule's own length (None: any, default 5).
 NS_SCHEDULES = {
     "muon": dict(steps=None, make=lambda n: (MUON_COEFFICIENTS,) * n,
@@ -98,7 +98,7 @@ NS_SCHEDULES = {
 }
 DEFAULT_NS_STEPS = 5
 
-# Defaults of every group setting (the MANGO report's values, SPEC §4 `mango`).
+# Defaults of every group setting (the MANGO report's values, the `mango` preset of docs/guide.md).
 DEFAULTS = dict(
     lr=0.01,
     beta1=0.95,
@@ -332,7 +332,7 @@ def operator_rows(shape, orientation: str = "out_in", experts: bool = False) -> 
 
 
 def check_param_for_norm(name: str, param, role: str, norm: str, head_dim, orientation="out_in", experts=False) -> None:
-    """Shape checks that depend on the tensor (SPEC §9): clear error naming the parameter."""
+    """Shape checks that depend on the tensor (the reliability contract): clear error naming the parameter."""
     shape = tuple(param.shape)
     if experts and param.dim() < (3 if norm in MATRIX_NORMS else 2):
         raise ValueError(

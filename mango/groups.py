@@ -1,6 +1,6 @@
 """Checks the frontend runs on param groups and on loaded checkpoints, before anything changes.
 
-A rejected group or checkpoint must leave the optimizer as it was (SPEC §9), so everything
+A rejected group or checkpoint must leave the optimizer as it was (the reliability contract), so everything
 that can fail is checked here first: every parameter against its group's settings, and a
 loaded state dict's groups and state shapes against the parameters they will be attached to.
 """

@@ -1,4 +1,4 @@
-"""From a stored parameter to the operators its matrix norms act on (SPEC §3).
+"""From a stored parameter to the operators its matrix norms act on (the roles, docs/guide.md).
 
 The dual norms of MANGO are norms of *linear operators* (out, in): the spectral norm that
 Newton–Schulz approximates, the per-output-neuron l2 of `l2_col`, the head blocks of a fused QKV

@@ -14,7 +14,7 @@ Backends read the choice from the bucket (`NormBucket.ns_choice`); none decides 
 float64 reference evaluates whatever it is handed and asks nothing here.
 
 How "auto" is decided:
-* **dtype and form** minimise FLOPs / rate over the candidates that hold SPEC's accuracy for
+* **dtype and form** minimise FLOPs / rate over the candidates that hold the correctness contract's accuracy for
   the form: textbook in bf16 or fp32, Gram in fp16 or fp32 (bf16 cannot hold the Gram iterates).
   The rates come from a `DeviceProfile`: on a CPU running the torch backend, *measured* the first
   time the CPU is used (a few ms of batched products; cached per process, and on disk when
@@ -61,7 +61,7 @@ __all__ = [
 
 ENGINES = ("auto", "triton", "cublas")  # the ns_engine setting
 _LOW = (torch.bfloat16, torch.float16)
-# candidate operand dtypes per form, most precise last: what holds SPEC's accuracy for that form
+# candidate operand dtypes per form, most precise last: what holds the correctness contract's accuracy for that form
 _CANDIDATES = {"textbook": (torch.bfloat16, torch.float32), "gram": (torch.float16, torch.float32)}
 
 # On-chip limits of the Triton kernels (rows of the wide orientation), as in mango_kernels.ns

@@ -59,7 +59,7 @@ class Mango(Optimizer):
 
     `preconditioner=None` gives plain momentum (Muon), "adam" Adam's bias-corrected moments,
     "novograd" NovoGrad's layer-wise scalar v. Every keyword before `backend` is a per-group
-    setting; see `mango.config.DEFAULTS` and the README for their meaning.
+    setting; see `mango.config.DEFAULTS` and docs/guide.md ("Settings") for their meaning.
 
     params:    the model (`Mango(model)` = `Mango(mango.param_groups(model))`: every tensor gets
                its role from the module tree), param groups, or tensors / `named_parameters()`

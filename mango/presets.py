@@ -1,4 +1,4 @@
-"""Ready optimizers: the same engine configured as MANGO, Muon, LAMB, LaProp or NovoGrad (SPEC §4).
+"""Ready optimizers: the same engine configured as MANGO, Muon, LAMB, LaProp or NovoGrad (the presets, docs/guide.md).
 
 Each preset takes an `nn.Module` (labelled with `mango.param_groups`; pass `qkv_heads=`,
 `head=` or `overrides=` through), an iterable of params, or param-group dicts, and returns a

@@ -1,8 +1,9 @@
 """The reference implementation: one tensor at a time, plain PyTorch, written to be read.
 
-This is the oracle every other backend is tested against (SPEC §7). It follows SPEC §2
-line by line and runs in float64 when given float64 tensors. Nothing here is fused,
-batched or clever; if a fast path disagrees with this file, the fast path is wrong.
+This is the oracle every other backend is tested against (the correctness contract,
+docs/design.md). It follows the update (docs/design.md) line by line and runs in float64 when
+given float64 tensors. Nothing here is fused, batched or clever; if a fast path disagrees with
+this file, the fast path is wrong.
 
 Update for a tensor W with gradient g (settings come from the param group):
 

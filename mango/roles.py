@@ -1,4 +1,4 @@
-"""Label every parameter of a model with its MANGO role (SPEC §3).
+"""Label every parameter of a model with its MANGO role (the roles, docs/guide.md).
 
 MANGO picks a different dual norm per kind of tensor (Newton–Schulz for hidden matrices,
 head-wise NS for fused QKV, nothing for embeddings, l2 for biases, ...), so the optimizer
@@ -77,8 +77,8 @@ def param_groups(model: nn.Module, qkv_heads=None, head=None, overrides=None) ->
             projections (``nn.Linear``, or HF ``Conv1D`` stored (in, out), whose output features
             are the q, k and v heads stacked). Needed only where the model does not say its
             heads: ``nn.MultiheadAttention`` and the Hugging Face / torchvision architectures
-            of the README's table are recognised without it (a warning names the modules that
-            look like attention but are not).
+            of the table in docs/architectures.md are recognised without it (a warning names the
+            modules that look like attention but are not).
         head: name (or glob, or list of them) of the output-projection module, for heads not
             tied to an embedding and not named ``head``/``lm_head``.
         overrides: ``{parameter name or glob: {setting: value}}`` merged into the matching

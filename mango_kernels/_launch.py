@@ -27,7 +27,7 @@ import os
 from typing import NamedTuple
 
 # Read once, at import: under TRITON_INTERPRET=1 the kernels run in the Triton interpreter on
-# CPU tensors, whose tl.dot on bf16/fp16 operands multiplies bit patterns (SPEC §6). Kernels
+# CPU tensors, whose tl.dot on bf16/fp16 operands multiplies bit patterns (the kernel design). Kernels
 # get this as a constexpr and widen low-precision dot operands to fp32 (exact) when it is set.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET:

@@ -20,7 +20,7 @@ of the tile table (see `mango_kernels.tables`). What each one fuses:
   written (per-tensor int32 flags via atomic max: order-independent, hence deterministic).
 
 The arithmetic mirrors `mango.backends.torch_backend` operation by operation (same divisions,
-same order of terms), which keeps fp32 results within SPEC §7's 1e-6 of the float64 reference.
+same order of terms), which keeps fp32 results within the correctness contract's 1e-6 of the float64 reference.
 """
 
 from __future__ import annotations

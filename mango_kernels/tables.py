@@ -1,7 +1,7 @@
 """Host-side tables that drive the multi-tensor kernels.
 
 Multi-tensor scheme (why pointer tables): the optimizer state must stay per-parameter tensors
-(SPEC §5, checkpoints move between backends), and gradients are fresh allocations every step,
+(the shared state layout, checkpoints move between backends), and gradients are fresh allocations every step,
 so nothing lives in one flat buffer we could index. Instead each launch gets
 
 * a **tensor table** `[T, ROW]` int64, one row per tensor: element count, raw addresses

@@ -5,7 +5,7 @@ a device (every failure understood, none of them in a kernel), the kernels are k
 the interpreter (TRITON_INTERPRET=1 on CPU) and from ahead-of-time compilation
 (`python -m bench.aot`), so the Triton backend warns once per process on any architecture not
 listed here (see `mango.backends`). Add an entry only together with that results folder, and the
-README's table of validated architectures.
+table of validated architectures in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 # (major, minor) compute capability -> "device, date, results folder" of the validating run
 VALIDATED: dict = {
     # 138/143 CUDA-mode tests; the 5 failures were test assumptions and a tile-height rounding
-    # difference between rounds, not kernel faults (README: "Validated GPU architectures")
+    # difference between rounds, not kernel faults (docs/benchmarks.md: "Validated GPU architectures")
     (9, 0): "NVIDIA H200, 2026-12-04, bench/results/gpu_nvidia-h200_20261204T182152",
 }
 

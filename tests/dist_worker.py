@@ -251,8 +251,8 @@ def run_synthetic(ctx, make_opt, dtype=torch.float64, steps=10, tol=1e-10, tag="
 @check
 def fsdp2_float32(ctx):
     """Mango preset, 10 steps: float32 params with float32 NS within 1e-5; with bf16 NS operands
-    (ns_dtype="auto" on CUDA and on CPUs with bf16 matmul) and with bfloat16 params within SPEC §7's
-    bf16 NS bound 2e-2 (sums of squares and Gram matrices add up in another order than in one process)."""
+    (ns_dtype="auto" on CUDA and on CPUs with bf16 matmul) and with bfloat16 params within the correctness
+    contract's bf16 NS bound 2e-2 (sums of squares and Gram matrices add up in another order than in one process)."""
 
     def mango_with(ns_dtype):
         return lambda model: PRESETS["mango"](model, ns_dtype=ns_dtype)
@@ -294,7 +294,7 @@ def fsdp2_settings(ctx):
 
 
 # --------------------------------------------------------------------------------------------
-# Hugging Face models labelled without hints (SPEC §3), under FSDP2 (built from configs, float64):
+# Hugging Face models labelled without hints (the roles), under FSDP2 (built from configs, float64):
 #   GPT-2 (n_embd 10, 2 heads of 5): every Conv1D weight is stored (in, out), so Shard(0) splits its
 #       INPUT axis: c_attn (10, 30) 5/5 or 3/3/3/1 rows, and every shard holds a piece of every head
 #       (heads are column blocks); mlp.c_fc (10, 64); mlp.c_proj stored (64, 10) is more than

@@ -1,6 +1,6 @@
 """bench.step: the --quick run end to end, and the arithmetic the report rests on.
 
-No test here asserts a timing (SPEC §8: performance is reported, never asserted).
+No test here asserts a timing (the performance contract: performance is reported, never asserted).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def test_quick_reports_both_cpu_targets(quick_run):
 
 
 # ----------------------------------------------------------------------------------------
-# roofline arithmetic against SPEC §8
+# roofline arithmetic against the performance contract
 # ----------------------------------------------------------------------------------------
 
 
@@ -276,7 +276,7 @@ def test_triton_ns_microbenchmark_runs_the_kernels(device):
     for x, y in zip(t.inputs(), t.outputs()):
         x64 = x.double().cpu()
         ref = kernels.bare_ns(x64 / torch.linalg.matrix_norm(x64, keepdim=True))
-        assert float((y.double().cpu() - ref).norm() / ref.norm()) < 2e-2  # SPEC §7 bf16 NS tolerance
+        assert float((y.double().cpu() - ref).norm() / ref.norm()) < 2e-2  # the correctness contract's bf16 NS bound
 
 
 def test_sequential_mode_and_explicit_optimizers(tmp_path):
@@ -494,7 +494,7 @@ def test_rounds_report_on_a_dry_run(tmp_path):
 @pytest.mark.parametrize("set_kw", [dict(n_layer=3, d=128, vocab=128, block=8), dict(n_layer=1, d=128, vocab=4096, block=8)],
                          ids=["mlp-largest", "head-largest"])  # fmt: skip
 def test_torch_backend_fp32_step_within_the_budget(set_kw):
-    """SPEC §8 on the torch backend, counted from allocator events: with fp32 NS everything a step
+    """The memory budget on the torch backend, counted from allocator events: with fp32 NS everything a step
     holds beyond the state (workspace + peak transient) is at most 2× the largest NS bucket —
     the NS's m×m temporaries live in room of its two buffers. Where the largest bucket is one
     matrix filling both buffers (the head), its m×m temporaries are the only thing above. (Sets

@@ -21,7 +21,7 @@ backend, itself tested against the float64 reference elsewhere; float64 unless n
 - fsdp2_conv1d: HF GPT-2 from a config: Shard(0) splits every Conv1D weight on its input axis (heads
   are column blocks, so every shard holds part of every head), also with l2_col on a Conv1D: equal to
   one process and to the reference within 1e-10.
-- fsdp2_float32: mango with float32 params and NS within 1e-5 (SPEC §7's fp32 NS trajectory bound
+- fsdp2_float32: mango with float32 params and NS within 1e-5 (the correctness contract's fp32 NS trajectory bound
   is 1e-4); with bf16 NS operands, and with bfloat16 params, within the bf16 NS bound 2e-2.
 - fsdp2_training / hsdp: real fully_shard forward/backward (FSDP2's reduce-scatter; HSDP on a
   2×2 mesh) equal to one process training on all ranks' batches.

@@ -1,5 +1,5 @@
 """The prepared GPU run (`bash ci/gpu.sh`, bench/gpu/): its CPU dry run end to end, the test
-stage's per-test timeout and recovery from hangs and crashes, and the SPEC §8 headline."""
+stage's per-test timeout and recovery from hangs and crashes, and the performance contract's headline."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def test_test_stage_reports_what_the_budget_left_unrun(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# the SPEC §8 headline
+# the performance contract's headline
 # ----------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""The Triton kernels of mango_kernels, each against the float64 reference (SPEC §6–§7).
+"""The Triton kernels of mango_kernels, each against the float64 reference (the kernel design and
+the correctness contract, docs/design.md).
 
 Runs under TRITON_INTERPRET=1 on CPU (conftest), or compiled with MANGO_TEST_DEVICE=cuda.
 Every tensor a kernel writes is poisoned with NaN first, so an element it forgets fails.
@@ -358,8 +359,8 @@ def poisoned_ns(X, coefficients, head_dim=None, dtype=torch.bfloat16, config=SMA
         mk.NSBatch.run = original
 
 
-# Batches: per matrix, bf16 NS is ~1.3% ± 0.4% off float64 (torch's bf16 path too), so SPEC's
-# 2e-2 is a statement about a batch, not a guarantee for every tiny matrix.
+# Batches: per matrix, bf16 NS is ~1.3% ± 0.4% off float64 (torch's bf16 path too), so the
+# correctness contract's 2e-2 is a statement about a batch, not a guarantee for every tiny matrix.
 NS_SHAPES = [(8, 16, 16), (8, 8, 20), (8, 21, 6), (8, 1, 9), (8, 9, 1), (2, 37, 29)]
 
 
@@ -378,7 +379,7 @@ def conditioned(shape, device, gen):
 @pytest.mark.parametrize("config", [SMALL, TILED], ids=["on-chip", "tiled"])
 @pytest.mark.parametrize("shape", NS_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_newton_schulz_bf16_within_spec(shape, config, device):
-    """bf16 operands, fp32 accumulate: ‖X − X64‖/‖X64‖ ≤ 2e-2 (SPEC §7) and singular values
+    """bf16 operands, fp32 accumulate: ‖X − X64‖/‖X64‖ ≤ 2e-2 (the correctness contract) and singular values
     p⁵(σ/‖X‖_F) of the scalar polynomial within bf16 accuracy, inside Muon's band; on Gaussian
     inputs (any conditioning) at least as accurate as torch's bf16 Newton–Schulz."""
     from mango.backends.torch_backend import batched_newton_schulz
@@ -446,8 +447,8 @@ PE5 = list(mango.config.normalize_ns_coefficients("polar_express", 5))
 @pytest.mark.parametrize("shape", [(4, 16, 48), (3, 21, 6), (2, 1, 9), (2, 24, 40)], ids=lambda s: "x".join(map(str, s)))
 def test_gram_form_matches_the_textbook_polynomial(shape, config, device):
     """The Gram form (R = X·Xᵀ iterated, restart before step 2, Q·X at the end): in fp32 the float64
-    textbook polynomial to 1e-4 (Muon's and Polar Express's coefficients), in fp16 within SPEC's 2e-2
-    on well-conditioned inputs; every scratch buffer poisoned."""
+    textbook polynomial to 1e-4 (Muon's and Polar Express's coefficients), in fp16 within the
+    correctness contract's 2e-2 on well-conditioned inputs; every scratch buffer poisoned."""
     gen = torch.Generator().manual_seed(sum(shape))
     X = conditioned(shape, device, gen).to(device=device, dtype=torch.float32)
     for coefficients in ([MUON] * 5, PE5):

@@ -1,6 +1,6 @@
 """What mango does to every parameter of real architectures, against the math written out here.
 
-SPEC §3 says every matrix norm acts on the (out, in) operator, whatever the storage: GPT-2's Conv1D
+The roles (docs/guide.md) say every matrix norm acts on the (out, in) operator, whatever the storage: GPT-2's Conv1D
 stores (in, out), so its heads are column blocks; separate q/k/v projections are split head-wise
 (GQA: k_proj and v_proj have n_kv blocks; an explicit head_dim wins); MoE experts [E, out, in] (GPT-OSS:
 [E, in, out]) are E matrices, each orthogonalized on its own; conv kernels are (out, in·kh·kw). A wrong
@@ -11,15 +11,16 @@ axis still "trains" (the loss falls), so these tests check the update itself.
    from the hand-written labels of tests/test_roles_hf.py (EXPECTED: role, head_dim, orientation,
    experts per parameter) with plain float64 tensor code: the closed form of a first step (below),
    operators built by transposing / reshaping / indexing, Muon's quintic written out, head blocks and
-   experts in Python loops; the same with l2_col / l2 / ns overriding some norms. Then facts the
-   issue names, on mango's update: GPT-2's query head 0 is a column block of c_attn.weight and comes
+   experts in Python loops; the same with l2_col / l2 / ns overriding some norms. Then named facts
+   about real layouts, on mango's update: GPT-2's query head 0 is a column block of c_attn.weight and comes
    out orthogonalized; mlp.c_fc gets the shape factor of its (out, in) operator; Mixtral expert 0's
    update is NS of its own direction (the flattened alternative is measurably different); ...
 2. Ten steps with float32 parameters on the torch and the triton backend (fp32 NS operands) stay
-   within SPEC §7 of the float64 reference, per parameter, on smaller configs of the same models.
+   within the correctness contract of the float64 reference, per parameter, on smaller configs of the
+   same models.
 
 The first step from zero state (mango preset: LaProp β2 = 0.95, momentum β1 = 0.95 with Nesterov,
-offset momentum β_off = 0.99, lr = 0.01, ε = 1e-8, no weight decay), straight from SPEC §2:
+offset momentum β_off = 0.99, lr = 0.01, ε = 1e-8, no weight decay), straight from the update (docs/design.md):
 
     v = β2·0 + (1−β2)·g²          u = g / (√v + ε)
     m = β1·0 + u = u              d = β1·m + u = (1 + β1)·u           (Nesterov, report form)
@@ -48,10 +49,10 @@ MODELS = (
     "deepseek_v3", "deepseek_v2", "small_resnet", "vit",
 )  # fmt: skip
 
-# mango.presets.mango's settings, and the defaults it keeps (SPEC §2, §4)
+# mango.presets.mango's settings, and the defaults it keeps (the update and the presets)
 LR, BETA1, BETA2, EPS, BETA_OFF = 0.01, 0.95, 0.95, 1e-8, 0.99
 QUINTIC, NS_STEPS = (3.4445, -4.7750, 2.0315), 5
-# the report's norm for every role (SPEC §3)
+# the report's norm for every role (the roles)
 ROLE_NORM = {
     "matrix": "ns", "qkv_weight": "ns_split", "qkv_bias": "l2_split", "embedding": "none",
     "head": "ns", "vector_weight": "none", "vector_bias": "l2",
@@ -279,7 +280,7 @@ def test_one_step_with_other_norms_is_the_math(name, backend):
     assert_step_is_the_math(name, backend, OTHER_NORMS[name])
 
 
-# --------------------------------------------------------------------------- facts the issue names
+# --------------------------------------------------------------------------- named facts about real layouts
 
 
 def operator_update(name, backend, param):
@@ -601,7 +602,7 @@ def reference_run(name: str) -> tuple[dict, dict]:
 
 
 def assert_trajectory_within_spec(name: str, backend: str) -> None:
-    """Per parameter, SPEC §7: W_10 within 1e-6 of float64 for elementwise norms and within 1e-4 for NS
+    """Per parameter, the correctness contract: W_10 within 1e-6 of float64 for elementwise norms and within 1e-4 for NS
     norms (fp32 operands). The displacement W_10 − W_0 (the optimizer's own work) is held to 1e-5 and
     1e-4: on float32 parameters it carries the rounding of W itself, ~1e-7·‖W‖ per step, which where
     ‖W‖ ≫ ‖W_10 − W_0‖ (a bias of ±0.3 moved by 0.03) is already ~1e-6 of the displacement."""

@@ -1,5 +1,5 @@
 """Param groups as torch.optim treats them: foreign keys kept, torch's `betas` spelling, strict
-checks of mango's own settings and of loaded checkpoints (SPEC §3 last paragraph, §9)."""
+checks of mango's own settings and of loaded checkpoints (the roles and the reliability contract)."""
 
 import io
 import math

@@ -25,7 +25,8 @@ def _grads(shapes, steps, seed=1):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_muon_matches_torch_optim_muon(backend):
-    """SPEC §7: on matrices the muon preset is torch.optim.Muon (same lr convention), to bf16 tolerance."""
+    """The correctness contract: on matrices the muon preset is torch.optim.Muon (same lr convention),
+    to bf16 tolerance."""
     shapes = [(32, 16), (16, 48), (24, 24)]
     ours = _params(shapes)
     theirs = _copy(ours)

@@ -1,4 +1,4 @@
-"""mango.roles: every parameter of common architectures gets the role SPEC §3 asks for.
+"""mango.roles: every parameter of common architectures gets the role the roles (docs/guide.md) ask for.
 
 Each test model is built here, tiny, so the expected labelling can be written out in full:
 a wrong role would silently pick the wrong dual norm, so every parameter is checked.

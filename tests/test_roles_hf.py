@@ -1,4 +1,4 @@
-"""mango.param_groups on real architectures, with no hints (SPEC §3 "Real models come first").
+"""mango.param_groups on real architectures, with no hints (the roles: real models come first, docs/architectures.md).
 
 Each model is built from a tiny config (no weights, no download) and every parameter's label
 is written out: role, head_dim, orientation and experts. A wrong label would silently pick the
@@ -190,7 +190,7 @@ def decoder_expected(head_dim, attn_bias=False, qk_norm=False, mlp=None):
     return out
 
 
-# Router (E, H): an ordinary matrix, whole-matrix NS (README: it maps H -> E logits like any Linear).
+# Router (E, H): an ordinary matrix, whole-matrix NS (docs/architectures.md: it maps H -> E logits like any Linear).
 MOE_MLP = {
     "model.layers.0.mlp.gate.weight": MAT,
     "model.layers.0.mlp.experts.gate_up_proj": EXPERTS,  # (4, 2I, H): one operator H -> 2I per expert

@@ -1,6 +1,6 @@
 """Every LR scheduler of torch.optim.lr_scheduler (and HF's cosine warm-up) with mango: k steps →
 torch.save of optimizer + scheduler → torch.load(weights_only=True) into fresh objects →
-continue is bit-identical to never stopping (SPEC §9)."""
+continue is bit-identical to never stopping (the reliability contract)."""
 
 import inspect
 import io

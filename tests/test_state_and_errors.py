@@ -1,4 +1,4 @@
-"""state_dict round trips (SPEC §9: bit-exact, across backends) and bad input (SPEC §9)."""
+"""state_dict round trips (bit-exact, across backends) and bad input: the reliability contract."""
 
 import copy
 import io
@@ -214,7 +214,7 @@ def test_deepcopy_and_pickle_of_optimizer():
 
 
 def test_nonfinite_skip_with_empty_tensors():
-    """SPEC §9: empty tensors are fine in every mode, including the non-finite check."""
+    """The reliability contract: empty tensors are fine in every mode, including the non-finite check."""
     w = torch.nn.Parameter(torch.randn(4, 4))
     e = torch.nn.Parameter(torch.zeros(0, 3))
     opt = mango.Mango([w, e], nonfinite="skip", backend="torch")

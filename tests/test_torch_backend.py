@@ -1,4 +1,4 @@
-"""The batched torch backend against the float64 reference (SPEC §7), over every combination."""
+"""The batched torch backend against the float64 reference (the correctness contract), over every combination."""
 
 import itertools
 
@@ -23,7 +23,7 @@ def _settings(pre, nesterov, offset):
 @pytest.mark.parametrize("norm", ALL_NORMS)
 @pytest.mark.parametrize("pre", PRECONDITIONERS, ids=str)
 def test_float64_trajectory_matches_reference(pre, norm, nesterov, offset):
-    """Same math in float64: 12 steps agree to rounding (far inside SPEC's 1e-6)."""
+    """Same math in float64: 12 steps agree to rounding (far inside the correctness contract's 1e-6)."""
     groups = make_groups([norm], **_settings(pre, nesterov, offset))
     ref = run_trajectory(mango_opt(clone_groups(groups), "reference"), steps=12)
     out = run_trajectory(mango_opt(groups, "torch"), steps=12)
@@ -34,7 +34,7 @@ def test_float64_trajectory_matches_reference(pre, norm, nesterov, offset):
 @pytest.mark.parametrize("norm", ELEMENTWISE_NORMS)
 @pytest.mark.parametrize("pre", PRECONDITIONERS, ids=str)
 def test_float32_elementwise_within_spec(pre, norm, nesterov):
-    """fp32 torch backend vs float64 reference: elementwise stages within 1e-6 (SPEC §7)."""
+    """fp32 torch backend vs float64 reference: elementwise stages within 1e-6 (the correctness contract)."""
     groups = make_groups([norm], dtype=torch.float32, **_settings(pre, nesterov, True))
     ref = run_trajectory(mango_opt(clone_groups(groups, torch.float64), "reference"), steps=10)
     out = run_trajectory(mango_opt(groups, "torch"), steps=10)
@@ -45,7 +45,7 @@ def test_float32_elementwise_within_spec(pre, norm, nesterov):
 @pytest.mark.parametrize("pre", PRECONDITIONERS, ids=str)
 def test_float32_newton_schulz_trajectory(pre, norm):
     """fp32 NS amplifies rounding by the polynomial's slope (~a^steps); 1e-4 holds with margin
-    and is 200× tighter than the bf16 bound of SPEC §7."""
+    and is 200× tighter than the bf16 bound of the correctness contract."""
     groups = make_groups([norm], dtype=torch.float32, ns_dtype=torch.float32, **_settings(pre, True, True))
     ref = run_trajectory(mango_opt(clone_groups(groups, torch.float64), "reference"), steps=10)
     out = run_trajectory(mango_opt(groups, "torch"), steps=10)
@@ -54,7 +54,8 @@ def test_float32_newton_schulz_trajectory(pre, norm):
 
 @pytest.mark.parametrize("norm", ["ns", "ns_split"])
 def test_bf16_newton_schulz_within_spec(norm):
-    """ns_dtype=bfloat16 (the GPU default) vs float64: one step within SPEC's 2e-2, on the update."""
+    """ns_dtype=bfloat16 (the GPU default) vs float64: one step within the correctness contract's 2e-2,
+    on the update."""
     groups = make_groups([norm], dtype=torch.float32, beta_offset=None)
     before = [p.detach().clone() for g in groups for p in g["params"]]
     ref = run_trajectory(mango_opt(clone_groups(groups, torch.float64), "reference"), steps=1)
@@ -211,7 +212,7 @@ def test_head_split_is_blockwise():
 
 @pytest.mark.parametrize("shape", [(16, 16), (8, 24), (24, 8), (1, 9), (33, 7)])
 def test_reference_newton_schulz_is_the_polynomial(shape):
-    """SPEC §7: reference NS equals an SVD-free float64 evaluation of the same polynomial, exactly,
+    """The correctness contract: reference NS equals an SVD-free float64 evaluation of the same polynomial, exactly,
     and its singular values are p(σ/‖X‖_F) for the quintic p — inside the band it guarantees."""
     from mango import reference
 
@@ -264,7 +265,7 @@ def test_batched_newton_schulz_in_slices_is_the_same(method):
 
 
 # ----------------------------------------------------------------------------------------
-# the Gram form (SPEC §6) against the float64 textbook polynomial
+# the Gram form (the kernel design) against the float64 textbook polynomial
 # ----------------------------------------------------------------------------------------
 GRAM_SHAPES = [(1, 1, 300), (1, 300, 1), (2, 64, 768), (1, 768, 3072), (1, 3000, 96)]  # 1×n, n×1, head blocks, MLP, a tall vocabulary head (reduced)
 
@@ -273,7 +274,7 @@ GRAM_SHAPES = [(1, 1, 300), (1, 300, 1), (2, 64, 768), (1, 768, 3072), (1, 3000,
 @pytest.mark.parametrize("shape", GRAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gram_form_matches_the_float64_textbook_polynomial(shape, schedule):
     """torch backend's Gram form, same coefficients: fp32 within 1e-4 of the float64 textbook
-    polynomial; fp16 (its 16-bit operand dtype) within SPEC §7's 2e-2 for Muon's coefficients. Polar
+    polynomial; fp16 (its 16-bit operand dtype) within the correctness contract's 2e-2 for Muon's coefficients. Polar
     Express's first polynomials have slope ~20 at σ = 1 (a 1×n matrix is exactly that after pre-scaling)
     and R carries σ², so there its 16-bit path is held to what Muon implementations run: no worse than
     the textbook form in bf16 (1×300: 2.5% vs 6.3%)."""
@@ -316,8 +317,9 @@ def test_gram_form_zero_and_rank_deficient_inputs():
 
 def test_gram_form_needs_its_restart_even_in_fp32():
     """Why the Gram form restarts in every dtype: on a gradient-like input (σ_i ∝ (i+1)^-1.5) the fp32
-    Gram form without a restart misses the float64 textbook polynomial by more than SPEC's fp32 bound
-    (1e-4); with the restart at step 2 it is well inside (and so is the textbook form)."""
+    Gram form without a restart misses the float64 textbook polynomial by more than the correctness
+    contract's fp32 bound (1e-4); with the restart at step 2 it is well inside (and so is the textbook
+    form)."""
     from mango import newton_schulz as ns
 
     gen = torch.Generator().manual_seed(0)
@@ -335,7 +337,7 @@ def test_gram_form_needs_its_restart_even_in_fp32():
 
 @pytest.mark.parametrize("norm", ["ns", "ns_split"])
 def test_gram_form_trajectory_matches_reference(norm):
-    """ns_method="gram": 10 steps of the torch backend (fp32 NS) within SPEC §7's fp32 NS bound of the
+    """ns_method="gram": 10 steps of the torch backend (fp32 NS) within the correctness contract's fp32 NS bound of the
     float64 reference running the same form; float64 against float64 to rounding."""
     groups = make_groups([norm], dtype=torch.float32, ns_dtype=torch.float32, ns_method="gram", beta_offset=0.9, lr=0.02)
     ref = run_trajectory(mango_opt(clone_groups(groups, torch.float64), "reference"), steps=10)

@@ -1,4 +1,4 @@
-"""mango inside the trainers people use (SPEC §3 last paragraph, §9): HF `Trainer` with
+"""mango inside the trainers people use (the roles and the reliability contract): HF `Trainer` with
 `optimizers=(mango, scheduler)` and `resume_from_checkpoint`, Lightning's `configure_optimizers`
 and `ckpt_path`. Each resumed run must end at exactly the parameters of the uninterrupted one.
 Tiny config-built models, CPU, offline, no reporting integrations."""

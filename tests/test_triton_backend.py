@@ -1,4 +1,5 @@
-"""backend="triton" against the float64 reference (SPEC §5–§7, §9), launches per step, nonfinite.
+"""backend="triton" against the float64 reference (the backends, the kernel design, the correctness
+and the reliability contracts of docs/design.md), launches per step, nonfinite.
 
 Kernels run under TRITON_INTERPRET=1 on CPU (conftest) or compiled with MANGO_TEST_DEVICE=cuda;
 parameters live on the `device` fixture. Shapes are tiny: the interpreter runs each program in
@@ -72,7 +73,7 @@ def displacement_err(out, ref, before) -> float:
     ids=["none", "laprop", "laprop-plain", "adam", "adam-plain", "novograd"],
 )
 def test_elementwise_trajectory_within_spec(pre, nesterov, device):
-    """Every elementwise norm, fp32 params, 10 steps: within SPEC §7's 1e-6 of float64."""
+    """Every elementwise norm, fp32 params, 10 steps: within the correctness contract's 1e-6 of float64."""
     groups = groups_on(device, ELEMENTWISE_NORMS, preconditioner=pre, nesterov=nesterov, beta_offset=0.9, weight_decay=0.01, lr=0.02)
     out, ref, before = pair(groups, 10)
     assert rel_err(out, ref) <= 1e-6
@@ -103,14 +104,14 @@ def test_gram_form_trajectory_fp32(schedule, device):
 
 
 def test_gram_form_fp16_update_within_spec(device):
-    """The Gram form's default 16-bit operands (fp16): one step's update within SPEC §7's 2e-2."""
+    """The Gram form's default 16-bit operands (fp16): one step's update within the correctness contract's 2e-2."""
     groups = groups_on(device, ["ns", "ns_split"], beta_offset=None, ns_method="gram")
     out, ref, before = pair(groups, 1)
     assert displacement_err(out, ref, before) <= 2e-2
 
 
 def test_newton_schulz_bf16_update_within_spec(device):
-    """The default bf16 NS: one step's update within SPEC §7's 2e-2 (as the torch backend's test)."""
+    """The default bf16 NS: one step's update within the correctness contract's 2e-2 (as the torch backend's test)."""
     groups = groups_on(device, ["ns", "ns_split"], beta_offset=None)
     out, ref, before = pair(groups, 1)
     assert displacement_err(out, ref, before) <= 2e-2
@@ -316,7 +317,7 @@ def expected_launches(lg, device, ns_steps=5) -> dict:
 def test_launches_per_step_gpt2_structure_independent_of_depth(device):
     """GPT-2 structure (tied embedding/head, fused QKV): one round — everything in its buffers at
     once — is 19 launches (≤ 64) at any depth: moments, segment sums, one on-chip NS launch, 3 per
-    NS step for the tiled matrices, apply. Within SPEC §8's memory budget the same step runs in
+    NS step for the tiled matrices, apply. Within the memory budget the same step runs in
     rounds, and the count follows the rounds: the same for 6 and 12 layers and another width.
     Counted in dry-run mode (the launch structure is host-side); the test below checks dry-run
     counts equal real ones."""
@@ -366,7 +367,7 @@ def test_dry_run_counts_what_a_real_step_launches(device):
 
 
 # ----------------------------------------------------------------------------------------
-# memory: rounds within SPEC §8's budget
+# memory: rounds within the memory budget
 # ----------------------------------------------------------------------------------------
 
 

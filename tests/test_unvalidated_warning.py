@@ -59,7 +59,7 @@ def test_no_warning_on_a_validated_architecture_or_off_cuda(fake_gpu, monkeypatc
 
 
 def test_no_architecture_is_claimed_validated_without_a_run():
-    """Entries come only with a committed results folder (README: 'GPU run')."""
+    """Entries come only with a committed results folder (docs/benchmarks.md: 'GPU run')."""
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

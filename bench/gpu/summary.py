@@ -1,14 +1,15 @@
-"""summary.md of a GPU run: one page with every stage's status and the figures SPEC §8 asks for."""
+"""summary.md of a GPU run: one page with every stage's status and the figures the performance contract
+(docs/design.md) asks for."""
 
 from __future__ import annotations
 
-# SPEC §8 targets (the floor target is stated for an H100), with their column labels
+# the performance contract's targets (the floor target is stated for an H100), with their column labels
 TARGETS = {
     "x_floor": ("× floor", "<=", 1.5),  # step time / roofline floor measured on this device
     "vs_muon_adamw": ("vs Muon+AdamW", ">=", 3.0),  # speed-up vs torch.optim.Muon + AdamW(fused)
     "vs_torch": ("vs mango torch", ">=", 1.0),  # never slower than mango's own torch backend
     "vs_reference": ("vs eager ref.", ">=", 5.0),
-    "launches": ("launches", "<=", 64),  # per step, SPEC §6 budget
+    "launches": ("launches", "<=", 64),  # per step, the kernel design's budget
     "memory_x_budget": ("peak mem / budget", "<=", 1.0),  # peak extra / (state + 2 × largest bf16 NS bucket)
 }
 
@@ -133,7 +134,7 @@ def _tests_md(t) -> list:
 def _step_md(s, dry) -> list:
     if not s or not s.get("headline"):
         return []
-    out = ["## Optimizer step against SPEC §8" + (" (dry run: code path only)" if dry else ""), "",
+    out = ["## Optimizer step against the performance contract" + (" (dry run: code path only)" if dry else ""), "",
            "| set | mango | step ms | floor ms | " + " | ".join(f"{n} ({op} {t:g})" for n, op, t in TARGETS.values()) + " |",
            "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in TARGETS) + " |"]  # fmt: skip
     for h in s["headline"]:
@@ -153,8 +154,9 @@ def _step_md(s, dry) -> list:
             notes.append(f"{h['set']}: torch.compile took {h['compile_s']:.0f} s")
     if notes:
         out += [""] + [f"- {n}" for n in notes]
-    return out + ["", "Targets: SPEC §8 (the floor target is for an H100; the floor is measured on this device); peak mem / budget: "
-                  "peak extra memory over state + 2 × the largest NS bucket in bf16. Full tables: `step.md`.", ""]
+    return out + ["", "Targets: the performance contract, docs/design.md (the floor target is for an H100; "
+                  "the floor is measured on this device); peak mem / budget: peak extra memory over state + 2 × "
+                  "the largest NS bucket in bf16. Full tables: `step.md`.", ""]
 
 
 def _train_md(t) -> list:

@@ -41,8 +41,8 @@ def warn_if_unvalidated(device: torch.device) -> None:
     warnings.warn(
         f"mango: the Triton kernels have not been validated on this GPU architecture ({torch.cuda.get_device_name(device)}, "
         f"sm_{capability[0]}{capability[1]}): they are tested under the Triton interpreter and compiled ahead of time, but "
-        f"no committed GPU run has checked them on such a device yet (README: 'GPU run'). backend='torch' runs the same "
-        f"math without them.",
+        f"no committed GPU run has checked them on such a device yet (docs/benchmarks.md: 'GPU run'). "
+        f"backend='torch' runs the same math without them.",
         stacklevel=3,
     )
 

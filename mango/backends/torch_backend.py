@@ -13,7 +13,7 @@ drives the cost:
   Newton–Schulz units write d straight into an NS-dtype buffer X of the unit; the iteration runs
   between X and one more buffer Y of the same size; the chunk buffers of the other passes live in
   whichever of the two is free. So the memory a step adds to the state is 2× the largest NS
-  bucket in its NS dtype (SPEC §8), or two chunks where no NS bucket is that large.
+  bucket in its NS dtype (the memory budget), or two chunks where no NS bucket is that large.
 * **Reductions without a copy of d.** Norms that need a whole tensor or row before anything can
   be applied (l2, l2_col, l2_split) sum squares per segment in a first sweep and recompute d from
   the updated moments in a second one, unless the unit fits in one chunk (then d stays put).
@@ -89,7 +89,7 @@ def batched_newton_schulz(
     (mango.newton_schulz.gram). The m×m temporaries (A, B; or R, P, Q and two products) of a slice of
     the batch live in room of the two buffers that slice does not use — the part of the batch not
     yet reached, the stale half of the slices done, and anything past the batch — so with buffers
-    the NS allocates nothing (SPEC §8); where there is no such room (a batch of one matrix filling
+    the NS allocates nothing (the memory budget); where there is no such room (a batch of one matrix filling
     its buffers), fresh temporaries for slices under `max_temp_bytes` (at least one matrix).
     `where`: a list; the index in `buffers` of the one holding the result is appended to it.
     """
@@ -474,7 +474,7 @@ class TorchBackend:
     def __init__(self, chunk_elements: int = None):
         self.chunk_elements = chunk_elements  # None: CPU_CHUNK_ELEMENTS on a CPU, CHUNK_ELEMENTS elsewhere
         self._workspace: dict = {}  # device -> uint8 buffer, grown to the largest need of any plan
-        self._budget = 0  # SPEC §8's scratch budget of the plan being stepped (bytes; 0: none)
+        self._budget = 0  # the memory budget's scratch bytes of the plan being stepped (bytes; 0: none)
         self._ns_in_second = False  # where the last `orthogonalize` left its result (see _ns_unit)
 
     def step(self, opt, plan, grads_by_bucket) -> None:
@@ -539,7 +539,7 @@ class TorchBackend:
             self._bucket_step(group, bucket, layout, [grads[i] for i in layout.order], raws[bucket.device])
 
     def memory_budget(self, opt, plan) -> int:
-        """SPEC §8's budget of scratch bytes: 2× the largest NS bucket of the plan in its NS dtype."""
+        """The memory budget's scratch bytes: 2× the largest NS bucket of the plan in its NS dtype."""
         largest = 0
         for bucket in plan.buckets:
             group = opt.param_groups[bucket.group_index]

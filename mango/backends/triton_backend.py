@@ -1,4 +1,5 @@
-"""The Triton backend: a MANGO step in a few multi-tensor kernel launches (SPEC §5–§6).
+"""The Triton backend: a MANGO step in a few multi-tensor kernel launches (the backends and the
+kernel design, docs/design.md).
 
 It does the math of `mango.backends.torch_backend` stage by stage, but every stage covers all
 tensors of the step at once:
@@ -10,7 +11,7 @@ tensors of the step at once:
     ns_gram/poly/update × ns_steps   NS of the larger matrices, every shape in one grid
     apply           Δ, lr·k, trust ratio, offset momentum, weight decay, write W
 
-per round. SPEC §8 bounds the memory a step may use beyond the state by 2× the largest NS bucket
+per round. The memory budget bounds the memory a step may use beyond the state by 2× the largest NS bucket
 (in its NS dtype), so the tensors are packed into **rounds** that each fit that budget — the NS
 stacks, second buffers and m×m workspaces of a round, and the direction buffer of its non-NS
 tensors, are views into one arena the size of the largest round, reused by every round. A round
@@ -486,7 +487,7 @@ class _LaunchGroup:
         return 0
 
     def _budget(self) -> int:
-        """SPEC §8: 2× the largest bucket, in the dtype its direction is held in (the NS dtype for NS
+        """The memory budget: 2× the largest bucket, in the dtype its direction is held in (the NS dtype for NS
         buckets; the compute dtype for the work buffer of the others, e.g. LAMB's l2 tensors)."""
         by_bucket: dict = {}
         for e in self.entries:
@@ -501,7 +502,7 @@ class _LaunchGroup:
 
     def memory(self) -> dict:
         """Bytes of the big work buffers (the arena every round's buffers are views of) against the
-        budget the rounds were packed to and SPEC §8's, and what each round takes of it."""
+        budget the rounds were packed to and the memory budget, and what each round takes of it."""
         return dict(
             budget=self.budget,
             spec_budget=self.spec_budget,
@@ -752,7 +753,7 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self, ns_config: "mk.NSConfig" = None, block: int = None, memory_budget: float = None, ns_target: str = None):
-        """`memory_budget`: bytes of work buffers a step may use (None: SPEC §8's 2× the largest
+        """`memory_budget`: bytes of work buffers a step may use (None: the memory budget's 2× the largest
         bucket; float("inf"): one round, the fewest launches). `ns_target` (e.g. "sm_90"): choose
         the NS engines as on that GPU architecture (a launch dry run on a CPU counting its step)."""
         self.ns_config = ns_config or mk.NSConfig()
