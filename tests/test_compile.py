@@ -142,3 +142,50 @@ def test_untraceable_backends_run_eagerly_behind_a_graph_break(backend, monkeypa
     if backend == "triton":
         train, _ = _run("mango", "train", steps=2, backend=backend)
         assert _max_diff(eager, train) <= TOL
+
+
+def test_compiled_step_is_one_graph_of_the_math():
+    """The torch backend's step is traced whole: graph breaks only where the bookkeeping runs."""
+    model = _model()
+    opt = _optimizer("mango", model)
+    torch.nn.functional.mse_loss(model(_inputs(0)[0]), _inputs(0)[1]).backward()
+    ops = []
+
+    def count_ops(gm, example_inputs):
+        ops.append(sum(1 for n in gm.graph.nodes if n.op == "call_function"))
+        return gm
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(opt.step, backend=count_ops)()
+    reasons = list(counters["graph_break"])
+    assert reasons and all("_prepare_step" in r for r in reasons), reasons  # only the call into the eager bookkeeping
+    assert max(ops) > 100  # moments, NS and apply of every bucket in the one graph after it
+
+
+def test_bench_contender_compiles_the_torch_backend():
+    """bench.step's torch_compiled contender: torch.compile(opt.step), compiled at build; the graph is
+    traced (the eager backend keeps this fast) and its steps equal the eager torch backend's."""
+    from bench import optimizers, params
+
+    def fill_grads(ps_, t):
+        gen = torch.Generator().manual_seed(t)
+        for p in ps_:
+            p.grad.copy_(torch.randn(p.shape, generator=gen))
+
+    ps = params.resolve_set("tiny")
+    compiled_params, eager_params = ps.build("cpu"), ps.build("cpu")
+    fill_grads(compiled_params, 0)
+    fill_grads(eager_params, 0)
+    runner = optimizers.build("torch_compiled", ps, compiled_params, "cpu", compile_backend="eager")
+    eager = optimizers.build("torch", ps, eager_params, "cpu")
+    eager.step()  # the compiled runner's build took its first step
+    assert runner.info["graphs"] >= 1 and runner.info["compile_s"] > 0
+    fill_grads(compiled_params, 1)
+    fill_grads(eager_params, 1)
+    runner.step()
+    eager.step()
+    assert max((a - b).abs().max().item() for a, b in zip(compiled_params, eager_params)) <= 1e-3  # bf16 NS ("auto" here)
+    assert max((a - b).abs().max().item() for a, b in zip(compiled_params, ps.build("cpu"))) > 1e-3  # they moved
+    with pytest.raises(optimizers.Unavailable, match="^compile failed: "):
+        optimizers.build("torch_compiled", ps, ps.build("cpu"), "cpu", compile_backend="no_such_backend")

