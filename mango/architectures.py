@@ -7,8 +7,8 @@ sits on the attention module or in the model's config; BERT calls them query/key
 DistilBERT q_lin/k_lin/v_lin, T5 q/k/v, Phi-3 fuses them in qkv_proj; DeepSeek's latent
 attention projects per-head rows from shared latents; MoE models stack their experts in one 3-D
 parameter. This module reads those conventions by duck typing (no library is imported): the
-projections of an attention module by the words of their names, or by rows that are exactly a
-fused projection's, and returns labels for :func:`mango.param_groups`.
+projections of an attention module by the words of their names, or by rows that fit exactly one
+q/k/v layout of the heads it states, and returns labels for :func:`mango.param_groups`.
 
 Head counts come from the attention module or the model's config, never from shapes alone: a
 wrong head split cannot be seen in the loss, only in a worse optimizer. Where a module looks
@@ -34,6 +34,8 @@ _VALUE_WORDS = frozenset({"v", "value", "values"})
 FUSED_QKV_NAMES = ("c_attn", "W_pack")
 # GPT-2 cross-attention: `q_attn` holds the queries, `c_attn` only the keys and values.
 CROSS_QUERY_NAME = "q_attn"
+# JetMoe's mixture of attention heads: each expert's query projection, in the attention's `experts` child.
+EXPERT_QUERY_NAME = "input_linear"
 # Class names of modules that hold attention projections (LlamaAttention, T5Attention, MptAttention,
 # DistilBertSelfAttention, GPT2Attention, ...); their `...Output` siblings hold the output projection.
 _ATTENTION_CLASS = re.compile(r"attention|attn|multihead", re.IGNORECASE)
@@ -91,6 +93,17 @@ class _Heads:
     source: str  # where they were read, for messages
 
 
+@dataclass(frozen=True)
+class _Unnamed:
+    """A module that looks like attention but names none of its projections: its Linear children,
+    decided by their rows once the modules inside it are labelled."""
+
+    name: str
+    module: nn.Module
+    children: list  # (local name, Linear-like child)
+    heads: _Heads
+
+
 # --------------------------------------------------------------------------- Linear-like modules
 
 
@@ -124,13 +137,17 @@ def recognise(modules, root: nn.Module) -> Recognised:
     by_name = dict(modules)
     found = Recognised()
     seen: set[int] = set()
+    unnamed: list[_Unnamed] = []
     for name, module in modules:
         if id(module) in seen:
             continue
         seen.add(id(module))
         if not isinstance(module, nn.MultiheadAttention):  # its in_proj_* are labelled by mango.roles
-            _label_attention(name, module, by_name, root, found)
+            candidate = _label_attention(name, module, by_name, root, found)
+            if candidate is not None:
+                unnamed.append(candidate)
         _label_experts(name, module, found)
+    _label_unnamed(unnamed, found)
     return found
 
 
@@ -158,49 +175,80 @@ def looks_like_attention(module: nn.Module) -> bool:
     return bool(_ATTENTION_CLASS.search(kind)) and not kind.endswith("Output")
 
 
-def _label_attention(name, module, by_name, root, found: Recognised) -> None:
-    """q/k/v projections of one module, by name or by structure, split into the heads it states.
+def _label_attention(name, module, by_name, root, found: Recognised) -> _Unnamed | None:
+    """q/k/v projections of one module, by name, split into the heads it states.
 
     A module is taken as attention when its Linear children are named as q/k/v projections
     (any spelling: ``q_proj``, ``q_lin``, ``q``, ``query``, fused ``qkv_proj`` / ``Wqkv``), or when
-    its class name says attention or it states its head count and size, and one child's rows are
-    exactly the ``(n_q + 2·n_kv)·head_dim`` of a fused projection. Where it looks like attention
-    and the heads or the projections cannot be found, it is reported with the hint that fixes it.
+    its class name says attention or it states its head count. Its projections are the children
+    named so; where none is, the module is returned, to be decided by the rows of its children
+    (`_label_unnamed`) once the modules inside it are labelled.
     """
     children = [(local, child) for local, child in module.named_children() if is_linear_like(child)]
     if not children:
-        return
+        return None
     if _is_mla(module, children):
         _label_mla(name, module, children, _config_of(name, module, by_name, root), found)
-        return
+        return None
     kinds: dict[str, list[tuple[str, nn.Module]]] = {}
     for local, child in children:
         kind = projection_kind(local)
         if kind is not None:
             kinds.setdefault(kind, []).append((local, child))
     named = "qkv" in kinds or ("q" in kinds and ("kv" in kinds or ("k" in kinds and "v" in kinds)))
-    by_class = looks_like_attention(module)
-    if not (named or by_class or _states_heads(module)):
-        return
+    attention_like = looks_like_attention(module) or _states_head_count(module)
+    if not (named or attention_like):
+        return None
     heads = _find_heads(name, module, _config_of(name, module, by_name, root))
-    if named:
-        _label_named(name, kinds, heads, found)
-    elif not _label_by_structure(name, children, heads, found) and by_class:
-        found.unresolved.append(_unresolved(name, children, _unknown_hint(name, children), any_override=True))
+    # Keys and values without a query child (JetMoe: the queries are computed by its experts).
+    keys_and_values = "q" not in kinds and ("kv" in kinds or ("k" in kinds and "v" in kinds))
+    if named or (attention_like and keys_and_values):
+        head_dim = _label_named(name, kinds, heads, found)
+        if keys_and_values and head_dim is not None:
+            _label_expert_queries(name, module, head_dim, heads, found)
+        return None
+    return _Unnamed(name, module, children, heads)
 
 
-def _states_heads(module) -> bool:
-    """Head count and head size both on the module (timm's Attention): evidence enough of attention."""
-    return _positive_int_attr(module, _N_HEADS_ATTRS) is not None and _positive_int_attr(module, _HEAD_DIM_ATTRS) is not None
+def _states_head_count(module) -> bool:
+    """A head count on the module itself (timm's Attention, nanoGPT's ``n_head``): evidence of attention."""
+    return _positive_int_attr(module, _N_HEADS_ATTRS) is not None
 
 
-def _label_named(name, kinds, heads: _Heads, found: Recognised) -> None:
+def _label_unnamed(unnamed: list[_Unnamed], found: Recognised) -> None:
+    """Attention-like modules without named projections, innermost first (``unnamed`` is in
+    module-tree pre-order): one whose attention lives in a module inside it is a wrapper (HF
+    LED's ``LEDEncoderAttention``, holding only the output Linear beside its self-attention),
+    neither labelled by the rows of its own children nor reported; the others get the q/k/v layout
+    their children's rows fit, or are reported with the hint that labels them."""
+    held = {module_id for (module_id, _), label in found.labels.items() if label.role == "qkv_weight"}
+    held.update(i for item in found.unresolved for i in item.projection_ids)
+    gaps = []
+    for item in reversed(unnamed):
+        if _wraps_attention(item.module, held):
+            continue
+        projections = _label_by_structure(item.name, item.children, item.heads, found)
+        if projections is None:
+            gaps.append(_unresolved(item.name, item.children, _unknown_hint(item.name, item.children), any_override=True))
+            projections = item.children
+        held.update(id(child) for _, child in projections)
+    found.unresolved.extend(reversed(gaps))  # in module-tree order, as the warnings name them
+
+
+def _wraps_attention(module, held: set[int]) -> bool:
+    """Its attention lives deeper: a projection (labelled or reported) below its own Linear children."""
+    own = {id(child) for _, child in module.named_children() if is_linear_like(child)}
+    return any(id(inner) in held for inner in module.modules() if inner is not module and id(inner) not in own)
+
+
+def _label_named(name, kinds, heads: _Heads, found: Recognised) -> int | None:
     """Projections found by name: q has n_q heads, k and v n_kv (GQA), fused ones their sum.
 
     A fused projection beside a separate query (GPT-2 cross-attention's c_attn next to q_attn)
     holds only the keys and values. Without a key/value head count a fused projection is taken
     as plain multi-head (n_kv = n_q), as ``qkv_heads={...: n}`` means; rows that do not fit that
-    are reported, not guessed at. Separate k and v then need only be whole heads.
+    are reported, not guessed at. Separate k and v then need only be whole heads. Returns the
+    head size the projections were split into, or None where they were reported instead.
     """
     has_query = "q" in kinds
     n_kv = heads.n_kv or heads.n_q
@@ -220,27 +268,91 @@ def _label_named(name, kinds, heads: _Heads, found: Recognised) -> None:
     projections = [(local, child) for _, local, child in ordered]
     if head_dim is None or maybe_grouped:
         found.unresolved.append(_unresolved(name, projections, _named_hint(name, kinds)))
-        return
+        return None
     prefix = f"{name}." if name else ""
     for kind, local, child in ordered:
-        _check_rows(prefix + local, child, head_dim, counts[kind], heads)
         what = "fused " if kind in ("qkv", "kv") else ""
+        if kind == "q" and _gated_query(child, head_dim, heads, kinds):
+            counts = {**counts, "q": 2 * heads.n_q}
+            what = "query and output gate of each head, "
+        _check_rows(prefix + local, child, head_dim, counts[kind], heads)
         _label_projection(child, head_dim, f"{heads.source}: {what}{local} in heads of {head_dim}", found)
+    return head_dim
 
 
-def _label_by_structure(name, children, heads: _Heads, found: Recognised) -> bool:
-    """One child whose rows are exactly (n_q + 2·n_kv)·head_dim is the fused q/k/v projection."""
+def _gated_query(query, head_dim, heads: _Heads, kinds) -> bool:
+    """A separate query of exactly 2·n_q·head_dim rows beside separate k and v: each head's query and its gate.
+
+    Qwen3-Next and Qwen3.5 compute a sigmoid output gate per head in ``q_proj``: per head,
+    head_dim query rows then head_dim gate rows. Every block of head_dim rows is then one head's
+    query or one head's gate, two operators, as the k and v blocks of a fused projection are.
+    """
+    return (
+        heads.n_q is not None and "k" in kinds and "v" in kinds
+        and operator_rows(query) == 2 * heads.n_q * head_dim
+    )  # fmt: skip
+
+
+def _label_by_structure(name, children, heads: _Heads, found: Recognised) -> list | None:
+    """The children whose rows are exactly one q/k/v layout of the stated heads are its projections.
+
+    Layouts: one fused q/k/v of ``(n_q + 2·n_kv)·head_dim`` rows; separate q, k, v of
+    ``n_q·head_dim``, ``n_kv·head_dim``, ``n_kv·head_dim``; q and a fused k/v of
+    ``2·n_kv·head_dim``. Which of them is q, k or v does not matter (they get one label), only
+    that no other child has such rows: an output projection as wide as the queries (``d_model
+    = n_q·head_dim``) makes separate projections ambiguous, and then nothing is guessed. Returns
+    the children labelled, or None.
+    """
     if heads.n_q is None or heads.head_dim is None:
-        return False
-    n_kv = heads.n_kv or heads.n_q
-    rows = (heads.n_q + 2 * n_kv) * heads.head_dim
-    fused = [(local, child) for local, child in children if operator_rows(child) == rows]
-    if len(fused) != 1:
-        return False
-    (local, child), = fused
-    reason = f"{heads.source}: {local} has (n_q + 2·n_kv)·head_dim rows, fused q/k/v in heads of {heads.head_dim}"
-    _label_projection(child, heads.head_dim, reason, found)
-    return True
+        return None
+    n_q, n_kv, head_dim = heads.n_q, heads.n_kv or heads.n_q, heads.head_dim
+    layouts = {
+        "fused q/k/v": [n_q + 2 * n_kv],
+        "separate q, k, v": [n_q, n_kv, n_kv],
+        "q and fused k/v": [n_q, 2 * n_kv],
+    }
+    matches = []
+    for what, blocks in layouts.items():
+        sizes = sorted(b * head_dim for b in blocks)
+        chosen = [(local, child) for local, child in children if operator_rows(child) in sizes]
+        if sorted(operator_rows(child) for _, child in chosen) == sizes:
+            matches.append((what, chosen))
+    if len(matches) != 1:
+        return None
+    (what, chosen), = matches
+    locals_ = ", ".join(local for local, _ in chosen)
+    for _, child in chosen:
+        reason = f"{heads.source}: {locals_} have the rows of {what} in heads of {head_dim}"
+        _label_projection(child, head_dim, reason, found)
+    return chosen
+
+
+def _label_expert_queries(name, module, head_dim, heads: _Heads, found: Recognised) -> None:
+    """Queries projected by experts (JetMoe's mixture of attention heads): head-wise per expert.
+
+    JetMoe's attention has only a fused ``kv_proj``; each of the ``num_experts`` experts of its
+    ``experts`` child projects the queries of ``num_key_value_heads`` heads in its
+    ``input_linear`` ``[E, heads·head_dim, H]`` (and maps them back in ``output_linear``, a
+    plain matrix per expert).
+    """
+    for local, child in module.named_children():
+        n_experts = _experts_count(child)
+        query = getattr(child, EXPERT_QUERY_NAME, None)
+        weight = getattr(query, "weight", None)
+        if n_experts is None or not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.shape[0] != n_experts:
+            continue
+        full = f"{name}.{local}.{EXPERT_QUERY_NAME}.weight" if name else f"{local}.{EXPERT_QUERY_NAME}.weight"
+        if weight.shape[1] % head_dim != 0:
+            raise ValueError(
+                f"mango.param_groups: parameter {full!r} has {weight.shape[1]} output rows per expert, expected a "
+                f"multiple of head_dim {head_dim} (heads read from {heads.source}); label it with "
+                f"overrides={{{full!r}: {{'role': 'qkv_weight', 'head_dim': ..., 'experts': True}}}}"
+            )
+        reason = (
+            f"{heads.source}: {local}.{EXPERT_QUERY_NAME} holds each of {n_experts} experts' queries, "
+            f"{weight.shape[1] // head_dim} heads of {head_dim}"
+        )
+        found.labels[(id(query), "weight")] = Label("qkv_weight", head_dim, reason, experts=True)
 
 
 def _config_of(name, module, by_name, root):
@@ -255,11 +367,18 @@ def _config_of(name, module, by_name, root):
 
 
 def _find_heads(name, module, config) -> _Heads:
-    """Heads of an attention module, from its attributes first, then from the model's config."""
+    """Heads of an attention module, from its attributes first, then from the model's config.
+
+    A key/value head count on the module itself sizes its key and value projections and wins
+    over ``num_key_value_groups``, which only says how the forward repeats them: JetMoe states
+    ``num_key_value_groups = 1`` beside twice as many query heads as key/value heads (its experts
+    each project one group of queries). Otherwise the groups give n_kv = n_q / groups.
+    """
     kind = f"{type(module).__name__} {name!r}"
     head_dim = _positive_int_attr(module, _HEAD_DIM_ATTRS)
     n_q = _positive_int_attr(module, _N_HEADS_ATTRS)
     n_kv = _positive_int_attr(module, _N_KV_HEADS_ATTRS)
+    n_kv_stated = n_kv is not None
     if config is not None:
         config_heads = _positive_int_attr(config, ("num_attention_heads",))
         n_q = n_q or config_heads
@@ -268,7 +387,7 @@ def _find_heads(name, module, config) -> _Heads:
             _positive_int_attr(config, ("hidden_size",)), config_heads
         )
     groups = _positive_int_attr(module, ("num_key_value_groups",))
-    if groups is not None and n_q is not None:
+    if groups is not None and n_q is not None and not n_kv_stated:
         if n_q % groups != 0 or (n_kv is not None and n_kv * groups != n_q):
             raise ValueError(
                 f"mango.param_groups: attention module {name!r}: num_key_value_groups={groups} contradicts "
@@ -430,7 +549,8 @@ def _label_experts(name, module, found: Recognised) -> None:
     reason = f"{type(module).__name__} {name!r}: {n_experts} experts on dim 0"
     for local, param in stacked.items():
         orientation = _experts_orientation(module, local, param, own)
-        found.labels[(id(module), local)] = Label("matrix", None, reason, orientation, True)
+        # an attention module above may have found these to be its queries (JetMoe): that label is more precise
+        found.labels.setdefault((id(module), local), Label("matrix", None, reason, orientation, True))
     for local, param in own.items():
         if param.dim() == 2 and param.shape[0] == n_experts and local.endswith("bias"):
             found.labels[(id(module), local)] = Label("vector_bias", None, reason, experts=True)

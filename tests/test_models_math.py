@@ -46,7 +46,7 @@ from test_roles_hf import BUILDERS, EXPECTED, TOKENS  # tiny configs and the han
 
 MODELS = (
     "gpt2", "neox", "llama_gqa", "qwen3", "bert", "mixtral", "qwen3_moe", "gpt_oss", "phi3", "distilbert", "t5",
-    "deepseek_v3", "deepseek_v2", "small_resnet", "vit",
+    "deepseek_v3", "deepseek_v2", "qwen3_next", "jetmoe", "small_resnet", "vit",
 )  # fmt: skip
 
 # mango.presets.mango's settings, and the defaults it keeps (the update and the presets)

@@ -110,6 +110,21 @@ BUILDERS = {
             qk_rope_head_dim=4, v_head_dim=8, first_k_dense_replace=1, **TOKENS,
         )  # fmt: skip
     ),
+    # gated attention: q_proj holds each head's query, then its output gate: (4 + 4)·8 rows
+    "qwen3_next": lambda: transformers.Qwen3NextForCausalLM(
+        transformers.Qwen3NextConfig(
+            **TINY, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+            shared_expert_intermediate_size=24, layer_types=["full_attention"], **TOKENS,
+        )  # fmt: skip
+    ),
+    # mixture of attention heads: a fused kv_proj (2 key + 2 value heads of 8); each of 4 attention experts
+    # projects 2 query heads (input_linear [4, 16, 32]); num_key_value_groups = 1 beside 4 query heads
+    "jetmoe": lambda: transformers.JetMoeForCausalLM(
+        transformers.JetMoeConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_key_value_heads=2, kv_channels=8,
+            intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **TOKENS,
+        )  # fmt: skip
+    ),
     "resnet18": lambda: torchvision().models.resnet18(num_classes=10),
     "vit": lambda: torchvision().models.VisionTransformer(
         image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10
@@ -318,6 +333,31 @@ def mla_expected(layers, query, kv_head_dim, moe_layers=()):
     return out
 
 
+# Gated attention: q_proj (64, 32) holds per head 8 query rows then 8 gate rows; each block of 8 is one
+# head's query or its gate, split as q heads are
+QWEN3_NEXT = decoder_expected(8, qk_norm=True, mlp={
+    "model.layers.0.mlp.gate.weight": MAT,  # the router
+    "model.layers.0.mlp.experts.gate_up_proj": EXPERTS, "model.layers.0.mlp.experts.down_proj": EXPERTS,
+    **{f"model.layers.0.mlp.shared_expert.{proj}.weight": MAT for proj in ("gate_proj", "up_proj", "down_proj")},
+    "model.layers.0.mlp.shared_expert_gate.weight": MAT,  # (1, H): one logit
+})  # fmt: skip
+
+JETMOE = {
+    "model.embed_tokens.weight": EMB,  # = lm_head.weight (tied)
+    "model.layers.0.self_attention.kv_proj.weight": qkv(8),  # (32, 32): 2 key heads, then 2 value heads, of 8
+    "model.layers.0.self_attention.experts.input_linear.weight": ("qkv_weight", 8, OI, True),  # 2 query heads per expert
+    "model.layers.0.self_attention.experts.output_linear.weight": EXPERTS,  # (4, 32, 16): back to the model width
+    "model.layers.0.self_attention.experts.router.layer.weight": MAT,
+    "model.layers.0.self_attention.experts.bias": VB,
+    "model.layers.0.mlp.input_linear.weight": EXPERTS,  # (4, 96, 32): fused gate and up per expert
+    "model.layers.0.mlp.output_linear.weight": EXPERTS,
+    "model.layers.0.mlp.router.layer.weight": MAT,
+    "model.layers.0.mlp.bias": VB,
+    "model.layers.0.input_layernorm.weight": VW, "model.layers.0.post_attention_layernorm.weight": VW,
+    "model.norm.weight": VW,
+}  # fmt: skip
+
+
 def resnet18_expected():
     out = {"conv1.weight": MAT, "bn1.weight": VW, "bn1.bias": VB}
     for layer, channels in zip(range(1, 5), (64, 128, 256, 512)):
@@ -373,6 +413,8 @@ EXPECTED = {
     "t5": (t5_expected(), {"shared.weight": ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"]}),
     "deepseek_v3": (mla_expected(2, "q_b_proj", 14, moe_layers=(1,)), {}),  # one [8 key; 6 value] block per head
     "deepseek_v2": (mla_expected(1, "q_proj", 8), {}),  # qk_nope = v_head_dim = 8: key and value blocks per head
+    "qwen3_next": (QWEN3_NEXT, {}),
+    "jetmoe": (JETMOE, {"model.embed_tokens.weight": ["lm_head.weight"]}),
     "resnet18": (resnet18_expected(), {}),
     "vit": (VIT, {}),
 }  # fmt: skip
@@ -697,6 +739,108 @@ def test_attention_whose_projections_cannot_be_told_apart_warns_once_naming_them
     with warnings.catch_warnings(action="error"):
         lab = labelling(param_groups(net, overrides=fixed))
     assert lab["blocks.2.attn.beta.weight"] == qkv(8) and lab["blocks.2.attn.delta.weight"] == MAT
+
+
+class TokenMixer(nn.Module):
+    """Attention in all but its class name: it states its heads; its children say nothing."""
+
+    def __init__(self, rows=(64, 64, 64), d=32, num_heads=4, head_dim=16, **heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        for attr, value in heads.items():  # num_key_value_heads, ...
+            setattr(self, attr, value)
+        for local, out in zip(("alpha", "beta", "gamma"), rows):
+            setattr(self, local, nn.Linear(d, out))
+        self.delta = nn.Linear(num_heads * head_dim, d)  # back to the model width
+
+
+@pytest.mark.parametrize(
+    "rows, heads, projections",
+    [((64, 64, 64), {}, ("alpha", "beta", "gamma")),  # separate q, k, v: 4 heads of 16 each
+     ((64, 64), {"num_key_value_heads": 2}, ("alpha", "beta")),  # q, then k and v fused: 2·2 heads of 16
+     ((128,), {"num_key_value_heads": 2}, ("alpha",))],  # fused q/k/v: (4 + 2·2) heads of 16
+    ids=["separate", "q-and-fused-kv", "fused"],
+)  # fmt: skip
+def test_module_stating_heads_gets_them_by_structure_whatever_its_names(rows, heads, projections):
+    """No attention in the class name, no q/k/v in the child names: the rows of exactly one
+    q/k/v layout of the heads it states decide, and the rest stay matrices."""
+    net = stack(lambda: TokenMixer(rows, **heads), n=2)
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(net))
+    for local in projections:
+        assert lab[f"blocks.1.attn.{local}.weight"] == qkv(16) and lab[f"blocks.1.attn.{local}.bias"] == qkv_bias(16)
+    assert lab["blocks.1.attn.delta.weight"] == MAT  # (32, 64): rows of no head layout
+
+
+@pytest.mark.parametrize("say_heads", [dict(num_heads=4, head_dim=8), dict(n_head=4)], ids=["num_heads", "n_head"])
+def test_module_stating_heads_that_structure_cannot_settle_warns_once_with_the_hint(say_heads):
+    """d_model = n_heads·head_dim: the output projection has the rows of a query, so which three
+    of the four children are q, k and v cannot be read from shapes. Not guessed: one warning for
+    every layer, naming the children and the overrides that label them."""
+
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for attr, value in say_heads.items():
+                setattr(self, attr, value)
+            self.alpha, self.beta, self.gamma, self.delta = (nn.Linear(32, 32, bias=False) for _ in range(4))
+
+    net = stack(Mixer, n=3)
+    net.config = transformers.PretrainedConfig(hidden_size=32, num_attention_heads=4)  # head_dim 8 for n_head alone
+    with pytest.warns(UserWarning, match=r"'blocks\.0\.attn' \(and 2 more like it\) looks like attention") as record:
+        lab = labelling(param_groups(net))
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "overrides={'blocks.*.attn.NAME.weight': {'role': 'qkv_weight', 'head_dim': HEAD_DIM}}" in message
+    assert "its Linear children: 'alpha', 'beta', 'gamma', 'delta'" in message
+    assert {lab[f"blocks.0.attn.{local}.weight"] for local in ("alpha", "beta", "gamma", "delta")} == {MAT}
+
+
+def test_attention_wrapper_around_a_labelled_attention_does_not_warn():
+    """HF LED's LEDEncoderAttention holds only its output Linear and the self-attention module
+    that holds q/k/v: the inner module is labelled, the wrapper is not a gap."""
+
+    class WrapperAttention(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.output = nn.Linear(32, 32)
+
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(stack(lambda: WrapperAttention(MadeUpAttention()), n=2)))
+    assert lab["blocks.1.attn.inner.to_keys.weight"] == qkv(8) and lab["blocks.1.attn.output.weight"] == MAT
+
+    # a block that states its heads and holds its attention inside: its MLP is not read as a fused q/k/v
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n_head, self.head_dim = 4, 8
+            self.attn = MadeUpAttention()
+            self.c_fc = nn.Linear(32, 96)  # (4 + 2·4)·8 rows, the size of a fused q/k/v of its heads
+
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(stack(Block, n=1)))
+    assert lab["blocks.0.attn.c_fc.weight"] == MAT and lab["blocks.0.attn.attn.to_queries.weight"] == qkv(8)
+
+    # a wrapper around a module that is not attention is still a gap, reported once
+    with pytest.warns(UserWarning, match=r"'blocks\.0\.attn' \(and 1 more like it\) looks like attention") as record:
+        param_groups(stack(lambda: WrapperAttention(nn.Sequential(nn.Linear(32, 32))), n=2))
+    assert len(record) == 1 and "its Linear children: 'output'" in str(record[0].message)
+
+
+def test_stated_key_value_heads_win_over_the_groups_the_forward_uses():
+    """JetMoe states num_key_value_groups=1 beside 2·n_kv query heads: its key/value projection
+    is sized by num_key_value_heads, so that is what splits it, with no error."""
+
+    class KeyValueAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads, self.num_key_value_heads, self.num_key_value_groups, self.head_dim = 4, 2, 1, 8
+            self.kv_proj = nn.Linear(32, 2 * 2 * 8, bias=False)
+
+    with warnings.catch_warnings(action="error"):
+        lab = labelling(param_groups(nn.ModuleDict(dict(attn=KeyValueAttention()))))
+    assert lab["attn.kv_proj.weight"] == qkv(8)
 
 
 def test_modules_that_do_not_look_like_attention_are_left_alone():

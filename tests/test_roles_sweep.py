@@ -23,7 +23,12 @@ G = dict(D, num_key_value_heads=2)  # grouped-query attention: 2 kv heads for 4 
 
 
 def arch(model_class, config_class, projections, split, **config):
-    """(builder, the local names of its q/k/v projections, their head_dim: one, or per projection name)."""
+    """(builder, the names of its q/k/v projections, their head_dim: one, or per projection name).
+
+    A projection is named by its module's local name, or by the last parts of its module path
+    where the local name alone is ambiguous (JetMoe's `input_linear`: the queries of its attention
+    experts, and the fused gate/up projection of its MLP experts).
+    """
     build = lambda: getattr(transformers, model_class)(getattr(transformers, config_class)(**config))  # noqa: E731
     return build, projections, split
 
@@ -81,6 +86,9 @@ ARCHS = {
     "vit": arch("ViTForImageClassification", "ViTConfig", ('k_proj', 'q_proj', 'v_proj'), 8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=16, patch_size=8),
     "swin": arch("SwinForImageClassification", "SwinConfig", ('k_proj', 'q_proj', 'v_proj'), 8, image_size=16, patch_size=4, embed_dim=16, depths=[1], num_heads=[2], window_size=2),
     "wav2vec2": arch("Wav2Vec2ForCTC", "Wav2Vec2Config", ('k_proj', 'q_proj', 'v_proj'), 8, vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, conv_dim=(8, 8), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2),
+    "qwen3_next": arch("Qwen3NextForCausalLM", "Qwen3NextConfig", ('k_proj', 'q_proj', 'v_proj'), 8, **G, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=24, layer_types=["full_attention"]),
+    "jetmoe": arch("JetMoeForCausalLM", "JetMoeConfig", ('kv_proj', 'self_attention.experts.input_linear'), 8, vocab_size=64, hidden_size=32, num_hidden_layers=1, num_key_value_heads=2, kv_channels=8, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **TOK),
+    "led": arch("LEDForConditionalGeneration", "LEDConfig", ('k_proj', 'q_proj', 'v_proj', 'key', 'query', 'value', 'key_global', 'query_global', 'value_global'), 8, vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_encoder_position_embeddings=32, max_decoder_position_embeddings=16, attention_window=[4], decoder_start_token_id=0, **TOK),
     "segformer": arch("SegformerForImageClassification", "SegformerConfig", ('k_proj', 'q_proj', 'v_proj'), 8, num_encoder_blocks=1, depths=[1], sr_ratios=[2], hidden_sizes=[16], num_attention_heads=[2], patch_sizes=[3], strides=[2], mlp_ratios=[2], image_size=16),
 }  # fmt: skip
 
@@ -111,12 +119,14 @@ def test_no_hint_labelling(name):
         id(p) for p in net.parameters() if p.requires_grad
     )  # every trainable tensor, once (sinusoidal position tables are frozen)
 
+    def projection(n):
+        return next((p for p in projections if n.endswith(f".{p}.weight")), None)
+
     head_wise = {n: g for n, g in by_name.items() if g["role"] == "qkv_weight"}
-    expected = {n for n in by_name if n.endswith(".weight") and n.rsplit(".", 2)[-2] in projections}
+    expected = {n for n in by_name if projection(n) is not None}
     assert set(head_wise) == expected and expected
     for n, g in head_wise.items():
-        local = n.rsplit(".", 2)[-2]
-        assert g["head_dim"] == (head_dim[local] if isinstance(head_dim, dict) else head_dim), n
+        assert g["head_dim"] == (head_dim[projection(n)] if isinstance(head_dim, dict) else head_dim), n
 
     modules = dict(net.named_modules())
     config = net.config
@@ -128,7 +138,7 @@ def test_no_hint_labelling(name):
         if isinstance(owner, nn.Embedding):
             assert g["role"] == "embedding", n
         if p.dim() == 3 and n_experts and p.shape[0] == n_experts:  # stacked experts: one matrix each
-            assert g.get("experts") is True and g["role"] == "matrix", n
+            assert g.get("experts") is True and g["role"] == ("qkv_weight" if n in head_wise else "matrix"), n
         if g["role"] == "qkv_bias":
             assert n[: -len("bias")] + "weight" in head_wise, n
 
