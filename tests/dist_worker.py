@@ -773,7 +773,8 @@ def fsdp2_triton_checkpoint(ctx):
         set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
         train(model2, opt2, range(2, 3))
         got = snapshot(model2, opt2)
-        diffs = [(expected[k].detach() - got[k].detach()).abs().max() / expected[k].detach().abs().max().clamp_min(1e-300) for k in expected]
+        diffs = [(expected[k] - got[k]).abs().max() / expected[k].abs().max().clamp_min(1e-300)
+                 for k in expected if expected[k].numel()]  # fmt: skip - at 4 ranks some shards are empty
         worst = float(max(diffs))
         assert worst <= 1e-12, f"checkpoint {save_on} -> {load_on}: worst relative difference {worst:.3g}"
         out[f"{save_on}_to_{load_on}"] = worst
