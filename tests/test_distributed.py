@@ -63,13 +63,16 @@ pytest.importorskip("torch.distributed.tensor")
 fcntl = pytest.importorskip("fcntl")  # POSIX: the cross-worker lock (and fork) below
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
-CHECKS = {
-    2: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_training", "ddp", "checkpoint",
-        "collectives", "errors", "ddp_split", "ddp_split_flops", "ddp_split_policies", "ddp_split_triton",
-        "fsdp2_triton", "fsdp2_triton_checkpoint"],
-    4: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_float32", "fsdp2_training", "hsdp",
-        "ddp", "checkpoint", "load_single_process_state", "collectives", "nonfinite_skip", "errors",
-        "ddp_split", "ddp_split_flops", "ddp_split_policies"],
+TRITON_CHECKS = ["fsdp2_triton", "fsdp2_triton_launches", "fsdp2_triton_policies", "fsdp2_triton_checkpoint", "ddp_split_triton",
+                 "ddp_split_triton_cublas"]  # fmt: skip
+LAUNCHES = {  # each: (world size, checks), run in its own processes under the worker's timeout
+    "2ranks": (2, ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_training", "ddp", "checkpoint",
+                   "collectives", "errors", "ddp_split", "ddp_split_flops", "ddp_split_policies"]),
+    "4ranks": (4, ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_float32", "fsdp2_training", "hsdp",
+                   "ddp", "checkpoint", "load_single_process_state", "collectives", "nonfinite_skip", "errors",
+                   "ddp_split", "ddp_split_flops", "ddp_split_policies"]),
+    "2ranks-triton": (2, TRITON_CHECKS),  # the Triton interpreter: most of the time, so apart
+    "4ranks-triton": (4, TRITON_CHECKS),
 }  # fmt: skip
 _cache: dict = {}
 
@@ -81,16 +84,17 @@ def shared_dir(tmp_path_factory):
     return str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
 
 
-def _results(world: int, shared: str) -> dict:
-    """Run (once per session, shared across xdist workers) every check of `world` ranks."""
-    if world in _cache:
-        return _cache[world]
-    base = os.path.join(shared, f"mango-dist-{world}ranks")
+def _results(launch: str, shared: str) -> dict:
+    """Run (once per session, shared across xdist workers) every check of `launch`."""
+    if launch in _cache:
+        return _cache[launch]
+    world, checks = LAUNCHES[launch]
+    base = os.path.join(shared, f"mango-dist-{launch}")
     with open(base + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(base + ".json"):
             env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-            cmd = [sys.executable, WORKER, str(world), base + ".json", *CHECKS[world]]
+            cmd = [sys.executable, WORKER, str(world), base + ".json", *checks]
             try:
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
                 why = f"exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -98,10 +102,10 @@ def _results(world: int, shared: str) -> dict:
                 why = f"timed out after {e.timeout}s"
             if not os.path.exists(base + ".json"):  # record the failure once for every test
                 with open(base + ".json", "w") as f:
-                    json.dump({"-1": {"_setup": {"ok": False, "error": f"{world}-rank worker produced no result ({why})"}}}, f)
+                    json.dump({"-1": {"_setup": {"ok": False, "error": f"{launch} worker produced no result ({why})"}}}, f)
         with open(base + ".json") as f:
-            _cache[world] = {int(r): v for r, v in json.load(f).items()}
-    return _cache[world]
+            _cache[launch] = {int(r): v for r, v in json.load(f).items()}
+    return _cache[launch]
 
 
 @pytest.fixture
@@ -110,7 +114,8 @@ def check(shared_dir):
 
 
 def _check(world: int, name: str, shared: str):
-    results = _results(world, shared)
+    (launch,) = [k for k, (w, checks) in LAUNCHES.items() if w == world and name in checks]
+    results = _results(launch, shared)
     failures = []
     for rank, res in sorted(results.items()):
         if "_setup" in res:
@@ -127,7 +132,7 @@ def _check(world: int, name: str, shared: str):
 
 
 def _params(name):
-    return [pytest.param(w, id=f"{w}ranks") for w in CHECKS if name in CHECKS[w]]
+    return [pytest.param(w, id=f"{w}ranks") for w, checks in LAUNCHES.values() if name in checks]
 
 
 @pytest.mark.parametrize("world", _params("fsdp2_presets"))
@@ -207,9 +212,20 @@ def test_unsupported_placements_and_backends_are_clear_errors(world, check):
 def test_fsdp2_on_the_triton_backend_equals_single_process(world, check):
     worst = check(world, "fsdp2_triton")
     calls = worst.pop("collectives")
-    assert set(worst) == {"mango", "novograd", "settings", "gpt2_conv1d", "mixtral", "float32_bf16_ns"}
+    assert set(worst) == {"mango", "novograd", "settings", "layouts", "float32_bf16_ns"}
     assert worst.pop("float32_bf16_ns") <= 2e-2 and max(worst.values()) <= 1e-10
     assert calls["all_reduce: sums of squares"] == 1 and calls["all_to_all: NS gather"] == 1
+
+
+@pytest.mark.parametrize("world", _params("fsdp2_triton_launches"))
+def test_fsdp2_triton_step_makes_one_process_launches_flat_in_depth(world, check):
+    launches = check(world, "fsdp2_triton_launches")
+    assert launches["2"] == launches["4"] == {"moments": 1, "segment_sums": 1, "apply": 1}
+
+
+@pytest.mark.parametrize("world", _params("fsdp2_triton_policies"))
+def test_fsdp2_triton_nonfinite_gradient_on_one_rank_skips_or_raises_everywhere(world, check):
+    assert check(world, "fsdp2_triton_policies") is True
 
 
 @pytest.mark.parametrize("world", _params("fsdp2_triton_checkpoint"))
@@ -244,6 +260,15 @@ def test_ddp_split_nonfinite_resume_schedulers_and_flat_collectives(world, check
 def test_ddp_split_ns_on_the_triton_backend_equals_single_process(world, check):
     worst = check(world, "ddp_split_triton")
     assert worst["float32"] <= 1e-6 and worst["float64"] <= 1e-10
+
+
+@pytest.mark.parametrize("world", _params("ddp_split_triton_cublas"))
+def test_ddp_split_on_the_cublas_engine_gives_each_rank_its_share(world, check):
+    f = check(world, "ddp_split_triton_cublas")
+    assert f["error"] <= 1e-6 and f["row_split_error"] <= 2e-2 and len(f["row_split"]) == 2
+    assert f["total"] <= sum(f["per_rank"]) <= 1.01 * f["total"]
+    assert f["busiest"] <= f["total"] / world + f["largest_job"]
+    assert f["busiest"] < 0.6 * f["total"] if world == 2 else f["busiest"] < 0.35 * f["total"]
 
 
 def test_process_group_must_be_a_group_or_a_1d_mesh():
@@ -283,6 +308,22 @@ def test_owner_assignment_balances_flops_deterministically():
     assert max(loads) / (sum(loads) / 4) < 1.01
     # A·Aᵀ, A·A and B·X per step: 4·r²·c + 2·r³ for r ≤ c
     assert ns_flops((8, 5), (8, 5), 1) == 4 * 25 * 8 + 2 * 125
+
+
+def test_auto_takes_the_sharded_triton_backend_for_fsdp2_params_on_cuda(monkeypatch):
+    """backend="auto" with DTensor (FSDP2) params builds the sharded triton backend on a CUDA device,
+    the sharded torch backend on a CPU. No GPU here: the CUDA queries are stubbed (as in
+    test_unvalidated_warning.py) and the backends are only constructed."""
+    from test_unvalidated_warning import stub_gpu
+
+    import mango.backends as backends
+    from mango.distributed import ShardedTorchBackend
+    from mango.sharded_triton import ShardedTritonBackend
+
+    h200 = stub_gpu(monkeypatch, (9, 0), "NVIDIA H200")
+    assert isinstance(backends.make_backend("auto", h200, sharded=True), ShardedTritonBackend)
+    assert isinstance(backends.make_backend("auto", torch.device("cpu"), sharded=True), ShardedTorchBackend)
+    assert isinstance(backends.make_backend("torch", h200, sharded=True), ShardedTorchBackend)
 
 
 def test_bench_comm_runs(tmp_path):
