@@ -130,8 +130,9 @@ def row_split_newton_schulz(pg, comm, views, coefficients, eps: float, dtype, ou
     tall X is X ← a·X + X·B with B = b·A + c·A² and A = XᵀX = Σ_ranks X_rᵀX_r, so each step
     all-reduces the cols×cols partial Gram matrices (of every matrix in one call, summed in fp32 or
     fp64) and every rank updates its own rows. The Frobenius pre-scale is every rank's own (each
-    holds the whole matrix): the single-process value. `views`: the (rows, cols) matrices, any
-    dtype; the iteration runs in `dtype`. Returns this rank's rows of the results (K, rows_r, cols)
+    holds the whole matrix): the single-process value. The textbook iteration whatever form one
+    process would use (the Gram form is the same polynomial). `views`: the (rows, cols) matrices,
+    any dtype; the iteration runs in `dtype`. Returns this rank's rows of the results (K, rows_r, cols)
     and the rows per rank."""
     P, me = dist.get_world_size(pg), dist.get_rank(pg)
     rows, cols = views[0].shape

@@ -310,6 +310,51 @@ def test_owner_assignment_balances_flops_deterministically():
     assert ns_flops((8, 5), (8, 5), 1) == 4 * 25 * 8 + 2 * 125
 
 
+@pytest.mark.parametrize("engine", ["auto", "triton"])
+def test_triton_split_places_each_ns_engine_as_an_sm90_step_runs_it(engine):
+    """Where DDP's NS split runs each bucket on the triton backend, with the engines an sm_90 step
+    takes (a CPU dry run: the choice is made on the host): head blocks (≤ 128 rows) in the on-chip
+    kernels and larger blocks as cuBLAS GEMMs, each tensor on one owner and each rank's tensors of
+    a bucket consecutive (a cuBLAS bucket runs on the owner's slice); a vocabulary-like tall matrix
+    on cuBLAS row-split over every rank. ns_engine="triton" puts the large blocks in the tiled
+    kernels, whose Gram-form large items iterate as one batch: those run on every rank, and the tall
+    matrix keeps one owner (a row split would change its engine)."""
+    import mango
+    import mango_kernels as mk
+    from mango import ddp
+    from mango.distributed import gram_ns_flops, ns_flops
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(dict(qkv=torch.nn.Linear(192, 3 * 192, bias=False), head=torch.nn.Linear(192, 2000, bias=False),
+                                     **{f"fc{i}": torch.nn.Linear(192, 160, bias=False) for i in range(5)}))  # fmt: skip
+    groups = mango.param_groups(model, qkv_heads={"qkv": 3}, overrides={"head.weight": {"norm": "ns"}})
+    opt = mango.Mango(groups, backend="triton", ns_engine=engine, ns_method="gram" if engine == "triton" else "auto")
+    opt._backend_for(torch.device("cpu")).ns_target = "sm_90"
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    with mk.count_launches(dry_run=True):
+        opt.step()
+    kinds = ddp._engine_kinds(opt._plan.cache["triton"][1])
+    world = 4
+    loads = ddp.assign_plan(opt, opt._plan, world, lambda nb, group, w: ddp._triton_placement(kinds[id(nb)], nb, group, w))
+    owners = {b.slots[i].name: q
+              for b in opt._plan.buckets for nb in b.norm_buckets if nb.norm in ("ns", "ns_split")
+              for i, q in zip(nb.slots, nb.cache["mango.ddp.owners"])}  # fmt: skip
+    fc = [owners[f"fc{i}.weight"] for i in range(5)]
+    if engine == "auto":
+        assert {k for k in kinds.values()} == {"kernels", "gemms"}
+        assert owners["head.weight"] == ddp.ROW_SPLIT and fc == sorted(fc) and min(fc) >= 0 and len(set(fc)) > 1
+        assert owners["qkv.weight"] >= 0
+        costs = [ns_flops((160, 192), (160, 192), 5)] * 5 + [ns_flops((576, 192), (64, 192), 5)]
+        head = [gram_ns_flops(n, 192, 5) for n in ddp.row_split(2000, world)]
+        assert sum(loads) == pytest.approx(sum(costs) + sum(head))
+        assert max(loads) <= sum(loads) / world + max(costs)
+    else:
+        assert "one_batch" in kinds.values()
+        assert owners["head.weight"] == ddp.EVERY_RANK and set(fc) == {ddp.EVERY_RANK}  # Gram form, large: one batch
+        assert owners["qkv.weight"] >= 0  # head blocks: on-chip, one owner
+
+
 def test_auto_takes_the_sharded_triton_backend_for_fsdp2_params_on_cuda(monkeypatch):
     """backend="auto" with DTensor (FSDP2) params builds the sharded triton backend on a CUDA device,
     the sharded torch backend on a CPU. No GPU here: the CUDA queries are stubbed (as in
