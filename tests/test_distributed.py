@@ -371,6 +371,24 @@ def test_auto_takes_the_sharded_triton_backend_for_fsdp2_params_on_cuda(monkeypa
     assert isinstance(backends.make_backend("torch", h200, sharded=True), ShardedTorchBackend)
 
 
+def test_fsdp_one_gpu_bench_runs_on_the_cpu(tmp_path):
+    """bench/fsdp_one_gpu.py (the GPU run's one-device FSDP2 check) end to end in its CPU dry run: a
+    world of one, HF GPT-2 fully_shard'ed on the sharded triton backend against the plain triton step,
+    within the NS bound, both timed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "fsdp_one_gpu.json"
+    cmd = [sys.executable, "-m", "bench.fsdp_one_gpu", "--cpu-dry-run", "--steps", "1", "--n-layer", "1", "--out", str(out)]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as f:
+        r = json.load(f)
+    assert r["sharded_backend"] == "ShardedTritonBackend" and r["world_size"] == 1 and r["process_group"] == "gloo"
+    assert r["within_ns_bound"] and 0 < max(r["max_rel_diff"]) <= 2e-2  # torch's NS on the owner vs the kernels'
+    assert r["fsdp2_median_ms"] > 0 and r["plain_median_ms"] > 0
+    assert "| mango, triton |" in proc.stdout
+
+
 def test_bench_comm_runs(tmp_path):
     """bench/comm.py end to end on a tiny GPT at 2 ranks: the report adds up."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
