@@ -844,9 +844,11 @@ def fsdp2_triton_launches(ctx):
 
 
 @check
-def fsdp2_triton_policies(ctx):
-    """FSDP2 + backend="triton": a NaN in one rank's shard makes every rank skip the step
-    (nonfinite="skip") or raise naming the parameter ("raise"), nothing changed anywhere."""
+def triton_policies(ctx):
+    """backend="triton", FSDP2: a NaN in one rank's shard makes every rank skip the step
+    (nonfinite="skip") or raise naming the parameter ("raise"), nothing changed anywhere. DDP with
+    the NS split: likewise, and save -> load -> resume with an LR scheduler equals never stopping,
+    bit for bit (one layer, 2 steps: the interpreter's time)."""
     rank = ctx["rank"]
     for policy in ("skip", "raise"):
         model = shard(make_model(), ctx["mesh"])
@@ -874,6 +876,7 @@ def fsdp2_triton_policies(ctx):
         after = snapshot(model, opt)
         for k in before:
             assert torch.equal(before[k], after[k]), f"nonfinite={policy}: {k} changed on rank {rank}"
+    split_nonfinite_and_resume(ctx, backend="triton", steps=2, n_layer=1)
     return True
 
 
@@ -1058,15 +1061,14 @@ def ddp_split_flops(ctx):
     return dict(busiest=max(every), total=total, largest_job=max(jobs), per_rank=every)
 
 
-@check
-def ddp_split_policies(ctx):
-    """NS split: a NaN on one rank's gradient makes every rank skip (nonfinite="skip") or raise
-    ("raise"), nothing changed; state_dict save -> load into a fresh split optimizer -> resume with an
-    LR scheduler equals never stopping, bit for bit; the all-gathers per step do not grow with depth."""
+def split_nonfinite_and_resume(ctx, backend="torch", steps=3, n_layer=2):
+    """NS split on `backend`: a NaN on one rank's gradient makes every rank skip (nonfinite="skip") or
+    raise ("raise"), nothing changed; state_dict save after steps-1 steps -> load into a fresh split
+    optimizer -> resume with an LR scheduler equals never stopping, bit for bit."""
     rank = ctx["rank"]
     for policy in ("skip", "raise"):
-        model = make_model()
-        opt = tiny_mango(model, nonfinite=policy, process_group=ctx["mesh"])
+        model = make_model(n_layer=n_layer)
+        opt = tiny_mango(model, backend=backend, nonfinite=policy, process_group=ctx["mesh"])
         named = list(model.named_parameters())
         for n, p in named:
             p.grad = synthetic_grads(named, 0)[n]
@@ -1101,25 +1103,33 @@ def ddp_split_policies(ctx):
             sched.step()
 
     def fresh():
-        model = make_model()
-        opt = tiny_mango(model, process_group=ctx["mesh"])
+        model = make_model(n_layer=n_layer)
+        opt = tiny_mango(model, backend=backend, process_group=ctx["mesh"])
         return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
 
     model, opt, sched = fresh()
-    run(model, opt, sched, range(3))
+    run(model, opt, sched, range(steps))
     expected = snapshot(model, opt)
     model, opt, sched = fresh()
-    run(model, opt, sched, range(2))
+    run(model, opt, sched, range(steps - 1))
     saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), sched.state_dict())
     model, opt, sched = fresh()
     model.load_state_dict(saved[0])
     opt.load_state_dict(saved[1])
     sched.load_state_dict(saved[2])
-    run(model, opt, sched, range(2, 3))
+    run(model, opt, sched, range(steps - 1, steps))
     assert split_backend(opt).comm.step_summary()["all_gather"]["calls"] >= 1, "the loaded optimizer no longer splits the NS"
     got = snapshot(model, opt)
     for k in expected:
         assert torch.equal(expected[k], got[k]), f"split resume: {k} differs"
+
+
+@check
+def ddp_split_policies(ctx):
+    """NS split: nonfinite policies and resume with a scheduler (`split_nonfinite_and_resume`);
+    process_group with backend="reference" or FSDP2 params is a clear error; the all-gathers per
+    step do not grow with depth."""
+    split_nonfinite_and_resume(ctx)
     model = make_model()
     opt = tiny_mango(model, backend="reference", process_group=ctx["mesh"])
     for n, p in model.named_parameters():
@@ -1153,8 +1163,8 @@ def ddp_split_triton(ctx):
     """NS split on the triton backend (kernels under TRITON_INTERPRET=1), 2 steps of the mango preset,
     equal to one process (only rank 0 runs it; the ranks are checked identical): the layouts model
     (GQA head blocks, Conv1D column blocks, experts, tall `up`s) in float32 with the bf16 NS kernels
-    (2 NS steps: the split does not depend on their number), in rounds (the default memory budget: one exchange per round), within 1e-6 (bit for bit, in
-    fact); the tiny GPT in float64 (NS by torch in the work buffer, the tall `up`s row-split) within
+    (2 NS steps: the split does not depend on their number), in rounds (the default memory budget:
+    one exchange per round), within 1e-6 (bit for bit, in fact); the tiny GPT in float64 (NS by torch in the work buffer, the tall `up`s row-split) within
     1e-10 of the torch backend's step."""
     out = {}
     two_ns_steps = lambda model, **kw: layouts_mango(model, ns_steps=2, **kw)  # noqa: E731 - the interpreter's time is mostly NS steps

@@ -63,7 +63,7 @@ pytest.importorskip("torch.distributed.tensor")
 fcntl = pytest.importorskip("fcntl")  # POSIX: the cross-worker lock (and fork) below
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
-TRITON_CHECKS = ["fsdp2_triton", "fsdp2_triton_launches", "fsdp2_triton_policies", "fsdp2_triton_checkpoint", "ddp_split_triton",
+TRITON_CHECKS = ["fsdp2_triton", "fsdp2_triton_launches", "triton_policies", "fsdp2_triton_checkpoint", "ddp_split_triton",
                  "ddp_split_triton_cublas"]  # fmt: skip
 LAUNCHES = {  # each: (world size, checks), run in its own processes under the worker's timeout
     "2ranks": (2, ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_training", "ddp", "checkpoint",
@@ -223,9 +223,9 @@ def test_fsdp2_triton_step_makes_one_process_launches_flat_in_depth(world, check
     assert launches["2"] == launches["4"] == {"moments": 1, "segment_sums": 1, "apply": 1}
 
 
-@pytest.mark.parametrize("world", _params("fsdp2_triton_policies"))
-def test_fsdp2_triton_nonfinite_gradient_on_one_rank_skips_or_raises_everywhere(world, check):
-    assert check(world, "fsdp2_triton_policies") is True
+@pytest.mark.parametrize("world", _params("triton_policies"))
+def test_triton_nonfinite_policies_and_split_resume_with_a_scheduler(world, check):
+    assert check(world, "triton_policies") is True
 
 
 @pytest.mark.parametrize("world", _params("fsdp2_triton_checkpoint"))
