@@ -7,7 +7,8 @@ and apply kernels cover every local shard of the step in the same few launches a
 and gives its round a hook for what needs more than the local rows:
 
     l2 (whole tensor), trust ratio ‖W‖,   the kernels' local sums of squares, all-reduced (one
-    NovoGrad's ‖g‖²                        all-reduce for the round's sums, another for ‖g‖²)
+    NovoGrad's ‖g‖²                        all-reduce for the round's sums, another for ‖g‖²; a rank
+                                           with no rows of a tensor sets its 0-d v from that here)
     l2_split, l2_col of a Conv1D           on the work buffer: partial sums per head block / operator
                                            row joined into that all-reduce, then scaled
     ns, ns_split                           d in the work buffer; the distributed backend's exchange
