@@ -1,9 +1,10 @@
 """mango under torch.distributed on CPU (gloo): DDP, FSDP2 (DTensor shards), HSDP, distributed checkpoint.
 
-The checks live in tests/dist_worker.py and run in 2 and in 4 processes; each world size is
-launched once per test session (one process imports torch and forks the ranks), and every
-test below reads its own check's result. Under pytest-xdist the launch is shared between
-workers through a lock file, so each world size still runs exactly once.
+The checks live in tests/dist_worker.py and run in 2 and in 4 processes; each launch (LAUNCHES: a
+world size and its checks, the Triton interpreter's apart) runs once per test session (one
+process imports torch and forks the ranks), and every test below reads its own check's result.
+Under pytest-xdist a launch is shared between workers through a lock file, so it still runs
+exactly once.
 
 What they establish (every comparison is against a single-process `mango.Mango` on the torch
 backend, itself tested against the float64 reference elsewhere; float64 unless noted):
@@ -35,16 +36,24 @@ backend, itself tested against the float64 reference elsewhere; float64 unless n
 - nonfinite_skip: a NaN on one rank's shard makes every rank skip the step.
 - errors: Shard(1) / Partial placements and DTensor params on backend="reference" are clear
   errors naming the parameter; Replicate() DTensors behave like plain tensors.
-- fsdp2_triton: FSDP2 with backend="triton" (kernels under TRITON_INTERPRET=1) equal to one triton
-  process: mango / novograd, every norm and setting (trust ratios included), HF GPT-2's Conv1D, Mixtral's experts, in
-  float64 within 1e-10, float32 with bf16 NS within the bf16 bound; one all-reduce and one all_to_all
-  pair per step. fsdp2_triton_checkpoint: a DCP checkpoint saved under one backend resumes under the other.
+- fsdp2_triton: FSDP2 with backend="triton" (kernels under TRITON_INTERPRET=1) equal to one process:
+  mango / novograd (NovoGrad's v on a rank with no rows of the tensor), every norm and setting
+  (trust ratios included), the layouts model (a GQA and a Conv1D fused QKV cut by shard boundaries,
+  experts with an empty shard at 4 ranks, a tied head) in float64 within 1e-10, in float32 with
+  bf16 NS within the bf16 bound; one all-reduce and one all_to_all pair per step.
+  fsdp2_triton_launches: the step's launches are one process's elementwise ones, the same for 2
+  and 4 layers. fsdp2_triton_checkpoint: a DCP checkpoint with an LR scheduler saved under one
+  backend resumes under the other. triton_policies: nonfinite skip / raise under FSDP2 and the DDP
+  split on the triton backend, and the split's resume with a scheduler.
 - ddp_split*: DDP with the Newton–Schulz work split across ranks (`Mango(..., process_group=...)`):
   equal to one process within 1e-10 (bit for bit except the row-split tall `up`; the tiny GPT's
   head blocks, every norm and setting, HF GPT-2's Conv1D, Mixtral's experts and GQA, float32), ranks identical; the busiest
   rank's NS FLOPs (FlopCounterMode) within 1/world of the total plus one tensor's; a NaN on one
   rank skips or raises everywhere; save -> load -> resume with a scheduler is exact; the all-gathers
-  per step do not grow with depth; the triton backend (interpreter) likewise, at 2 ranks.
+  per step do not grow with depth. On the triton backend (interpreter): the layouts model with the
+  bf16 NS kernels bit for bit, float64, and every bucket on the cuBLAS engine (each rank's slice of
+  every bucket, the tall `up`s row-split) with the busiest rank's FlopCounterMode FLOPs within
+  1/world of the total plus one tensor's.
 """
 
 from __future__ import annotations
