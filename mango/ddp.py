@@ -311,17 +311,15 @@ def split_triton_backend(pg):
 
         def _program(self, opt, plan):
             lgs = super()._program(opt, plan)
-            loads = plan.cache.get("mango.ddp.loads")
-            if loads is None:
+            cached = plan.cache.get("mango.ddp.loads")
+            if cached is None or cached[0] is not lgs:  # launch groups built anew (a setting changed): place again
                 kinds = _engine_kinds(lgs)
-                world = self.gather.world
                 place = lambda nb, group, world: _triton_placement(kinds.get(id(nb)), nb, group, world)  # noqa: E731
-                loads = plan.cache["mango.ddp.loads"] = assign_plan(opt, plan, world, place)
-            self.ns_loads = loads
-            for lg in lgs:
-                for r in lg.rounds:
-                    if r.split is None:
+                cached = plan.cache["mango.ddp.loads"] = (lgs, assign_plan(opt, plan, self.gather.world, place))
+                for lg in lgs:
+                    for r in lg.rounds:
                         r.split = _TritonRoundSplit(self, r)
+            self.ns_loads = cached[1]
             return lgs
 
         def step(self, opt, plan, grads_by_bucket) -> None:
