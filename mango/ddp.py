@@ -13,11 +13,21 @@ experts) gets one owner rank, assigned once per plan by a deterministic greedy b
     apply                    on every rank, for every tensor
 
 The owner runs exactly the single-process NS of its tensors (the same batched code on the same
-values), so the step equals the single-process step and every rank ends bit-identical. On the
-torch backend, very tall matrices (a vocabulary head) are split by rows over every rank instead
-(`row_split_ns`: a Gram all-reduce per NS step), so one large matrix does not bound the busiest
-rank. The collectives per step follow the NS shape buckets, not the depth. The nonfinite check
-reduces its flags over the group, so every rank skips (or raises) alike.
+values), so the step equals the single-process step and every rank ends bit-identical. Very tall
+matrices (a vocabulary head) are split by rows over every rank instead (`row_split_ns`: a Gram
+all-reduce per NS step), so one large matrix does not bound the busiest rank. Each rank's tensors
+of one NS bucket are consecutive in the bucket (`assign_plan`), so on the triton backend a
+cuBLAS bucket runs its batched GEMMs on the owner's slice of its stack. Per NS engine of the triton
+backend (mango.ns_engine):
+
+    triton_small, triton_tiled   the kernels run every item, with 0 NS steps for others' tensors
+                                 (except the tiled Gram form's large items, which iterate as one
+                                 host batch with one schedule: those run on every rank)
+    cublas                       the GEMMs on the owner's slice of the bucket; tall matrices row-split
+    torch (float64 NS)           the owner's tensors; tall matrices row-split
+
+The collectives per step follow the NS shape buckets, not the depth. The nonfinite check reduces
+its flags over the group, so every rank skips (or raises) alike.
 """
 
 from __future__ import annotations
@@ -33,7 +43,11 @@ from .distributed import CommStats, assign_owners, gram_ns_flops, ns_flops, use_
 from .layout import norm_blocks
 from .ns_engine import choose_for_bucket
 
-__all__ = ["resolve_process_group", "assign_plan", "SplitTorchBackend", "split_triton_backend", "NSGather"]
+__all__ = ["resolve_process_group", "assign_plan", "SplitTorchBackend", "split_triton_backend", "NSGather", "row_split_newton_schulz"]
+
+# owner codes besides a rank (nb.cache["mango.ddp.owners"])
+ROW_SPLIT = -1  # split by rows over every rank (`row_split_ns`)
+EVERY_RANK = -2  # run whole on every rank (the tiled kernels' Gram-form large items)
 
 
 def resolve_process_group(group):
@@ -67,11 +81,18 @@ def row_split_ns(nb, group, world: int) -> bool:
     return nb.orientation == "out_in" and not nb.experts and use_gram_ns(nb.shape, nb.norm, group["ns_prescale"], len(ns_schedule(group)), world)
 
 
-def assign_plan(opt, plan, world: int, split_rows: bool = True) -> list:
-    """Owner rank of every NS-bound tensor of the plan, balanced by NS FLOPs; stored per norm bucket
-    as nb.cache["mango.ddp.owners"] (one rank per entry of nb.slots; -1: row-split over every rank,
-    see `row_split_ns`, only with split_rows, which the triton backend does not do). Returns each
-    rank's load."""
+def torch_placement(nb, group, world: int) -> str:
+    """Where the torch backend runs an NS bucket's tensors: "rows" (row-split) or "owner"."""
+    return "rows" if row_split_ns(nb, group, world) else "owner"
+
+
+def assign_plan(opt, plan, world: int, placement=torch_placement) -> list:
+    """Owner of every NS-bound tensor of the plan, balanced by NS FLOPs; stored per norm bucket as
+    nb.cache["mango.ddp.owners"] (one code per entry of nb.slots: a rank, ROW_SPLIT or EVERY_RANK, as
+    `placement(nb, group, world)` says: "owner", "rows" or "all"). Owned tensors are assigned by
+    `assign_owners` around the work every rank has (row-split shares, tensors run everywhere), then
+    each bucket's owners are put in rank order, so a rank's tensors of a bucket are consecutive
+    (same shape, same cost: the loads do not change). Returns each rank's load."""
     jobs, base = [], [0.0] * world
     for bucket in plan.buckets:
         group = opt.param_groups[bucket.group_index]
@@ -79,21 +100,61 @@ def assign_plan(opt, plan, world: int, split_rows: bool = True) -> list:
         for nb in bucket.norm_buckets:
             if nb.norm not in NS_NORMS:
                 continue
-            nb.cache["mango.ddp.owners"] = [0] * len(nb.slots)
-            split = split_rows and row_split_ns(nb, group, world)
+            where = placement(nb, group, world)
+            owners = nb.cache["mango.ddp.owners"] = [0] * len(nb.slots)
             for j, i in enumerate(nb.slots):
                 shape = tuple(bucket.slots[i].param.shape)
-                if split:
-                    nb.cache["mango.ddp.owners"][j] = -1
+                cost = ns_flops(shape, nb.block_shape, max(steps, 1)) if bucket.slots[i].param.numel() else 0.0  # every head or expert block
+                if where == "rows":
+                    owners[j] = ROW_SPLIT
                     for q, n in enumerate(row_split(shape[0], world)):
                         base[q] += gram_ns_flops(n, math.prod(shape[1:]), steps)
-                    continue
-                cost = ns_flops(shape, nb.block_shape, max(steps, 1)) if bucket.slots[i].param.numel() else 0.0
-                jobs.append((nb, j, cost))  # blocks of every head or expert counted
+                elif where == "all":
+                    owners[j] = EVERY_RANK
+                    base = [b + cost for b in base]
+                else:
+                    jobs.append((nb, j, cost))
     owners, loads = assign_owners([c for _, _, c in jobs], world, base)
+    by_bucket: dict = {}
     for (nb, j, _), q in zip(jobs, owners):
-        nb.cache["mango.ddp.owners"][j] = q
+        by_bucket.setdefault(id(nb), (nb, [], []))[1].append(j)
+        by_bucket[id(nb)][2].append(q)
+    for nb, slots, ranks in by_bucket.values():
+        for j, q in zip(slots, sorted(ranks)):
+            nb.cache["mango.ddp.owners"][j] = q
     return loads
+
+
+def row_split_newton_schulz(pg, comm, views, coefficients, eps: float, dtype, out_scale=1.0) -> tuple:
+    """NS of tall matrices every rank holds whole, split by rows over the ranks: the iteration on a
+    tall X is X ← a·X + X·B with B = b·A + c·A² and A = XᵀX = Σ_ranks X_rᵀX_r, so each step
+    all-reduces the cols×cols partial Gram matrices (of every matrix in one call, summed in fp32 or
+    fp64) and every rank updates its own rows. The Frobenius pre-scale is every rank's own (each
+    holds the whole matrix): the single-process value. The textbook iteration whatever form one
+    process would use (the Gram form is the same polynomial). `views`: the (rows, cols) matrices,
+    any dtype; the iteration runs in `dtype`. Returns this rank's rows of the results (K, rows_r, cols)
+    and the rows per rank."""
+    P, me = dist.get_world_size(pg), dist.get_rank(pg)
+    rows, cols = views[0].shape
+    split = row_split(rows, P)
+    r0 = sum(split[:me])
+    scale = torch.stack([torch.linalg.vector_norm(v.to(dtype)) for v in views]).clamp_min(eps).to(dtype)
+    Y = torch.stack([v[r0 : r0 + split[me]].to(dtype) for v in views]) / scale[:, None, None]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for t, (a, b, c) in enumerate(coefficients):
+        A = torch.bmm(Y.mT, Y).to(acc)
+        dist.all_reduce(A, group=pg)
+        n = A.numel() * A.element_size()
+        wire = (2 * (P - 1) * n) // P
+        comm.record("all_reduce", "NS Gram", P, n, wire, wire)
+        A = A.to(dtype)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        last = out_scale if t == len(coefficients) - 1 else 1.0
+        Y = torch.baddbmm(Y, Y, B, beta=a * last, alpha=last)
+    if not coefficients and out_scale != 1.0:
+        Y = Y * out_scale
+    comm.ns_flops += len(views) * gram_ns_flops(split[me], cols, len(coefficients))
+    return Y, split
 
 
 class NSGather:
@@ -209,50 +270,35 @@ class SplitTorchBackend(TorchBackend):
         return R
 
     def _row_split_ns(self, group, bucket, unit, X, scale, buffers) -> torch.Tensor:
-        """NS of tall matrices split by rows over the ranks: the iteration on a tall X is
-        X ← a·X + X·B with B = b·A + c·A² and A = XᵀX = Σ_ranks X_rᵀX_r, so each step all-reduces the
-        cols×cols partial Gram matrices (every tensor of the unit in one call, summed in fp32 or
-        fp64) and every rank updates its own rows; one all-gather assembles the rows. The Frobenius
-        pre-scale is every rank's own (each holds the whole matrix): the single-process value."""
+        """NS of the unit's tall matrices split by rows over the ranks (`row_split_newton_schulz`);
+        one all-gather assembles the rows in the unit's second buffer."""
         nb = unit.nb
         K, rows, cols = X.shape[0], nb.shape[0], math.prod(nb.shape[1:])
-        P, me = self.gather.world, self.gather.rank
-        split = row_split(rows, P)
-        r0 = sum(split[:me])
-        Xw = X.view(K, rows, cols)
-        scale_of = torch.linalg.vector_norm(Xw, dim=(-2, -1), keepdim=True).clamp_min(group["ns_eps"]).to(X.dtype)
-        Y = Xw[:, r0 : r0 + split[me]] / scale_of
-        acc = torch.float64 if X.dtype == torch.float64 else torch.float32
-        coeffs = ns_schedule(group)
-        for t, (a, b, c) in enumerate(coeffs):
-            A = torch.bmm(Y.mT, Y).to(acc)
-            dist.all_reduce(A, group=self.pg)
-            n = A.numel() * A.element_size()
-            wire = (2 * (P - 1) * n) // P
-            self.comm.record("all_reduce", "NS Gram", P, n, wire, wire)
-            A = A.to(X.dtype)
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            last = scale if t == len(coeffs) - 1 else 1.0
-            Y = torch.baddbmm(Y, Y, B, beta=a * last, alpha=last)
-        if not coeffs and scale != 1.0:
-            Y = Y * scale
-        self.comm.ns_flops += K * gram_ns_flops(split[me], cols, len(coeffs))
+        Y, split = row_split_newton_schulz(self.pg, self.comm, list(X.view(K, rows, cols).unbind(0)), ns_schedule(group),
+                                           group["ns_eps"], X.dtype, scale)  # fmt: skip
         R = buffers[1].view(-1)[: K * rows * cols].view(K, rows, cols)
-        owners, results, dests = [], [], []
-        for k in range(K):
-            for q in range(P):
-                lo = sum(split[:q])
-                owners.append(q)
-                results.append(Y[k] if q == me else None)
-                dests.append(R[k, lo : lo + split[q]])
+        owners, results, dests = _row_blocks(R.unbind(0), Y, split, self.gather.rank)
         self.gather(owners, results, dests)
         self._ns_in_second = True
         return R.view(norm_blocks(X, nb.shape, nb.norm, nb.head_dim, **nb.layout).shape)
 
 
+def _row_blocks(dests, Y, split, me) -> tuple:
+    """The all-gather jobs of row-split results: rank q's rows of every destination matrix."""
+    owners, results, out = [], [], []
+    for k, d in enumerate(dests):
+        lo = 0
+        for q, n in enumerate(split):
+            owners.append(q)
+            results.append(Y[k] if q == me else None)
+            out.append(d[lo : lo + n])
+            lo += n
+    return owners, results, out
+
+
 def split_triton_backend(pg):
-    """The triton backend with the NS kernels run on owned tensors only (the others' NS steps set
-    to 0 for this rank) and the results all-gathered into every rank's NS buffers, per round."""
+    """The triton backend with each NS engine's work split by owner (see the module docstring) and
+    the results all-gathered into every rank's NS buffers, per round."""
     from .backends.triton_backend import TritonBackend
 
     class SplitTritonBackend(TritonBackend):
@@ -265,14 +311,15 @@ def split_triton_backend(pg):
 
         def _program(self, opt, plan):
             lgs = super()._program(opt, plan)
-            loads = plan.cache.get("mango.ddp.loads")
-            if loads is None:
-                loads = plan.cache["mango.ddp.loads"] = assign_plan(opt, plan, self.gather.world, split_rows=False)
-            self.ns_loads = loads
-            for lg in lgs:
-                for r in lg.rounds:
-                    if r.split is None:
+            cached = plan.cache.get("mango.ddp.loads")
+            if cached is None or cached[0] is not lgs:  # launch groups built anew (a setting changed): place again
+                kinds = _engine_kinds(lgs)
+                place = lambda nb, group, world: _triton_placement(kinds.get(id(nb)), nb, group, world)  # noqa: E731
+                cached = plan.cache["mango.ddp.loads"] = (lgs, assign_plan(opt, plan, self.gather.world, place))
+                for lg in lgs:
+                    for r in lg.rounds:
                         r.split = _TritonRoundSplit(self, r)
+            self.ns_loads = cached[1]
             return lgs
 
         def step(self, opt, plan, grads_by_bucket) -> None:
@@ -287,43 +334,94 @@ def split_triton_backend(pg):
     return SplitTritonBackend()
 
 
+def _engine_kinds(launch_groups) -> dict:
+    """What runs each NS bucket's tensors on the triton backend, by id(nb): "kernels" (the Triton NS
+    kernels), "one_batch" (the tiled kernels' Gram-form large items: one host batch, one schedule),
+    "gemms" (cuBLAS batched GEMMs on the NS stack, or torch's float64 NS in the work buffer)."""
+    import mango_kernels as mk
+
+    kinds = {}
+    for lg in launch_groups:
+        for r in lg.rounds:
+            for e in r.entries:
+                if e.ns_dtype is None:
+                    continue
+                if not e.ns_kernel or not isinstance(e.batch, mk.NSBatch):
+                    kinds[id(e.nb)] = "gemms"
+                elif e.ns_method == "gram" and e.batch.spec_is_large[e.spec]:
+                    kinds[id(e.nb)] = "one_batch"
+                else:
+                    kinds[id(e.nb)] = "kernels"
+    return kinds
+
+
+def _triton_placement(kind, nb, group, world: int) -> str:
+    """Where the triton backend runs an NS bucket's tensors: every rank for a tiled Gram batch (one
+    schedule for all its large items), row-split for tall matrices where torch GEMMs run them (the
+    kernels keep one owner: a row split would change the engine), else on one owner each."""
+    if kind == "one_batch":
+        return "all"
+    if kind == "gemms" and row_split_ns(nb, group, world):
+        return "rows"
+    return "owner"
+
+
 class _TritonRoundSplit:
-    """What a triton round asks of the split: whether this rank runs an entry's NS, and the exchange."""
+    """What a triton round asks of the split: whether this rank runs an entry's NS, each cuBLAS
+    batch's share (set here, once), and the exchange after the round's NS."""
 
     def __init__(self, backend, rnd):
         self.backend = backend
         self.rank = backend.gather.rank
-        self.owner = {}
+        self.owner = {}  # table row -> owner code, for the round's NS entries
         for e in rnd.entries:
             owners = e.nb.cache.get("mango.ddp.owners")
-            if owners is None or e.ns_dtype is None:
-                continue
-            if e.ns_kernel and getattr(e.batch, "engine", None) == "cublas":
-                continue  # a cuBLAS bucket runs its GEMMs on the whole batch with one schedule: run everywhere
-            if e.ns_kernel and e.ns_method == "gram" and e.batch.spec_is_large[e.spec]:
-                continue  # the Gram form's large items iterate as one host batch with one schedule: run everywhere
-            self.owner[e.row] = owners[e.nb.slots.index(e.slot_index)]
+            if owners is not None and e.ns_dtype is not None:
+                self.owner[e.row] = owners[e.nb.slots.index(e.slot_index)]
+        for batch, members in rnd.ns_batches:
+            if getattr(batch, "engine", None) == "cublas":
+                mine = [n for n, e in enumerate(members) if self.owner.get(e.row) == self.rank]
+                batch.share = (mine[0], mine[-1] + 1) if mine else (0, 0)
+                if mine != list(range(*batch.share)):  # assign_plan orders each bucket's owners
+                    raise RuntimeError(f"mango: rank {self.rank}'s tensors of a cuBLAS NS bucket are not consecutive: {mine}")
 
     def owns(self, e) -> bool:
         q = self.owner.get(e.row)
-        return q is None or q == self.rank
+        return q is None or q == EVERY_RANK or q == self.rank
 
     def exchange(self, rnd, groups) -> None:
-        """All-gather the round's NS results (kernel outputs in their NS dtype, torch-run float64 NS
-        in the work buffer), one collective per dtype."""
+        """Row-split the round's tall matrices, then all-gather its NS results (kernel outputs and
+        cuBLAS stacks in their NS dtype, torch-run float64 NS in the work buffer), one collective per dtype."""
         by_dtype: dict = {}
+        rows_by_nb: dict = {}
+
+        def add(view, owner, result):
+            jobs = by_dtype.setdefault(view.dtype, ([], [], []))
+            jobs[0].append(owner)
+            jobs[1].append(result)
+            jobs[2].append(view)
+
         for e in rnd.entries:
-            if e.ns_dtype is not None and self.owns(e) and e.numel:
+            q = self.owner.get(e.row)
+            if q is None or e.numel == 0:
+                continue
+            if q == EVERY_RANK or q == self.rank:
                 group = groups[e.bucket.group_index]
                 self.backend.comm.ns_flops += ns_flops(e.nb.shape, e.nb.block_shape, len(ns_schedule(group)))
-            if e.row not in self.owner or e.numel == 0:
+            if q == EVERY_RANK:
                 continue
-            if e.ns_kernel:
-                view = e.batch.output_view(e.spec)
+            view = e.batch.output_view(e.spec) if e.ns_kernel else rnd.work[e.work_offset : e.work_offset + e.numel]
+            if q == ROW_SPLIT:
+                rows_by_nb.setdefault(id(e.nb), []).append((e, view))
             else:
-                view = rnd.work[e.work_offset : e.work_offset + e.numel]
-            by_dtype.setdefault(view.dtype, []).append((e, view))
-        for members in by_dtype.values():
-            owners = [self.owner[e.row] for e, _ in members]
-            views = [v for _, v in members]
-            self.backend.gather(owners, [v if q == self.rank else None for v, q in zip(views, owners)], views)
+                add(view, q, view if q == self.rank else None)
+        for members in rows_by_nb.values():
+            e = members[0][0]
+            group = groups[e.bucket.group_index]
+            rows, cols = e.nb.shape[0], math.prod(e.nb.shape[1:])
+            mats = [v.view(rows, cols) for _, v in members]
+            Y, split = row_split_newton_schulz(self.backend.pg, self.backend.comm, mats, ns_schedule(group), group["ns_eps"], e.ns_dtype)
+            for owner, result, dest in zip(*_row_blocks(mats, Y.to(mats[0].dtype), split, self.rank)):
+                add(dest, owner, result)
+        for owners, results, dests in by_dtype.values():
+            self.backend.gather(owners, results, dests)

@@ -7,7 +7,8 @@ and apply kernels cover every local shard of the step in the same few launches a
 and gives its round a hook for what needs more than the local rows:
 
     l2 (whole tensor), trust ratio ‖W‖,   the kernels' local sums of squares, all-reduced (one
-    NovoGrad's ‖g‖²                        all-reduce for the round's sums, another for ‖g‖²)
+    NovoGrad's ‖g‖²                        all-reduce for the round's sums, another for ‖g‖²; a rank
+                                           with no rows of a tensor sets its 0-d v from that here)
     l2_split, l2_col of a Conv1D           on the work buffer: partial sums per head block / operator
                                            row joined into that all-reduce, then scaled
     ns, ns_split                           d in the work buffer; the distributed backend's exchange
@@ -87,6 +88,18 @@ class ShardedTritonBackend:
         return self.owners.nonfinite_flags(bucket, grads)
 
 
+def _novograd_v_without_rows(e, group, g_sq) -> None:
+    """NovoGrad's v of a tensor with no rows on this rank: the moments kernel, which writes v, has no
+    tile of it here, yet v is one value every rank keeps (0-d state), so update it as the kernel does:
+    v = ‖g‖² on the first step, else β2·v + c·‖g‖²."""
+    v = e.slot.state["exp_avg_sq"]
+    b2 = group["beta2"]
+    coef = (1 - b2) if group["second_moment"] == "ema" else 1.0
+    g_sq = g_sq.to(v.dtype)
+    first = (e.slot.state["step"] == 1).to(v.device)
+    v.copy_(torch.where(first, g_sq, b2 * v + coef * g_sq))
+
+
 class _RoundShard:
     """A triton round's cross-shard work (see the module docstring). Every rank builds the same
     requests in the same order: entries follow the plan, not the local sizes, and an entry with no
@@ -116,14 +129,15 @@ class _RoundShard:
         sums = rnd.ws["sums"]
         by_entry: dict = {}
         for e, g in picks:
-            by_entry.setdefault(id(self._dist(e)), (self._dist(e), []))[1].append(g)
-        for de, segs in by_entry.values():
-            vals = torch.stack([sums[g] if g >= 0 else sums.new_zeros(()) for g in segs])
+            by_entry.setdefault(id(self._dist(e)), (self._dist(e), []))[1].append((e, g))
+        for de, pairs in by_entry.values():
+            vals = torch.stack([sums[g] if g >= 0 else sums.new_zeros(()) for _, g in pairs])
             requests.append(("sum", de, vals))
-            finish.append(("segments", segs))
+            finish.append(("segments", pairs))
 
-    def _finish_segments(self, rnd, segs, total) -> None:
-        live = [(g, k) for k, g in enumerate(segs) if g >= 0]
+    def _finish_segments(self, rnd, pairs, total) -> None:
+        """The group totals back into the round's segment sums, where this rank has the segment."""
+        live = [(g, k) for k, (_, g) in enumerate(pairs) if g >= 0]
         if live:
             sums = rnd.ws["sums"]
             idx = torch.tensor([g for g, _ in live], dtype=torch.long, device=sums.device)
@@ -137,8 +151,11 @@ class _RoundShard:
         requests, finish = [], []
         self._segment_requests(rnd, picks, requests, finish)
         if requests:
-            for (_, segs), total in zip(finish, self.owners._serve(requests)):
-                self._finish_segments(rnd, segs, total)
+            for (_, pairs), total in zip(finish, self.owners._serve(requests)):
+                self._finish_segments(rnd, pairs, total)
+                for (e, g), g_sq in zip(pairs, total):
+                    if g < 0:
+                        _novograd_v_without_rows(e, groups[e.bucket.group_index], g_sq)
 
     def exchange(self, rnd, groups) -> None:
         """One serve for the round: sums of squares (l2, trust ratio, l2_split / Conv1D l2_col

@@ -1,9 +1,10 @@
 """mango under torch.distributed on CPU (gloo): DDP, FSDP2 (DTensor shards), HSDP, distributed checkpoint.
 
-The checks live in tests/dist_worker.py and run in 2 and in 4 processes; each world size is
-launched once per test session (one process imports torch and forks the ranks), and every
-test below reads its own check's result. Under pytest-xdist the launch is shared between
-workers through a lock file, so each world size still runs exactly once.
+The checks live in tests/dist_worker.py and run in 2 and in 4 processes; each launch (LAUNCHES: a
+world size and its checks, the Triton interpreter's apart) runs once per test session (one
+process imports torch and forks the ranks), and every test below reads its own check's result.
+Under pytest-xdist a launch is shared between workers through a lock file, so it still runs
+exactly once.
 
 What they establish (every comparison is against a single-process `mango.Mango` on the torch
 backend, itself tested against the float64 reference elsewhere; float64 unless noted):
@@ -35,16 +36,24 @@ backend, itself tested against the float64 reference elsewhere; float64 unless n
 - nonfinite_skip: a NaN on one rank's shard makes every rank skip the step.
 - errors: Shard(1) / Partial placements and DTensor params on backend="reference" are clear
   errors naming the parameter; Replicate() DTensors behave like plain tensors.
-- fsdp2_triton: FSDP2 with backend="triton" (kernels under TRITON_INTERPRET=1) equal to one triton
-  process: mango / novograd, every norm and setting (trust ratios included), HF GPT-2's Conv1D, Mixtral's experts, in
-  float64 within 1e-10, float32 with bf16 NS within the bf16 bound; one all-reduce and one all_to_all
-  pair per step. fsdp2_triton_checkpoint: a DCP checkpoint saved under one backend resumes under the other.
+- fsdp2_triton: FSDP2 with backend="triton" (kernels under TRITON_INTERPRET=1) equal to one process:
+  mango / novograd (NovoGrad's v on a rank with no rows of the tensor), every norm and setting
+  (trust ratios included), the layouts model (a GQA and a Conv1D fused QKV cut by shard boundaries,
+  experts with an empty shard at 4 ranks, a tied head) in float64 within 1e-10, in float32 with
+  bf16 NS within the bf16 bound; one all-reduce and one all_to_all pair per step.
+  fsdp2_triton_launches: the step's launches are one process's elementwise ones, the same for 2
+  and 4 layers. fsdp2_triton_checkpoint: a DCP checkpoint with an LR scheduler saved under one
+  backend resumes under the other. triton_policies: nonfinite skip / raise under FSDP2 and the DDP
+  split on the triton backend, and the split's resume with a scheduler.
 - ddp_split*: DDP with the Newton–Schulz work split across ranks (`Mango(..., process_group=...)`):
   equal to one process within 1e-10 (bit for bit except the row-split tall `up`; the tiny GPT's
   head blocks, every norm and setting, HF GPT-2's Conv1D, Mixtral's experts and GQA, float32), ranks identical; the busiest
   rank's NS FLOPs (FlopCounterMode) within 1/world of the total plus one tensor's; a NaN on one
   rank skips or raises everywhere; save -> load -> resume with a scheduler is exact; the all-gathers
-  per step do not grow with depth; the triton backend (interpreter) likewise, at 2 ranks.
+  per step do not grow with depth. On the triton backend (interpreter): the layouts model with the
+  bf16 NS kernels bit for bit, float64, and every bucket on the cuBLAS engine (each rank's slice of
+  every bucket, the tall `up`s row-split) with the busiest rank's FlopCounterMode FLOPs within
+  1/world of the total plus one tensor's.
 """
 
 from __future__ import annotations
@@ -63,13 +72,16 @@ pytest.importorskip("torch.distributed.tensor")
 fcntl = pytest.importorskip("fcntl")  # POSIX: the cross-worker lock (and fork) below
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
-CHECKS = {
-    2: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_training", "ddp", "checkpoint",
-        "collectives", "errors", "ddp_split", "ddp_split_flops", "ddp_split_policies", "ddp_split_triton",
-        "fsdp2_triton", "fsdp2_triton_checkpoint"],
-    4: ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_float32", "fsdp2_training", "hsdp",
-        "ddp", "checkpoint", "load_single_process_state", "collectives", "nonfinite_skip", "errors",
-        "ddp_split", "ddp_split_flops", "ddp_split_policies"],
+TRITON_CHECKS = ["fsdp2_triton", "fsdp2_triton_launches", "triton_policies", "fsdp2_triton_checkpoint", "ddp_split_triton",
+                 "ddp_split_triton_cublas"]  # fmt: skip
+LAUNCHES = {  # each: (world size, checks), run in its own processes under the worker's timeout
+    "2ranks": (2, ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_training", "ddp", "checkpoint",
+                   "collectives", "errors", "ddp_split", "ddp_split_flops", "ddp_split_policies"]),
+    "4ranks": (4, ["fsdp2_presets", "fsdp2_settings", "fsdp2_moe", "fsdp2_conv1d", "fsdp2_float32", "fsdp2_training", "hsdp",
+                   "ddp", "checkpoint", "load_single_process_state", "collectives", "nonfinite_skip", "errors",
+                   "ddp_split", "ddp_split_flops", "ddp_split_policies"]),
+    "2ranks-triton": (2, TRITON_CHECKS),  # the Triton interpreter: most of the time, so apart
+    "4ranks-triton": (4, TRITON_CHECKS),
 }  # fmt: skip
 _cache: dict = {}
 
@@ -81,16 +93,17 @@ def shared_dir(tmp_path_factory):
     return str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
 
 
-def _results(world: int, shared: str) -> dict:
-    """Run (once per session, shared across xdist workers) every check of `world` ranks."""
-    if world in _cache:
-        return _cache[world]
-    base = os.path.join(shared, f"mango-dist-{world}ranks")
+def _results(launch: str, shared: str) -> dict:
+    """Run (once per session, shared across xdist workers) every check of `launch`."""
+    if launch in _cache:
+        return _cache[launch]
+    world, checks = LAUNCHES[launch]
+    base = os.path.join(shared, f"mango-dist-{launch}")
     with open(base + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(base + ".json"):
             env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-            cmd = [sys.executable, WORKER, str(world), base + ".json", *CHECKS[world]]
+            cmd = [sys.executable, WORKER, str(world), base + ".json", *checks]
             try:
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
                 why = f"exit {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -98,10 +111,10 @@ def _results(world: int, shared: str) -> dict:
                 why = f"timed out after {e.timeout}s"
             if not os.path.exists(base + ".json"):  # record the failure once for every test
                 with open(base + ".json", "w") as f:
-                    json.dump({"-1": {"_setup": {"ok": False, "error": f"{world}-rank worker produced no result ({why})"}}}, f)
+                    json.dump({"-1": {"_setup": {"ok": False, "error": f"{launch} worker produced no result ({why})"}}}, f)
         with open(base + ".json") as f:
-            _cache[world] = {int(r): v for r, v in json.load(f).items()}
-    return _cache[world]
+            _cache[launch] = {int(r): v for r, v in json.load(f).items()}
+    return _cache[launch]
 
 
 @pytest.fixture
@@ -110,7 +123,8 @@ def check(shared_dir):
 
 
 def _check(world: int, name: str, shared: str):
-    results = _results(world, shared)
+    (launch,) = [k for k, (w, checks) in LAUNCHES.items() if w == world and name in checks]
+    results = _results(launch, shared)
     failures = []
     for rank, res in sorted(results.items()):
         if "_setup" in res:
@@ -127,7 +141,7 @@ def _check(world: int, name: str, shared: str):
 
 
 def _params(name):
-    return [pytest.param(w, id=f"{w}ranks") for w in CHECKS if name in CHECKS[w]]
+    return [pytest.param(w, id=f"{w}ranks") for w, checks in LAUNCHES.values() if name in checks]
 
 
 @pytest.mark.parametrize("world", _params("fsdp2_presets"))
@@ -207,9 +221,20 @@ def test_unsupported_placements_and_backends_are_clear_errors(world, check):
 def test_fsdp2_on_the_triton_backend_equals_single_process(world, check):
     worst = check(world, "fsdp2_triton")
     calls = worst.pop("collectives")
-    assert set(worst) == {"mango", "novograd", "settings", "gpt2_conv1d", "mixtral", "float32_bf16_ns"}
+    assert set(worst) == {"mango", "novograd", "settings", "layouts", "float32_bf16_ns"}
     assert worst.pop("float32_bf16_ns") <= 2e-2 and max(worst.values()) <= 1e-10
     assert calls["all_reduce: sums of squares"] == 1 and calls["all_to_all: NS gather"] == 1
+
+
+@pytest.mark.parametrize("world", _params("fsdp2_triton_launches"))
+def test_fsdp2_triton_step_makes_one_process_launches_flat_in_depth(world, check):
+    launches = check(world, "fsdp2_triton_launches")
+    assert launches["2"] == launches["4"] == {"moments": 1, "segment_sums": 1, "apply": 1}
+
+
+@pytest.mark.parametrize("world", _params("triton_policies"))
+def test_triton_nonfinite_policies_and_split_resume_with_a_scheduler(world, check):
+    assert check(world, "triton_policies") is True
 
 
 @pytest.mark.parametrize("world", _params("fsdp2_triton_checkpoint"))
@@ -244,6 +269,15 @@ def test_ddp_split_nonfinite_resume_schedulers_and_flat_collectives(world, check
 def test_ddp_split_ns_on_the_triton_backend_equals_single_process(world, check):
     worst = check(world, "ddp_split_triton")
     assert worst["float32"] <= 1e-6 and worst["float64"] <= 1e-10
+
+
+@pytest.mark.parametrize("world", _params("ddp_split_triton_cublas"))
+def test_ddp_split_on_the_cublas_engine_gives_each_rank_its_share(world, check):
+    f = check(world, "ddp_split_triton_cublas")
+    assert f["error"] <= 1e-6 and f["row_split_error"] <= 2e-2 and len(f["row_split"]) == 2
+    assert f["total"] <= sum(f["per_rank"]) <= 1.01 * f["total"]
+    assert f["busiest"] <= f["total"] / world + f["largest_job"]
+    assert f["busiest"] < 0.6 * f["total"] if world == 2 else f["busiest"] < 0.35 * f["total"]
 
 
 def test_process_group_must_be_a_group_or_a_1d_mesh():
@@ -283,6 +317,85 @@ def test_owner_assignment_balances_flops_deterministically():
     assert max(loads) / (sum(loads) / 4) < 1.01
     # A·Aᵀ, A·A and B·X per step: 4·r²·c + 2·r³ for r ≤ c
     assert ns_flops((8, 5), (8, 5), 1) == 4 * 25 * 8 + 2 * 125
+
+
+@pytest.mark.parametrize("engine", ["auto", "triton"])
+def test_triton_split_places_each_ns_engine_as_an_sm90_step_runs_it(engine):
+    """Where DDP's NS split runs each bucket on the triton backend, with the engines an sm_90 step
+    takes (a CPU dry run: the choice is made on the host): head blocks (≤ 128 rows) in the on-chip
+    kernels and larger blocks as cuBLAS GEMMs, each tensor on one owner and each rank's tensors of
+    a bucket consecutive (a cuBLAS bucket runs on the owner's slice); a vocabulary-like tall matrix
+    on cuBLAS row-split over every rank. ns_engine="triton" puts the large blocks in the tiled
+    kernels, whose Gram-form large items iterate as one batch: those run on every rank, and the tall
+    matrix keeps one owner (a row split would change its engine)."""
+    import mango
+    import mango_kernels as mk
+    from mango import ddp
+    from mango.distributed import gram_ns_flops, ns_flops
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(dict(qkv=torch.nn.Linear(192, 3 * 192, bias=False), head=torch.nn.Linear(192, 2000, bias=False),
+                                     **{f"fc{i}": torch.nn.Linear(192, 160, bias=False) for i in range(5)}))  # fmt: skip
+    groups = mango.param_groups(model, qkv_heads={"qkv": 3}, overrides={"head.weight": {"norm": "ns"}})
+    opt = mango.Mango(groups, backend="triton", ns_engine=engine, ns_method="gram" if engine == "triton" else "auto")
+    opt._backend_for(torch.device("cpu")).ns_target = "sm_90"
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    with mk.count_launches(dry_run=True):
+        opt.step()
+    kinds = ddp._engine_kinds(opt._plan.cache["triton"][1])
+    world = 4
+    loads = ddp.assign_plan(opt, opt._plan, world, lambda nb, group, w: ddp._triton_placement(kinds[id(nb)], nb, group, w))
+    owners = {b.slots[i].name: q
+              for b in opt._plan.buckets for nb in b.norm_buckets if nb.norm in ("ns", "ns_split")
+              for i, q in zip(nb.slots, nb.cache["mango.ddp.owners"])}  # fmt: skip
+    fc = [owners[f"fc{i}.weight"] for i in range(5)]
+    if engine == "auto":
+        assert {k for k in kinds.values()} == {"kernels", "gemms"}
+        assert owners["head.weight"] == ddp.ROW_SPLIT and fc == sorted(fc) and min(fc) >= 0 and len(set(fc)) > 1
+        assert owners["qkv.weight"] >= 0
+        costs = [ns_flops((160, 192), (160, 192), 5)] * 5 + [ns_flops((576, 192), (64, 192), 5)]
+        head = [gram_ns_flops(n, 192, 5) for n in ddp.row_split(2000, world)]
+        assert sum(loads) == pytest.approx(sum(costs) + sum(head))
+        assert max(loads) <= sum(loads) / world + max(costs)
+    else:
+        assert "one_batch" in kinds.values()
+        assert owners["head.weight"] == ddp.EVERY_RANK and set(fc) == {ddp.EVERY_RANK}  # Gram form, large: one batch
+        assert owners["qkv.weight"] >= 0  # head blocks: on-chip, one owner
+
+
+def test_auto_takes_the_sharded_triton_backend_for_fsdp2_params_on_cuda(monkeypatch):
+    """backend="auto" with DTensor (FSDP2) params builds the sharded triton backend on a CUDA device,
+    the sharded torch backend on a CPU. No GPU here: the CUDA queries are stubbed (as in
+    test_unvalidated_warning.py) and the backends are only constructed."""
+    from test_unvalidated_warning import stub_gpu
+
+    import mango.backends as backends
+    from mango.distributed import ShardedTorchBackend
+    from mango.sharded_triton import ShardedTritonBackend
+
+    h200 = stub_gpu(monkeypatch, (9, 0), "NVIDIA H200")
+    assert isinstance(backends.make_backend("auto", h200, sharded=True), ShardedTritonBackend)
+    assert isinstance(backends.make_backend("auto", torch.device("cpu"), sharded=True), ShardedTorchBackend)
+    assert isinstance(backends.make_backend("torch", h200, sharded=True), ShardedTorchBackend)
+
+
+def test_fsdp_one_gpu_bench_runs_on_the_cpu(tmp_path):
+    """bench/fsdp_one_gpu.py (the GPU run's one-device FSDP2 check) end to end in its CPU dry run: a
+    world of one, HF GPT-2 fully_shard'ed on the sharded triton backend against the plain triton step,
+    within the NS bound, both timed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "fsdp_one_gpu.json"
+    cmd = [sys.executable, "-m", "bench.fsdp_one_gpu", "--cpu-dry-run", "--steps", "1", "--n-layer", "1", "--out", str(out)]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as f:
+        r = json.load(f)
+    assert r["sharded_backend"] == "ShardedTritonBackend" and r["world_size"] == 1 and r["process_group"] == "gloo"
+    assert r["within_ns_bound"] and 0 < max(r["max_rel_diff"]) <= 2e-2  # torch's NS on the owner vs the kernels'
+    assert r["fsdp2_median_ms"] > 0 and r["plain_median_ms"] > 0
+    assert "| mango, triton |" in proc.stdout
 
 
 def test_bench_comm_runs(tmp_path):

@@ -79,6 +79,7 @@ class CublasNSBatch:
         self.large = list(range(count))
         self.specs = [None] * count
         self.coefficients, self.eps, self.prescale = (), 1e-7, "frobenius"
+        self.share = None  # (first, stop): the tensors this rank runs under DDP's NS split (mango.ddp); None: all
 
     @staticmethod
     def nbytes_for(nb, count: int, dtype: torch.dtype, method: str) -> int:
@@ -103,27 +104,29 @@ class CublasNSBatch:
 
     output_view = input_view  # the result is copied back into the stack where it is not there already
 
-    def _blocks(self) -> torch.Tensor:
+    def _blocks(self, stack, count: int) -> torch.Tensor:
         nb = self.nb
-        X = self.stack[: self.count * self.numel].view(self.count, *nb.shape)
+        X = stack.view(count, *nb.shape)
         return norm_blocks(X, nb.shape, nb.norm, nb.head_dim, **nb.layout)
 
-    def _result_in_place(self, blocks) -> bool:
+    def _result_in_place(self, blocks, stack) -> bool:
         """Whether the iteration's result lands in the stack in the blocks' own layout (no copy back):
         an odd number of writes and blocks that are the stack's memory in their orientation."""
         transposed = blocks.stride(-2) == 1 and blocks.stride(-1) != 1 and blocks.shape[-1] > 1
         src = blocks.mT if transposed else blocks
-        return _writes(self.method, len(self.coefficients)) % 2 == 1 and src.is_contiguous() and src.data_ptr() == self.stack.data_ptr()
+        return _writes(self.method, len(self.coefficients)) % 2 == 1 and src.is_contiguous() and src.data_ptr() == stack.data_ptr()
 
     def run(self) -> None:
-        blocks = self._blocks()
+        first, stop = self.share or (0, self.count)
+        stack = self.stack[first * self.numel : stop * self.numel]
+        blocks = self._blocks(stack, stop - first)
         if blocks.numel() == 0:
             return
-        copy_back = not self._result_in_place(blocks)
+        copy_back = not self._result_in_place(blocks, stack)
         mk.record("cublas_ns", ns_op_count(self.method, len(self.coefficients), self.prescale) + copy_back)
         if dry_run_active():
             return
         out = batched_newton_schulz(blocks, self.coefficients, self.prescale, self.eps, dtype=self.dtype, method=self.method,
-                                    buffers=(self.stack, self.buffer1))  # fmt: skip
+                                    buffers=(stack, self.buffer1))  # fmt: skip
         if copy_back:
             blocks.copy_(out)

@@ -103,6 +103,8 @@ def ns_blocks(nb, numel: int) -> list:
     in its storage: one per operator (expert), or per head block; transposed storage (Conv1D) gives
     column blocks with a unit row stride. mango.layout is the source of these strides."""
     n, r, c = operator_shape(nb.shape, **nb.layout)
+    if numel == 0:  # e.g. an FSDP2 rank that holds none of a tensor's experts
+        return []
     per = numel // n
     sr, sc = (1, r) if nb.orientation == "in_out" else (c, 1)  # element (i, j) of the operator at i·sr + j·sc
     rows, heads = (nb.head_dim, r // nb.head_dim) if nb.norm == "ns_split" else (r, 1)
