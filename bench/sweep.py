@@ -151,12 +151,12 @@ def sweep(sets, device, tiles, time_budget_s=None, quick=False, on_chip=None) ->
             row["not_measured"].append("bare")
         else:
             row["times"]["bare"] = _bare(b, device, quick)
-    # then the tile sizes, bucket by bucket
-    for b, row in rows:
+    # then the tile sizes, one at a time over every bucket (a budget that runs out leaves whole sizes unmeasured)
+    for t in usable:
         for method in FORMS:
-            if row["on_chip"][method]:
-                continue
-            for t in usable:
+            for b, row in rows:
+                if row["on_chip"][method]:
+                    continue
                 name = f"triton_tiled {'x'.join(map(str, t))} {method}"
                 if out_of_time():
                     row["not_measured"].append(name)
