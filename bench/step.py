@@ -370,10 +370,10 @@ def _out_of_time(args) -> str | None:
     return None
 
 
-def _set_weight(pset: ParamSet) -> float:
-    """A set's claim on --time-budget: a fixed part (building, profiling, a few steps of every
-    contender) and a part that grows with its size (each step's time)."""
-    return 1.0 + pset.numel / 5e8
+def _set_weight(args, pset: ParamSet) -> float:
+    """A set's claim on --time-budget: per contender that runs there, a fixed part (building,
+    profiling, a few steps) and a part that grows with the set's size (each step's time)."""
+    return len(_contenders(args, pset)[0]) * (1.0 + pset.numel / 1e9)
 
 
 def _start_set(args, sets: list, index: int) -> None:
@@ -383,7 +383,7 @@ def _start_set(args, sets: list, index: int) -> None:
     if args.time_budget is None:
         return
     left = max(0.0, args.time_budget - (time.perf_counter() - args._started))
-    weights = [_set_weight(ps) for ps in sets[index:]]
+    weights = [max(_set_weight(args, ps), 1e-9) for ps in sets[index:]]
     share = left * weights[0] / sum(weights)
     args._set_deadline = (time.perf_counter() + share, share)
 
@@ -398,6 +398,20 @@ def _set_plan(plan: dict, fl: dict, device) -> dict:
     if fits >= plan["min_steps"]:
         return plan
     return dict(plan, min_steps=max(5, fits), warmup=min(plan["warmup"], 3), reduced_for="a long step: see bench.step._set_plan")
+
+
+def _contenders(args, pset: ParamSet) -> tuple:
+    """(keys to run on `pset`, records of those that will not: left out, or not run here by default)."""
+    keys, not_run = list(args.optimizers), []
+    if not args.optimizers_given:
+        keys += [k for k in pset.default_add if k not in keys and k not in args.skip_set]
+    skipped = dict(_left_out_here(args, pset.name))
+    if not args.optimizers_given:
+        skipped.update({k: f"not run on this set by default; --optimizers ...,{k} runs it" for k in keys if k in pset.default_skip and k not in skipped})
+    for key in [k for k in keys if k in skipped]:
+        keys.remove(key)
+        not_run.append({"key": key, "label": O.LABELS[key], "status": "skipped", "reason": skipped[key]})
+    return keys, not_run
 
 
 def _left_out_here(args, set_name: str) -> dict:
@@ -421,20 +435,10 @@ def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
     extras = bool(pset.targets) or args.quick or args.profile
     interleave = _interleave(args, device, pset)
     res["interleaved"] = interleave
-    keys = list(args.optimizers)
-    if not args.optimizers_given:
-        keys += [k for k in pset.default_add if k not in keys and k not in args.skip_set]
-    for key, reason in _left_out_here(args, pset.name).items():
-        if key in keys:
-            keys.remove(key)
-            res["optimizers"].append({"key": key, "label": O.LABELS[key], "status": "skipped", "reason": reason})
-            _print_rec(res["optimizers"][-1])
-    if not args.optimizers_given:
-        for key in [k for k in keys if k in pset.default_skip]:
-            keys.remove(key)
-            res["optimizers"].append({"key": key, "label": O.LABELS[key], "status": "skipped",
-                                      "reason": f"not run on this set by default; --optimizers ...,{key} runs it"})  # fmt: skip
-            _print_rec(res["optimizers"][-1])
+    keys, not_run = _contenders(args, pset)
+    for rec in not_run:
+        res["optimizers"].append(rec)
+        _print_rec(rec)
     # yardsticks timed like the optimizers: the bare NS matmuls of one step (the "ns" target; on CUDA
     # every set's bare cuBLAS bf16 NS), in the dtypes the contenders' NS runs in
     yard_dtypes = _yardstick_dtypes(pset, keys, device, args)

@@ -632,10 +632,12 @@ def test_each_set_gets_its_share_of_the_time_budget(monkeypatch):
     sets = [params.resolve_set("tiny"), params.resolve_set("gpt2-124m")]
     clock = [100.0]
     monkeypatch.setattr(step.time, "perf_counter", lambda: clock[0])
-    args = step.build_parser().parse_args(["--time-budget", "60"])
-    args._started = 100.0
+    args = step.build_parser().parse_args(["--time-budget", "60", "--optimizers", "torch,adamw,reference", "--leave-out", "reference@tiny=x"])
+    args.optimizers, args.optimizers_given, args.skip_set, args._started = args.optimizers.split(","), True, set(), 100.0
+    args.left_out = {"reference": ({"tiny"}, "x")}
     step._start_set(args, sets, 0)
-    w = [step._set_weight(ps) for ps in sets]
+    w = [step._set_weight(args, ps) for ps in sets]
+    assert w == pytest.approx([2 * (1 + sets[0].numel / 1e9), 3 * (1 + sets[1].numel / 1e9)])  # contenders x size
     assert args._set_deadline[1] == pytest.approx(60 * w[0] / sum(w))
     clock[0] += args._set_deadline[1] + 1e-6
     assert "this set's share" in step._out_of_time(args)

@@ -9,15 +9,16 @@ to 410 s of the run's 420):
 - host: bench.host's Python time per triton step at HF GPT-2 124M (a launch dry run on the CPU);
 - sweep: every NS engine on the NS buckets of the step stage's sets, and the ARCH_TABLE entry;
 - step: bench.step on bench `gpt2-124m` (untied head), HF GPT-2 124M and 350M (tied) and the
-  Llama-3.2-1B-shaped model, every set with its own share of the stage's budget (by size), every
+  Llama-3.2-1B-shaped model, every set with its own share of the stage's budget (by its contenders
+  and size), every
   contender on every set, in the order mango's own, torch's, the peers, the yardsticks: the eager
   reference and the one-round variant on `gpt2-124m` only (the reference alone took 15 s at 350M),
   torch.compile(reference) left out with its reason (it did not compile GPT-2 124M's step in 50 s);
   the per-bucket NS table is the sweep stage's; fewer timed steps on the large sets;
 - train: AdamW vs Muon vs MANGO at the GPT-2 124M shape (12 layers, d=768, context 1024, byte
   vocabulary, bf16 autocast), up to 300 steps of 16 sequences each within its share (~60 ms a
-  step: a run cut by its share is compared with the others at the common step), then the first 50
-  steps again on the torch backend.
+  step, so ~170 steps in 10 s: a run cut by its share is compared with the others at the common
+  step), then the first 50 steps again on the torch backend.
 
 Dry run (CPU): the same stages, sets and contenders at tiny sizes, kernels under TRITON_INTERPRET=1.
 """
@@ -57,10 +58,10 @@ GPU = {
                   "env": {"MANGO_TEST_DEVICE": "cuda", "TRITON_INTERPRET": None}},
         "host": {"budget_s": 15, "args": ["--steps", "50"], "env": {"TRITON_INTERPRET": "1"}},
         "sweep": {"budget_s": 40, "args": ["--sets", SETS], "env": {"TRITON_INTERPRET": None}},
-        "step": {"budget_s": 165, "args": ["--sets", SETS, "--optimizers", CONTENDERS, "--budget", "0.5", "--no-kernels",
+        "step": {"budget_s": 180, "args": ["--sets", SETS, "--optimizers", CONTENDERS, "--budget", "0.5", "--no-kernels",
                                            *_leave_out(SETS)],
                  "env": {"TRITON_INTERPRET": None}},
-        "train": {"budget_s": 95, "specs": ["adamw", "muon", TRITON_SPEC], "startup_s": 10,
+        "train": {"budget_s": 80, "specs": ["adamw", "muon", TRITON_SPEC], "startup_s": 10,
                   "args": ["--size", "gpt2", "--steps", "300", "--warmup", "30", "--batch", "16", "--micro-batch", "16",
                            "--eval-every", "100", "--eval-batches", "4", "--max-bytes", "16000000"],
                   "agreement_steps": 50, "agreement_tolerance": 0.05, "agreement_budget_s": 20,
