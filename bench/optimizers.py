@@ -60,7 +60,7 @@ from mango import config, reference
 from . import peers
 from .params import ParamSet, mango_groups
 
-__all__ = ["CONTENDERS", "PEERS", "VARIANTS", "NS_FORMS", "TRITON_VARIANTS", "ALL_CONTENDERS", "MANGO_KEYS", "LABELS", "Runner", "Unavailable", "build", "kernel_launch_counter", "state_nbytes"]
+__all__ = ["CONTENDERS", "PEERS", "CAPTURED", "VARIANTS", "NS_FORMS", "TRITON_VARIANTS", "ALL_CONTENDERS", "MANGO_KEYS", "LABELS", "Runner", "Unavailable", "build", "kernel_launch_counter", "state_nbytes"]
 
 CONTENDERS = ("triton", "torch", "torch_bf16", "reference", "compile", "muon_adamw", "adamw")
 LABELS = {
@@ -93,6 +93,7 @@ LABELS.update(peers.LABELS)
 LABELS["torch_compiled"] = "torch.compile(mango torch)"
 LABELS["triton_graph"] = "mango triton (CUDA graph replay)"
 PEERS = peers.PEERS  # other packages' Muon (bench/peers.py): by default on CUDA, named on CPU
+CAPTURED = ("triton_graph",)  # contenders whose step is a CUDA graph captured at build
 ALL_CONTENDERS = CONTENDERS + tuple(VARIANTS) + tuple(TRITON_VARIANTS) + ("triton_graph", "torch_compiled") + PEERS
 # contenders that run mango's math (the memory budget applies to them)
 MANGO_KEYS = (("triton", "torch", "torch_bf16", "reference", "compile") + tuple(VARIANTS) + tuple(TRITON_VARIANTS)

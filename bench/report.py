@@ -88,6 +88,8 @@ def markdown(result: dict) -> str:
     lines = []
     title = "mango optimizer step benchmark" + (" (--quick: code-path check, no timing claims)" if result.get("quick") else "")
     lines += [f"## {title}", "", _device_line(result), ""]
+    if result.get("partial"):
+        lines += [f"**Partial result:** {result['partial']} (written after each set; the run did not finish).", ""]
     mm = ", ".join(f"{k} {_rate(v)}" for k, v in r["matmul_flops"].items() if isinstance(v, float))
     lines += [f"Measured here: matmul {mm}; copy {r['copy_bytes_per_s'] / 1e9:.1f} GB/s. "
               f"Floor = NS FLOPs (symmetric) / {r['peak_matmul_dtype']} matmul rate + state bytes / copy bandwidth. "

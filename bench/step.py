@@ -15,15 +15,20 @@ bench/optimizers.py) it measures, in one run on one device:
   mango's extra beyond state against the memory budget's 2x the largest NS bucket in its NS dtype;
 - NS FLOPs per method (textbook, Gram, what ns_method="auto" picks per bucket) and their floors;
 - per NS bucket: mango's batched NS vs the bare torch.bmm NS; the torch backend's stages (GB/s);
+  the engine, form and dtype each mango contender runs the bucket in, and why (mango.ns_engine);
+- the bare batched textbook NS matmuls of the whole step, timed like a contender (bf16 on CUDA);
+- with the `triton_graph` contender on CUDA: whether replaying the captured step equals eager steps;
 - CPU targets of the performance contract where the set carries them (24L d64: torch vs reference >= 3x;
   12L d256: torch step <= 1.3x the bare NS matmuls, and <= 0.7x by the Gram form and schedules, for every torch-backend
-  variant asked for with --optimizers, e.g. torch_textbook, torch_fp32, torch_pe4).
+  variant; that set also runs every forced NS dtype/form beside "auto", and the peer packages, by default).
 
+Every set gets its own share of --time-budget; the sets run so far are written after each one.
 It writes step_<device>_<time>.json / .md / .png under --out (default bench/results/) and
 prints the markdown report. `--quick` runs every code path at tiny sizes (CI; no timing claims).
 
     python -m bench.step                                  # CPU: gpt-cpu + the two CPU target sets
     python -m bench.step --sets gpt2-124m,gpt2-350m       # GPU: GPT-2 shapes
+    python -m bench.step --sets gpt2-124m,hf-gpt2-124m,hf-gpt2-350m,llama-1b   # GPU: the GPU run's sets
     python -m bench.step --cpu-targets --skip compile     # only the performance contract's CPU targets
     python -m bench.step --quick --out /tmp/b             # CI smoke run
     python -m bench.step --sets gpt-12l-d256 --optimizers torch,torch_textbook,torch_fp32,torch_fp32_textbook,muon_adamw
@@ -155,11 +160,18 @@ class Contender:
         # memory at rest: every allocation of building the optimizer and of its first step (where
         # state and work buffers are created) that is still alive afterwards (bench/memory.py)
         self.resident = AllocationTrace(device)
+        # a CUDA graph is captured outside the profiler's window (stream capture under an active
+        # profiler is not something to count on): its memory is CUDA's max_memory_allocated alone
+        self.captured = key in O.CAPTURED
+        build = lambda: O.build(key, pset, self.params, device, compile_backend=args.compile_backend,  # noqa: E731
+                                compile_timeout_s=args.compile_timeout, quick=args.quick)  # fmt: skip
         try:
+            if self.captured:
+                self.prepare()
+                self.runner = build()
             with self.resident:
                 self.prepare()
-                self.runner = O.build(key, pset, self.params, device, compile_backend=args.compile_backend,
-                                      compile_timeout_s=args.compile_timeout, quick=args.quick)  # fmt: skip
+                self.runner = self.runner or build()
                 self.prepare()
                 self.runner.step()
         except O.Unavailable as e:
@@ -209,12 +221,17 @@ class Contender:
             rec["launches"], rec["launches_source"] = rec["profiler"]["ops"], "profiler aten ops (top-level)"
         rec["state_bytes"] = O.state_nbytes(runner.state())
         rec["peak_extra_bytes"] = self.mem.peak_extra() if own_memory else None
-        rec["memory"] = self.account_memory(pset, own_memory)
         prof = "torch.profiler allocation events (bench/memory.py): rec['memory']"
-        if device.type == "cuda":
+        if self.captured:  # built before the profiler's window: the CUDA peak is its memory record
+            rec["memory"] = None
+            rec["memory_source"] = ("cuda max_memory_allocated - allocated before the optimizer was built "
+                                    "(the graph is captured outside the profiler's window)")  # fmt: skip
+        elif device.type == "cuda":
+            rec["memory"] = self.account_memory(pset, own_memory)
             rec["memory_source"] = prof + ("; peak_extra_bytes: cuda max_memory_allocated - allocated before the optimizer was built"
                                            if own_memory else "; cuda max_memory_allocated not measured (optimizers were interleaved)")  # fmt: skip
         else:
+            rec["memory"] = self.account_memory(pset, own_memory)
             rec["memory_source"] = prof
         bw = args._rates["copy_bytes_per_s"]
         if key == "torch":
@@ -678,6 +695,9 @@ def main(argv=None) -> dict:
     for i, ps in enumerate(sets):
         _start_set(args, sets, i)
         result["sets"].append(run_set(ps, device, args, rates, plan))
+        if i < len(sets) - 1:  # the sets so far, on disk: a run killed later still leaves them (JSON and markdown)
+            result["targets"] = [t for s in result["sets"] for t in s["targets"]]
+            R.write(dict(result, partial=f"{i + 1} of {len(sets)} sets"), args.out, png=False)
     result["targets"] = [t for s in result["sets"] for t in s["targets"]]
     result["wall_s"] = time.perf_counter() - started
     try:  # the load other processes put on the machine, at the end too (timings under load are noisy)

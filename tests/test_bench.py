@@ -128,6 +128,12 @@ def test_quick_json_has_every_field(quick_run):
         assert s["ns_buckets"]["buckets"] and all(b["ours_s"] > 0 and b["bare_bfloat16_s"] > 0 for b in s["ns_buckets"]["buckets"])
 
 
+def test_a_result_written_between_sets_says_it_is_partial(quick_run):
+    _, _, result, _ = quick_run
+    assert "partial" not in result  # the finished run's files replace those written after each set
+    assert "**Partial result:** 1 of 3 sets" in report.markdown(dict(result, partial="1 of 3 sets"))
+
+
 def test_quick_triton_not_faked_without_cuda(quick_run):
     _, _, result, stdout = quick_run
     tri = next(o for o in result["sets"][0]["optimizers"] if o["key"] == "triton")

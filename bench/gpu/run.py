@@ -84,8 +84,12 @@ def _write(out: str, results: dict, log: proc.Log) -> None:
     results["files"] = sorted(set(os.listdir(out)) | {"summary.md", "results.json"})
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
+    try:
+        page = summary.markdown(results)
+    except Exception:  # a record the summary did not expect must not cost the run its folder
+        page = f"# mango GPU run\n\nThe summary could not be written; every figure is in results.json.\n\n```\n{traceback.format_exc()[-3000:]}```"
     with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(summary.markdown(results) + "\n")
+        f.write(page + "\n")
     results["files"] = _cap_files(out, log)
 
 

@@ -114,8 +114,8 @@ def _stage_note(name: str, r: dict, dev: dict) -> str:
         runs = "; ".join(f"rc {a['rc']}" + (f" ({a['killed']})" if a.get("killed") else "") for a in r.get("attempts", []))
         return f"{runs}; " + ("results in step.json/md" if r.get("files") else f"no result: {r.get('error', '')[-150:]}")
     if name == "host":
-        rows = r.get("rows") or []
-        return "; ".join(f"{x['set']}{' capturable' if x['capturable'] else ''} {x['median_us']:.0f} µs" for x in rows) or r.get("error", "")[-150:]
+        rows = [x for x in r.get("rows") or [] if x.get("median_us") is not None]
+        return "; ".join(f"{x.get('set')}{' capturable' if x.get('capturable') else ''} {x['median_us']:.0f} µs" for x in rows) or r.get("error", "")[-150:]
     if name == "sweep":
         return (f"ARCH_TABLE entry {r['entry']}" + (" (partial)" if r.get("partial") else "")) if r.get("entry") else f"no result: {r.get('error', '')[-150:]}"
     if name == "train":
@@ -240,8 +240,10 @@ def _host_md(t) -> list:
     out = ["## Host time per triton step", "", "Python per step at HF GPT-2 124M, a launch dry run on this machine's CPU "
            "(`python -m bench.host`); the target is <= 300 µs.", "",
            "| set | capturable | launches | host µs / step (median) | <= 300 µs |", "| --- | --- | ---: | ---: | --- |"]  # fmt: skip
-    for r in t["rows"]:
-        out.append(f"| {r['set']} | {r['capturable']} | {r['launches']} | {r['median_us']:.0f} | {'met' if r['median_us'] <= 300 else '**missed**'} |")
+    for r in t["rows"]:  # rows as bench.host writes them; a field it no longer writes shows as "-"
+        us = r.get("median_us")
+        verdict = "-" if us is None else ("met" if us <= 300 else "**missed**")
+        out.append(f"| {r.get('set')} | {r.get('capturable')} | {r.get('launches', '-')} | {'-' if us is None else f'{us:.0f}'} | {verdict} |")
     return out + [""]
 
 
