@@ -72,10 +72,17 @@ def bare_ns(X: torch.Tensor, coefficients=COEFFS) -> torch.Tensor:
     return X
 
 
+def _randn(shape, device, seed: int) -> torch.Tensor:
+    """Gaussian fp32 data, drawn on the GPU where there is one (a Llama-sized bucket drawn on the host
+    would cost seconds per call), else on the CPU."""
+    where = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+    gen = torch.Generator(device=where).manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=where)
+
+
 def _stack(bucket, device, dtype, oriented: bool, seed: int = 0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     r, c = bucket.oriented if oriented else bucket.block
-    X = torch.randn(bucket.batch, r, c, generator=gen)
+    X = _randn((bucket.batch, r, c), device, seed)
     X = X / torch.linalg.matrix_norm(X, keepdim=True)  # Frobenius norm 1 (so spectral <= 1), as NS expects
     return X.to(device=device, dtype=dtype)
 
@@ -103,8 +110,7 @@ class TritonNS:
                 specs.append(mk.NSSpec.row_major(b.block[0], b.block[1], per))
         self.batch = mk.NSBatch(specs, dtype, device, config, method=method)
         n = sum(s.numel for s in specs)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+        x = _randn((n,), device, seed).to(device=device, dtype=dtype)
         self.batch.stack[:n].copy_(x)
         self.batch.set_schedule([len(COEFFS)] * len(specs), [list(COEFFS)] * len(specs), [1e-7] * len(specs))
         self.saved = self.batch.stack.clone()

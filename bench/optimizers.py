@@ -21,14 +21,21 @@ Variants of the torch backend, run only when --optimizers names them (the NS-met
     torch_fp32           ns_dtype=float32, ns_method="auto": the regime of CPUs without bf16, where
                          "auto" picks the Gram form for wide blocks
     torch_fp32_textbook  ns_dtype=float32, ns_method="textbook"
+    torch_fp32_gram      ns_dtype=float32, ns_method="gram"
     torch_fp16_gram      ns_dtype=float16, ns_method="gram" (the Gram form's 16-bit candidate)
     torch_pe4            ns_coefficients="polar_express_4" (4 steps instead of 5)
     torch_fp32_pe4       the same in fp32 (Gram form where auto picks it)
+
+`NS_FORMS` are the forced NS dtype/form pairs that hold the correctness contract (bf16 or fp32
+textbook, fp16 or fp32 Gram): run beside mango "auto" they show what "auto" picked against what it
+could have picked.
 
 And of the triton backend (CUDA only; on in the GPU run):
 
     triton_one_round     the whole step in one round (memory_budget=inf): the fewest launches, NS
                          buffers for every tensor at once, beyond the memory budget
+    triton_graph         capturable=True, the step captured in a CUDA graph and timed as one
+                         replay (bench/graphs.py)
 
 And compiled, run only when --optimizers names it:
 
@@ -53,7 +60,7 @@ from mango import config, reference
 from . import peers
 from .params import ParamSet, mango_groups
 
-__all__ = ["CONTENDERS", "PEERS", "VARIANTS", "TRITON_VARIANTS", "ALL_CONTENDERS", "MANGO_KEYS", "LABELS", "Runner", "Unavailable", "build", "kernel_launch_counter", "state_nbytes"]
+__all__ = ["CONTENDERS", "PEERS", "CAPTURED", "VARIANTS", "NS_FORMS", "TRITON_VARIANTS", "ALL_CONTENDERS", "MANGO_KEYS", "LABELS", "Runner", "Unavailable", "build", "kernel_launch_counter", "state_nbytes"]
 
 CONTENDERS = ("triton", "torch", "torch_bf16", "reference", "compile", "muon_adamw", "adamw")
 LABELS = {
@@ -70,6 +77,7 @@ VARIANTS = {
     "torch_textbook": ("mango torch (textbook NS)", {"ns_method": "textbook"}),
     "torch_fp32": ("mango torch (fp32 NS, auto)", {"ns_dtype": torch.float32}),
     "torch_fp32_textbook": ("mango torch (fp32 NS, textbook)", {"ns_dtype": torch.float32, "ns_method": "textbook"}),
+    "torch_fp32_gram": ("mango torch (fp32 NS, Gram)", {"ns_dtype": torch.float32, "ns_method": "gram"}),
     "torch_fp16_gram": ("mango torch (fp16 NS, Gram)", {"ns_dtype": torch.float16, "ns_method": "gram"}),
     "torch_pe4": ("mango torch (polar_express_4)", {"ns_coefficients": "polar_express_4"}),
     "torch_fp32_pe4": ("mango torch (fp32 NS, polar_express_4)", {"ns_dtype": torch.float32, "ns_coefficients": "polar_express_4"}),
@@ -78,13 +86,18 @@ VARIANTS = {
 TRITON_VARIANTS = {
     "triton_one_round": ("mango triton (one round)", {"memory_budget": float("inf")}),
 }
+# the forced NS (dtype, form) pairs of the correctness contract, beside "auto"
+NS_FORMS = ("torch_bf16", "torch_fp32_textbook", "torch_fp16_gram", "torch_fp32_gram")
 LABELS.update({k: v[0] for k, v in {**VARIANTS, **TRITON_VARIANTS}.items()})
 LABELS.update(peers.LABELS)
 LABELS["torch_compiled"] = "torch.compile(mango torch)"
+LABELS["triton_graph"] = "mango triton (CUDA graph replay)"
 PEERS = peers.PEERS  # other packages' Muon (bench/peers.py): by default on CUDA, named on CPU
-ALL_CONTENDERS = CONTENDERS + tuple(VARIANTS) + tuple(TRITON_VARIANTS) + ("torch_compiled",) + PEERS
+CAPTURED = ("triton_graph",)  # contenders whose step is a CUDA graph captured at build
+ALL_CONTENDERS = CONTENDERS + tuple(VARIANTS) + tuple(TRITON_VARIANTS) + ("triton_graph", "torch_compiled") + PEERS
 # contenders that run mango's math (the memory budget applies to them)
-MANGO_KEYS = ("triton", "torch", "torch_bf16", "reference", "compile") + tuple(VARIANTS) + tuple(TRITON_VARIANTS) + ("torch_compiled",)
+MANGO_KEYS = (("triton", "torch", "torch_bf16", "reference", "compile") + tuple(VARIANTS) + tuple(TRITON_VARIANTS)
+              + ("triton_graph", "torch_compiled"))  # fmt: skip
 MUON_ROLES = ("matrix", "qkv_weight")
 
 
@@ -305,6 +318,10 @@ def _adamw(pset, params, device) -> Runner:
     return Runner("adamw", f"torch AdamW({impl})", opt.step, _opt_state(opt), opt, {"adamw_impl": impl})
 
 
+def _graph_runner(key, label, step, opt, info) -> Runner:
+    return Runner(key, label, step, _opt_state(opt), opt, info)
+
+
 def _peer_runner(key, label, step, opts, info) -> Runner:
     return Runner(key, label, step, _opt_state(*opts), opts[0] if opts else None, info)
 
@@ -316,6 +333,10 @@ def build(key: str, pset: ParamSet, params: list, device, compile_backend="induc
                            unavailable=Unavailable, quick=quick)  # fmt: skip
     if key in ("triton", "torch", "torch_bf16", "reference") or key in VARIANTS or key in TRITON_VARIANTS:
         return _mango(key, pset, params, device)
+    if key == "triton_graph":
+        from . import graphs
+
+        return graphs.graph_runner(pset, params, device, Unavailable, _graph_runner)
     if key == "compile":
         return _compiled_reference(pset, params, device, compile_backend, compile_timeout_s)
     if key == "torch_compiled":

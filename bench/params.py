@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["TensorSpec", "ParamSet", "gpt_set", "SETS", "CPU_LADDER", "resolve_set", "mango_groups", "TIED_ROLES"]
+__all__ = ["TensorSpec", "ParamSet", "gpt_set", "SETS", "HF_SET_NAMES", "CPU_LADDER", "resolve_set", "mango_groups", "TIED_ROLES"]
 
 TIED_ROLES = ("head", "embedding")
 HEAD_DIM = 64  # GPT-2's attention head size
@@ -38,13 +38,21 @@ HEAD_DIM = 64  # GPT-2's attention head size
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    shape: tuple
+    shape: tuple  # the (out, in) operator's shape, as the NS and the norms see it
     role: str
     head_dim: int | None = None
+    layout: tuple = ()  # mango group keys beyond role and head_dim, e.g. (("orientation", "in_out"),)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def stored_shape(self) -> tuple:
+        """The tensor's shape in memory: transposed for matrices stored (in, out) (HF GPT-2's Conv1D)."""
+        if dict(self.layout).get("orientation") == "in_out" and len(self.shape) == 2:
+            return (self.shape[1], self.shape[0])
+        return self.shape
 
 
 @dataclass
@@ -58,6 +66,7 @@ class ParamSet:
     targets: tuple = ()  # "overhead" (torch vs reference speedup), "ns"/"ns_gram" (torch step / bare NS matmuls; bench.step.TARGETS)
     note: str = ""
     default_skip: tuple = ()  # optimizers left out unless --optimizers names them
+    default_add: tuple = ()  # optimizers run on this set beyond the device's defaults unless --optimizers is given
 
     @property
     def numel(self) -> int:
@@ -81,16 +90,22 @@ class ParamSet:
         }
 
     def build(self, device, dtype=torch.float32, seed: int = 0) -> list:
-        """Fresh leaf parameters (GPT-2-like init scale) with zero gradients allocated."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        """Fresh leaf parameters (GPT-2-like init scale) with zero gradients allocated, in their
+        stored shapes. On a GPU the random matrices are drawn there (a billion parameters drawn on
+        the host would cost each contender seconds)."""
+        device = torch.device(device)
+        on_gpu = device.type == "cuda"
+        gen = torch.Generator(device=device if on_gpu else "cpu").manual_seed(seed)
         params = []
         for t in self.tensors:
+            shape = t.stored_shape
             if t.role in ("vector_weight",):
-                data = torch.ones(t.shape, dtype=dtype)
-            elif len(t.shape) == 1:
-                data = torch.zeros(t.shape, dtype=dtype)
+                data = torch.ones(shape, dtype=dtype)
+            elif len(shape) == 1:
+                data = torch.zeros(shape, dtype=dtype)
             else:
-                data = (torch.randn(t.shape, generator=gen, dtype=torch.float32) * 0.02).to(dtype)
+                where = device if on_gpu else "cpu"
+                data = (torch.randn(shape, generator=gen, dtype=torch.float32, device=where) * 0.02).to(dtype)
             p = torch.nn.Parameter(data.to(device))
             p.grad = torch.zeros_like(p)
             params.append(p)
@@ -98,11 +113,11 @@ class ParamSet:
 
 
 def mango_groups(pset: ParamSet, params: list) -> list[dict]:
-    """Mango param groups, one per (role, head_dim), as `mango.param_groups` would return them."""
+    """Mango param groups, one per (role, head_dim, layout), as `mango.param_groups` would return them."""
     groups: dict = {}
     for spec, p in zip(pset.tensors, params):
-        key = (spec.role, spec.head_dim)
-        g = groups.setdefault(key, {"params": [], "param_names": [], "role": spec.role, "head_dim": spec.head_dim})
+        key = (spec.role, spec.head_dim, spec.layout)
+        g = groups.setdefault(key, {"params": [], "param_names": [], "role": spec.role, "head_dim": spec.head_dim, **dict(spec.layout)})
         g["params"].append(p)
         g["param_names"].append(spec.name)
     return list(groups.values())
@@ -120,6 +135,7 @@ def gpt_set(
     targets: tuple = (),
     note: str = "",
     default_skip: tuple = (),
+    default_add: tuple = (),
 ) -> ParamSet:
     """The parameters of a GPT-2-style model (fused QKV, biases, LayerNorms, tied head)."""
     if tied_role not in TIED_ROLES:
@@ -151,7 +167,7 @@ def gpt_set(
     cfg = dict(n_layer=n_layer, n_embd=d, n_head=n_head, head_dim=hd, vocab_size=vocab, block_size=block,
                tie_weights=True, tied_role=tied_role)  # fmt: skip
     title = title or f"GPT {n_layer}L d{d} vocab {vocab}"
-    return ParamSet(name, title, tuple(T), cfg, tuple(targets), note, tuple(default_skip))
+    return ParamSet(name, title, tuple(T), cfg, tuple(targets), note, tuple(default_skip), tuple(default_add))
 
 
 # name -> keyword arguments of gpt_set
@@ -163,8 +179,11 @@ _SET_ARGS = {
     # these targets: left out unless asked for (--optimizers ...,compile).
     "gpt-24l-d64": dict(n_layer=24, d=64, vocab=256, block=128, title="GPT 24L d64 (per-tensor overhead)",
                         targets=("overhead",), default_skip=("compile",)),
+    # Here mango "auto" also runs beside every forced NS dtype and form and beside the peer packages
     "gpt-12l-d256": dict(n_layer=12, d=256, vocab=256, block=128, title="GPT 12L d256 (NS matmuls)",
-                         targets=("ns", "ns_gram"), default_skip=("compile",)),
+                         targets=("ns", "ns_gram"), default_skip=("compile",),
+                         default_add=("torch_bf16", "torch_fp32_textbook", "torch_fp32_gram", "torch_fp16_gram", "torch_fp32",
+                                      "kj_muon", "heavyball_muon", "emerging_muon")),
     # --quick: exercises every path (both targets included) in seconds; no timing claims.
     "tiny": dict(n_layer=2, d=64, vocab=64, block=16, title="tiny GPT 2L d64 (--quick)", targets=("overhead", "ns", "ns_gram")),
 }
@@ -179,7 +198,9 @@ CPU_LADDER = (
     dict(n_layer=12, d=768),
 )
 CPU_VOCAB, CPU_BLOCK = 256, 1024
-SETS = tuple(_SET_ARGS) + ("gpt-cpu",)
+# Hugging Face models built from their configs and labelled by mango.param_groups (bench/hf_sets.py)
+HF_SET_NAMES = ("hf-gpt2-124m", "hf-gpt2-350m", "llama-1b", "hf-gpt2-tiny", "llama-tiny")
+SETS = tuple(_SET_ARGS) + ("gpt-cpu",) + HF_SET_NAMES
 
 
 def resolve_set(name: str, tied_role: str = "head", estimate_s=None, budget_s: float = 0.15) -> ParamSet:
@@ -187,6 +208,10 @@ def resolve_set(name: str, tied_role: str = "head", estimate_s=None, budget_s: f
     step time `estimate_s(pset)` (seconds) is at most `budget_s` (the smallest when no estimator)."""
     if name in _SET_ARGS:
         return gpt_set(name, tied_role=tied_role, **_SET_ARGS[name])
+    if name in HF_SET_NAMES:  # tied_role does not apply: param_groups decides, as for a user's model
+        from .hf_sets import hf_set
+
+        return hf_set(name)
     if name == "gpt-cpu":
         chosen = None
         for rung in CPU_LADDER:

@@ -88,6 +88,8 @@ def markdown(result: dict) -> str:
     lines = []
     title = "mango optimizer step benchmark" + (" (--quick: code-path check, no timing claims)" if result.get("quick") else "")
     lines += [f"## {title}", "", _device_line(result), ""]
+    if result.get("partial"):
+        lines += [f"**Partial result:** {result['partial']} (written after each set; the run did not finish).", ""]
     mm = ", ".join(f"{k} {_rate(v)}" for k, v in r["matmul_flops"].items() if isinstance(v, float))
     lines += [f"Measured here: matmul {mm}; copy {r['copy_bytes_per_s'] / 1e9:.1f} GB/s. "
               f"Floor = NS FLOPs (symmetric) / {r['peak_matmul_dtype']} matmul rate + state bytes / copy bandwidth. "
@@ -199,6 +201,42 @@ def _ns_method_target_markdown(s) -> list:
     return out
 
 
+def _ns_choices_markdown(s) -> list:
+    """Per NS bucket, the engine, form and dtype each mango contender runs it in, and why."""
+    rows = [o for o in s["optimizers"] if o["status"] == "ok" and (o.get("info") or {}).get("ns_choices")]
+    if not rows:
+        return []
+    buckets: dict = {}
+    for o in rows:
+        for ch in o["info"]["ns_choices"]:
+            key = (tuple(ch["block"]), ch["tensors"], ch["first"])
+            buckets.setdefault(key, {})[o["key"]] = ch
+    out = ["NS per bucket as each mango contender runs it (engine, form, operand dtype; mango decides once, at plan time):", "",
+           "| NS bucket | " + " | ".join(o["label"] for o in rows) + " |", "| --- | " + " | ".join("---" for _ in rows) + " |"]  # fmt: skip
+    for (block, n, first), per in buckets.items():
+        cells = []
+        for o in rows:
+            ch = per.get(o["key"])
+            tiles = f" {'x'.join(map(str, ch['tiles']))}" if ch and ch.get("tiles") else ""
+            cells.append("-" if ch is None else f"{ch['engine']}{tiles} {ch['method']} {ch['dtype']}")
+        out.append(f"| {block[0]}x{block[1]} x{n} (`{first}`{' ...' if n > 1 else ''}) | " + " | ".join(cells) + " |")
+    out += ["", "Why: " + "; ".join(f"{o['label']}: " + ", ".join(dict.fromkeys(ch["why"] for ch in o["info"]["ns_choices"]))
+                                    for o in rows) + ".", ""]  # fmt: skip
+    return out
+
+
+def _graph_check_markdown(s) -> list:
+    g = s.get("graph_check")
+    if not g:
+        return []
+    if g.get("status") != "ok":
+        return [f"Capture + replay vs eager: {g.get('status')} ({g.get('reason')}).", ""]
+    verdict = "bit-identical" if g["identical"] else "**not identical**"
+    return [f"Capture + replay vs eager: after {g['warmup_steps']} warm-up and {g['steps']} replayed steps on the same gradients "
+            f"the parameters are {verdict} to eager steps (max |Δ| {g['eager']['max_abs_diff']:.2e} against the default step, "
+            f"{g['eager_capturable']['max_abs_diff']:.2e} against capturable=True run eagerly).", ""]  # fmt: skip
+
+
 def not_run_note(o: dict) -> str:
     """What the table and the chart say of a contender without a time: why it has none."""
     reason = o.get("reason") or o["status"]
@@ -234,6 +272,12 @@ def _set_markdown(result, s) -> list:
             out.append(f"| *bare NS matmuls only ({name} bmm)* | {_ms(b['median_s'])} | {_x(b['median_s'] / fl['floor_s'], 1)} | "
                        f"{_x(vs)} | - | - | - |")  # fmt: skip
     out.append("")
+    out += _graph_check_markdown(s)
+    if (s.get("timing") or {}).get("reduced_for"):
+        t = s["timing"]
+        out += [f"Timed steps on this set: at least {t['min_steps']} after {t['warmup']} warm-up steps (a long step), "
+                f"until {t['budget_s']:g} s per contender.", ""]  # fmt: skip
+    out += _ns_choices_markdown(s)
     out += _memory_markdown(s)
     out += _methods_markdown(s)
     out += _ns_method_target_markdown(s)

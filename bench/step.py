@@ -15,15 +15,20 @@ bench/optimizers.py) it measures, in one run on one device:
   mango's extra beyond state against the memory budget's 2x the largest NS bucket in its NS dtype;
 - NS FLOPs per method (textbook, Gram, what ns_method="auto" picks per bucket) and their floors;
 - per NS bucket: mango's batched NS vs the bare torch.bmm NS; the torch backend's stages (GB/s);
+  the engine, form and dtype each mango contender runs the bucket in, and why (mango.ns_engine);
+- the bare batched textbook NS matmuls of the whole step, timed like a contender (bf16 on CUDA);
+- with the `triton_graph` contender on CUDA: whether replaying the captured step equals eager steps;
 - CPU targets of the performance contract where the set carries them (24L d64: torch vs reference >= 3x;
   12L d256: torch step <= 1.3x the bare NS matmuls, and <= 0.7x by the Gram form and schedules, for every torch-backend
-  variant asked for with --optimizers, e.g. torch_textbook, torch_fp32, torch_pe4).
+  variant; that set also runs every forced NS dtype/form beside "auto", and the peer packages, by default).
 
+Every set gets its own share of --time-budget; the sets run so far are written after each one.
 It writes step_<device>_<time>.json / .md / .png under --out (default bench/results/) and
 prints the markdown report. `--quick` runs every code path at tiny sizes (CI; no timing claims).
 
     python -m bench.step                                  # CPU: gpt-cpu + the two CPU target sets
     python -m bench.step --sets gpt2-124m,gpt2-350m       # GPU: GPT-2 shapes
+    python -m bench.step --sets gpt2-124m,hf-gpt2-124m,hf-gpt2-350m,llama-1b   # GPU: the GPU run's sets
     python -m bench.step --cpu-targets --skip compile     # only the performance contract's CPU targets
     python -m bench.step --quick --out /tmp/b             # CI smoke run
     python -m bench.step --sets gpt-12l-d256 --optimizers torch,torch_textbook,torch_fp32,torch_fp32_textbook,muon_adamw
@@ -155,11 +160,18 @@ class Contender:
         # memory at rest: every allocation of building the optimizer and of its first step (where
         # state and work buffers are created) that is still alive afterwards (bench/memory.py)
         self.resident = AllocationTrace(device)
+        # a CUDA graph is captured outside the profiler's window (stream capture under an active
+        # profiler is not something to count on): its memory is CUDA's max_memory_allocated alone
+        self.captured = key in O.CAPTURED
+        build = lambda: O.build(key, pset, self.params, device, compile_backend=args.compile_backend,  # noqa: E731
+                                compile_timeout_s=args.compile_timeout, quick=args.quick)  # fmt: skip
         try:
+            if self.captured:
+                self.prepare()
+                self.runner = build()
             with self.resident:
                 self.prepare()
-                self.runner = O.build(key, pset, self.params, device, compile_backend=args.compile_backend,
-                                      compile_timeout_s=args.compile_timeout, quick=args.quick)  # fmt: skip
+                self.runner = self.runner or build()
                 self.prepare()
                 self.runner.step()
         except O.Unavailable as e:
@@ -171,7 +183,7 @@ class Contender:
         self.rec["info"] = dict(self.runner.info)
         choices = getattr(self.runner.optimizer, "ns_choices", None)
         if choices is not None:  # mango: which engine, form and dtype each NS bucket runs in, and why
-            self.rec["info"]["ns_choices"] = [f"{r}x{c} x{len(names)}: {ch.label()}" for names, (r, c), ch in choices()]
+            self.rec["info"]["ns_choices"] = ns_choice_records(choices())
 
     @property
     def ok(self) -> bool:
@@ -199,7 +211,9 @@ class Contender:
             rec["launches_counter"] = runner.launch_counter() - c0
             self.prepare()
         rec["profiler"] = count_launches(runner.step, device)
-        if runner.launch_counter is not None:
+        if runner.info.get("launches_per_step") is not None:  # a CUDA graph replay: one launch
+            rec["launches"], rec["launches_source"] = runner.info["launches_per_step"], runner.info["launches_source"]
+        elif runner.launch_counter is not None:
             rec["launches"], rec["launches_source"] = rec["launches_counter"], "mango_kernels counter"
         elif device.type == "cuda":
             rec["launches"], rec["launches_source"] = rec["profiler"]["kernels"], "profiler CUDA kernels"
@@ -207,12 +221,17 @@ class Contender:
             rec["launches"], rec["launches_source"] = rec["profiler"]["ops"], "profiler aten ops (top-level)"
         rec["state_bytes"] = O.state_nbytes(runner.state())
         rec["peak_extra_bytes"] = self.mem.peak_extra() if own_memory else None
-        rec["memory"] = self.account_memory(pset, own_memory)
         prof = "torch.profiler allocation events (bench/memory.py): rec['memory']"
-        if device.type == "cuda":
+        if self.captured:  # built before the profiler's window: the CUDA peak is its memory record
+            rec["memory"] = None
+            rec["memory_source"] = ("cuda max_memory_allocated - allocated before the optimizer was built "
+                                    "(the graph is captured outside the profiler's window)")  # fmt: skip
+        elif device.type == "cuda":
+            rec["memory"] = self.account_memory(pset, own_memory)
             rec["memory_source"] = prof + ("; peak_extra_bytes: cuda max_memory_allocated - allocated before the optimizer was built"
                                            if own_memory else "; cuda max_memory_allocated not measured (optimizers were interleaved)")  # fmt: skip
         else:
+            rec["memory"] = self.account_memory(pset, own_memory)
             rec["memory_source"] = prof
         bw = args._rates["copy_bytes_per_s"]
         if key == "torch":
@@ -254,12 +273,22 @@ class Contender:
         _cleanup(self.device)
 
 
+def ns_choice_records(choices) -> list:
+    """One record per NS bucket of `Mango.ns_choices()`: its blocks, engine, form, dtype and why."""
+    out = []
+    for names, (r, c), ch in choices:
+        out.append({"block": [r, c], "tensors": len(names), "first": names[0] if names else None, "engine": ch.engine,
+                    "method": ch.method, "dtype": str(ch.dtype).replace("torch.", ""), "why": ch.why,
+                    "tiles": list(ch.tiles) if ch.tiles else None, "label": f"{r}x{c} x{len(names)}: {ch.label()}"})  # fmt: skip
+    return out
+
+
 def _print_rec(rec, wall=None):
     if rec["status"] == "ok":
         w = f", {wall:.1f} s wall" if wall is not None else ""
         print(f"  {rec['label']:<32} {rec['median_s'] * 1e3:10.3f} ms  ({rec['steps']} steps{w})", flush=True)
-        for line in (rec.get("info") or {}).get("ns_choices") or []:
-            print(f"      NS {line}", flush=True)
+        for ch in (rec.get("info") or {}).get("ns_choices") or []:
+            print(f"      NS {ch['label']}", flush=True)
     else:
         print(f"  {rec['label']:<32} {rec['status']}: {rec['reason']}", flush=True)
 
@@ -345,16 +374,76 @@ def _targets(pset: ParamSet, by_key: dict, ns_bench: dict | None, bare_ns: dict,
 
 
 def _out_of_time(args) -> str | None:
-    """Why nothing more should start (--time-budget spent), or None."""
+    """Why nothing more should start (--time-budget spent, or this set's share of it), or None."""
     budget = getattr(args, "time_budget", None)
-    if budget is not None and time.perf_counter() - args._started >= budget:
+    if budget is None:
+        return None
+    now = time.perf_counter()
+    if now - args._started >= budget:
         return f"--time-budget {budget:g} s spent before it started"
+    deadline, share = getattr(args, "_set_deadline", None) or (None, None)
+    if deadline is not None and now >= deadline:
+        return f"this set's share ({share:.0f} s) of --time-budget {budget:g} s spent before it started"
     return None
+
+
+def _set_weight(args, pset: ParamSet) -> float:
+    """A set's claim on --time-budget: per contender that runs there, a fixed part (building,
+    profiling, a few steps) and a part that grows with the set's size (each step's time)."""
+    return len(_contenders(args, pset)[0]) * (1.0 + pset.numel / 1e9)
+
+
+def _start_set(args, sets: list, index: int) -> None:
+    """Give the set about to run its share of what is left of --time-budget (by `_set_weight`):
+    every set gets its own budget, so a slow set cannot take the peers of the sets after it; time
+    a set leaves unused goes to the sets after it."""
+    if args.time_budget is None:
+        return
+    left = max(0.0, args.time_budget - (time.perf_counter() - args._started))
+    weights = [max(_set_weight(args, ps), 1e-9) for ps in sets[index:]]
+    share = left * weights[0] / sum(weights)
+    args._set_deadline = (time.perf_counter() + share, share)
+
+
+def _set_plan(plan: dict, fl: dict, device) -> dict:
+    """Fewer timed steps where a step is long: on a large set (a step of ~3x its floor or more
+    would fill the per-contender --budget in fewer than min_steps steps) the minimum drops to what
+    fills it, at least 5, and warm-up to 3. The timed span still ends on --budget."""
+    if device.type != "cuda" or not plan.get("budget_s") or not fl.get("floor_s"):
+        return plan
+    fits = int(plan["budget_s"] / (3 * fl["floor_s"]))
+    if fits >= plan["min_steps"]:
+        return plan
+    return dict(plan, min_steps=max(5, fits), warmup=min(plan["warmup"], 3), reduced_for="a long step: see bench.step._set_plan")
+
+
+def _contenders(args, pset: ParamSet) -> tuple:
+    """(keys to run on `pset`, records of those that will not: left out, or not run here by default)."""
+    keys, not_run = list(args.optimizers), []
+    if not args.optimizers_given:
+        keys += [k for k in pset.default_add if k not in keys and k not in args.skip_set]
+    skipped = dict(_left_out_here(args, pset.name))
+    if not args.optimizers_given:
+        skipped.update({k: f"not run on this set by default; --optimizers ...,{k} runs it" for k in keys if k in pset.default_skip and k not in skipped})
+    for key in [k for k in keys if k in skipped]:
+        keys.remove(key)
+        not_run.append({"key": key, "label": O.LABELS[key], "status": "skipped", "reason": skipped[key]})
+    return keys, not_run
+
+
+def _left_out_here(args, set_name: str) -> dict:
+    """{key: reason} of --leave-out entries that apply to this set (all sets, or KEY@SET,...)."""
+    out = {}
+    for key, (sets, reason) in getattr(args, "left_out", {}).items():
+        if sets is None or set_name in sets:
+            out[key] = reason
+    return out
 
 
 def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
     fl = floor(pset, rates)
-    res = {"set": pset.describe(), "floor": fl, "optimizers": []}
+    plan = _set_plan(plan, fl, device)
+    res = {"set": pset.describe(), "floor": fl, "optimizers": [], "timing": plan}
     # NS FLOPs per method and their floors, for the auto NS dtype and for fp32 (CPUs without bf16)
     res["ns_methods"] = {"auto": ns_methods(pset, rates, device), "float32": ns_methods(pset, rates, device, {"ns_dtype": torch.float32})}
     print(f"\n[{pset.name}] {pset.title}: {pset.numel:,} params in {len(pset.tensors)} tensors; "
@@ -363,37 +452,25 @@ def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
     extras = bool(pset.targets) or args.quick or args.profile
     interleave = _interleave(args, device, pset)
     res["interleaved"] = interleave
-    keys = list(args.optimizers)
-    for key, reason in getattr(args, "left_out", {}).items():
-        if key in keys:
-            keys.remove(key)
-            res["optimizers"].append({"key": key, "label": O.LABELS[key], "status": "skipped", "reason": reason})
-            _print_rec(res["optimizers"][-1])
-    if not args.optimizers_given:
-        for key in [k for k in keys if k in pset.default_skip]:
-            keys.remove(key)
-            res["optimizers"].append({"key": key, "label": O.LABELS[key], "status": "skipped",
-                                      "reason": f"not run on this set by default; --optimizers ...,{key} runs it"})  # fmt: skip
-            _print_rec(res["optimizers"][-1])
-    # yardsticks timed like the optimizers: the bare NS matmuls of one step (the "ns" target)
-    yard = []
-    if {"ns", "ns_gram"} & set(pset.targets):
-        dts = [None] + ([torch.bfloat16] if "torch_bf16" in keys else [])
-        dts += [torch.float32] if any(k.startswith("torch_fp32") for k in keys) else []
-        for dt in dts:
-            name, fn = K.bare_ns_step(pset, device, dt)
-            if name not in [y[0] for y in yard]:
-                yard.append((name, fn))
+    keys, not_run = _contenders(args, pset)
+    for rec in not_run:
+        res["optimizers"].append(rec)
+        _print_rec(rec)
+    # yardsticks timed like the optimizers: the bare NS matmuls of one step (the "ns" target; on CUDA
+    # every set's bare cuBLAS bf16 NS), in the dtypes the contenders' NS runs in
+    yard_dtypes = _yardstick_dtypes(pset, keys, device, args)
     res["bare_ns"] = {}
+    timing_plan = {k: plan[k] for k in ("warmup", "min_steps", "max_steps", "budget_s")}
     noop = lambda: None  # noqa: E731
     if interleave:  # all optimizers alive at once, one timed step of each per round
+        yard = _yardsticks(pset, device, yard_dtypes)
         cs = []
         for key in keys:
             cs.append(Contender(key, pset, device, args))
             if not cs[-1].ok:
                 _print_rec(cs[-1].rec)
         live = [c for c in cs if c.ok]
-        timings = time_interleaved([(c.runner.step, c.prepare) for c in live] + [(fn, noop) for _, fn in yard], device, **plan)
+        timings = time_interleaved([(c.runner.step, c.prepare) for c in live] + [(fn, noop) for _, fn in yard], device, **timing_plan)
         for (name, _), t in zip(yard, timings[len(live):]):
             res["bare_ns"][name] = {**summarize(t["times_s"]), "times_s": t["times_s"]}
         for c, t in zip(live, timings):
@@ -412,16 +489,28 @@ def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
             t0 = time.perf_counter()
             c = Contender(key, pset, device, args)
             if c.ok:
-                c.record_timing(time_steps(c.runner.step, c.prepare, device, **plan), fl["floor_s"])
+                c.record_timing(time_steps(c.runner.step, c.prepare, device, **timing_plan), fl["floor_s"])
                 c.measure_rest(pset, args, extras, own_memory=True)
                 c.close()
             _print_rec(c.rec, time.perf_counter() - t0)
             res["optimizers"].append(c.rec)
-        for name, fn in yard:
-            t = time_steps(fn, noop, device, **plan)
+        for dt in yard_dtypes:  # built after the optimizers: their stacks do not sit in anyone's memory
+            name = str(dt).replace("torch.", "")
+            if _out_of_time(args):
+                res["bare_ns"][name] = {"median_s": None, "skipped": _out_of_time(args)}
+                continue
+            (name, fn), = _yardsticks(pset, device, [dt])
+            t = time_steps(fn, noop, device, **timing_plan)
             res["bare_ns"][name] = {**summarize(t["times_s"]), "times_s": t["times_s"]}
+            del fn
+            _cleanup(device)
+    if "triton_graph" in keys and device.type == "cuda" and args.graph_check:
+        res["graph_check"] = _graph_check(pset, device, args)
     for name, b in res["bare_ns"].items():
-        print(f"  {'bare NS matmuls (' + name + ')':<32} {b['median_s'] * 1e3:10.3f} ms  ({b['steps']} steps)", flush=True)
+        if b.get("median_s"):
+            print(f"  {'bare NS matmuls (' + name + ')':<32} {b['median_s'] * 1e3:10.3f} ms  ({b['steps']} steps)", flush=True)
+        else:
+            print(f"  {'bare NS matmuls (' + name + ')':<32} skipped: {b.get('skipped')}", flush=True)
     order = {k: i for i, k in enumerate(O.ALL_CONTENDERS)}
     res["optimizers"].sort(key=lambda r: order.get(r["key"], len(order)))
     by_key = {r["key"]: r for r in res["optimizers"]}
@@ -447,6 +536,47 @@ def run_set(pset: ParamSet, device, args, rates, plan) -> dict:
     return res
 
 
+def _yardstick_dtypes(pset: ParamSet, keys: list, device, args) -> list:
+    """The dtypes of the bare NS yardsticks of this set: on the CPU target sets, the torch backend's
+    auto dtype and the forced ones among the contenders; elsewhere (--bare-ns, the default on CUDA)
+    the bare cuBLAS NS in bf16, the textbook form's dtype there."""
+    dts = []
+    if {"ns", "ns_gram"} & set(pset.targets):
+        dts = [K._torch_ns_dtype(device)] + ([torch.bfloat16] if "torch_bf16" in keys else [])
+        dts += [torch.float32] if any(k.startswith("torch_fp32") for k in keys) else []
+        dts += [torch.float16] if "torch_fp16_gram" in keys else []
+    elif args.bare_ns:
+        dts = [torch.bfloat16]
+    return list(dict.fromkeys(dts))
+
+
+def _yardsticks(pset: ParamSet, device, dtypes) -> list:
+    return [K.bare_ns_step(pset, device, dt) for dt in dtypes]
+
+
+def _graph_check(pset: ParamSet, device, args) -> dict:
+    """Replay of the captured triton step against eager steps (bench/graphs.py), under the set's budget."""
+    from . import graphs
+
+    why = _out_of_time(args)
+    if why:
+        return {"status": "skipped", "reason": why}
+    t0 = time.perf_counter()
+    try:
+        rec = {"status": "ok", **graphs.replay_equals_eager(pset, device, steps=3)}
+    except Exception as e:  # reported, the run goes on
+        rec = {"status": "failed", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
+    rec["seconds"] = time.perf_counter() - t0
+    _cleanup(device)
+    if rec["status"] == "ok":
+        print(f"  capture + replay vs eager ({rec['steps']} steps): "
+              f"{'bit-identical' if rec['identical'] else 'DIFFERENT'} (max |Δ| vs default eager {rec['eager']['max_abs_diff']:.2e}, "
+              f"vs capturable eager {rec['eager_capturable']['max_abs_diff']:.2e})", flush=True)  # fmt: skip
+    else:
+        print(f"  capture + replay vs eager: {rec['status']}: {rec['reason']}", flush=True)
+    return rec
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -457,8 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", help=f"comma-separated, from {', '.join(O.ALL_CONTENDERS)} (default: {', '.join(O.CONTENDERS)}; "
                                         "torch_bf16 only where the torch backend's NS is not bf16 already)")
     p.add_argument("--skip", default="", help="comma-separated optimizers to leave out (e.g. compile)")
-    p.add_argument("--leave-out", action="append", default=[], metavar="KEY=REASON",
-                   help="an optimizer not run, reported in every output as skipped for REASON (repeatable)")
+    p.add_argument("--leave-out", action="append", default=[], metavar="KEY[@SET,...]=REASON",
+                   help="an optimizer not run (on every set, or on the sets named after @), reported in every output as "
+                        "skipped for REASON (repeatable)")
+    p.add_argument("--bare-ns", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the bare batched textbook NS matmuls of every set in bf16 beside the optimizers "
+                        "(default: on CUDA; the CPU target sets always have theirs)")
+    p.add_argument("--graph-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="with triton_graph on CUDA: check that replaying the captured step equals eager steps (default on)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), help="results folder")
     p.add_argument("--quick", action="store_true", help="every code path at tiny sizes, in seconds (CI); no timing claims")
@@ -487,6 +623,9 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
     skip = {s for s in args.skip.split(",") if s}
+    args.skip_set = skip
+    if args.bare_ns is None:
+        args.bare_ns = device.type == "cuda"
     from mango.ns_engine import auto_dtype
 
     ns_dt = str(auto_dtype({}, "textbook", device)).replace("torch.", "")
@@ -497,10 +636,11 @@ def main(argv=None) -> dict:
     args.optimizers = [k for k in args.optimizers.split(",") if k and k not in skip]
     args.left_out = {}
     for item in args.leave_out:
-        key, sep, reason = item.partition("=")
+        target, sep, reason = item.partition("=")
         if not sep or not reason.strip():
-            raise SystemExit(f"--leave-out {item!r}: give KEY=REASON (the reason is what the report says)")
-        args.left_out[key] = reason.strip()
+            raise SystemExit(f"--leave-out {item!r}: give KEY=REASON or KEY@SET,SET=REASON (the reason is what the report says)")
+        key, at, where = target.partition("@")
+        args.left_out[key] = ({w for w in where.split(",") if w} if at else None, reason.strip())
         if key not in args.optimizers:
             args.optimizers.append(key)
     for k in args.optimizers:
@@ -545,13 +685,19 @@ def main(argv=None) -> dict:
         "timing": {**plan, "method": "CUDA events, device idle at step start" if device.type == "cuda" else "perf_counter",
                    "gradients": "refreshed with torch.randn before every step, outside the timed span",
                    "statistic": "median of timed steps after warm-up"},  # fmt: skip
-        "settings": {"optimizers": args.optimizers, "skipped": sorted(skip), "left_out": dict(args.left_out), "tied_role": args.tied_role,
+        "settings": {"optimizers": args.optimizers, "skipped": sorted(skip), "tied_role": args.tied_role,
+                     "left_out": {k + (f"@{','.join(sorted(w))}" if w else ""): r for k, (w, r) in args.left_out.items()},
+                     "bare_ns": args.bare_ns, "time_budget_s": args.time_budget,
                      "compile_backend": args.compile_backend, "compile_timeout_s": args.compile_timeout,
                      "torch_backend_ns_dtype": ns_dt, "preset": "mango.presets.mango defaults (fp32 params and state)"},  # fmt: skip
         "sets": [],
     }
-    for ps in sets:
+    for i, ps in enumerate(sets):
+        _start_set(args, sets, i)
         result["sets"].append(run_set(ps, device, args, rates, plan))
+        if i < len(sets) - 1:  # the sets so far, on disk: a run killed later still leaves them (JSON and markdown)
+            result["targets"] = [t for s in result["sets"] for t in s["targets"]]
+            R.write(dict(result, partial=f"{i + 1} of {len(sets)} sets"), args.out, png=False)
     result["targets"] = [t for s in result["sets"] for t in s["targets"]]
     result["wall_s"] = time.perf_counter() - started
     try:  # the load other processes put on the machine, at the end too (timings under load are noisy)

@@ -128,6 +128,12 @@ def test_quick_json_has_every_field(quick_run):
         assert s["ns_buckets"]["buckets"] and all(b["ours_s"] > 0 and b["bare_bfloat16_s"] > 0 for b in s["ns_buckets"]["buckets"])
 
 
+def test_a_result_written_between_sets_says_it_is_partial(quick_run):
+    _, _, result, _ = quick_run
+    assert "partial" not in result  # the finished run's files replace those written after each set
+    assert "**Partial result:** 1 of 3 sets" in report.markdown(dict(result, partial="1 of 3 sets"))
+
+
 def test_quick_triton_not_faked_without_cuda(quick_run):
     _, _, result, stdout = quick_run
     tri = next(o for o in result["sets"][0]["optimizers"] if o["key"] == "triton")
@@ -531,3 +537,140 @@ def test_ns_bucket_table_times_the_triton_forms(device):
         assert "triton_forms_error" not in b, b
         assert b["triton_textbook_s"] > 0 and b["triton_gram_s"] > 0
         assert b["triton_gram_vs_textbook"] == pytest.approx(b["triton_gram_s"] / b["triton_textbook_s"])
+
+
+# ----------------------------------------------------------------------------------------
+# Hugging Face sets (bench/hf_sets.py), the captured step (bench/graphs.py), per-set options
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["hf-gpt2-tiny", "llama-tiny"])
+def test_hf_sets_are_what_param_groups_gives_the_model(name):
+    """A set built from a transformers config is the model's own labelling: the same groups (role,
+    head size, layout) over the same tensors in their stored shapes, and the NS buckets the plan
+    runs (HF GPT-2's Conv1D matrices stored (in, out): the same blocks, transposed)."""
+    from bench import hf_sets
+
+    ps = params.resolve_set(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = mango.param_groups(hf_sets.build_model(name))
+    got = params.mango_groups(ps, ps.build("cpu"))
+    strip = lambda g: {k: v for k, v in g.items() if k not in ("params", "tied")}  # noqa: E731
+    assert [strip(g) for g in got] == [strip(g) for g in want]
+    assert [[tuple(p.shape) for p in g["params"]] for g in got] == [[tuple(p.shape) for p in g["params"]] for g in want]
+    opt = mango.presets.mango(got, backend="torch")
+    opt.step()
+    plan = sorted((nb.norm, tuple(sorted(nb.block_shape)), len(nb.slots) * nb.blocks_per_tensor)
+                  for b in opt._plan.buckets for nb in b.norm_buckets if nb.norm in ("ns", "ns_split"))  # fmt: skip
+    assert plan == sorted((b.norm, tuple(sorted(b.block)), b.batch) for b in roofline.ns_buckets(ps))
+
+
+def test_full_size_hf_sets_have_the_models_shapes():
+    gpt2, llama = params.resolve_set("hf-gpt2-124m"), params.resolve_set("llama-1b")
+    assert gpt2.numel == 124_439_808 and llama.numel == 1_235_814_400
+    # tied: the embedding owns the head (no NS on it); Conv1D's (in, out) matrices as (out, in) operators
+    assert [b.label for b in roofline.ns_buckets(gpt2)] == ["qkv_weight 64x768 x432", "matrix 768x768 x12",
+                                                            "matrix 3072x768 x12", "matrix 768x3072 x12"]  # fmt: skip
+    assert [b.label for b in roofline.ns_buckets(llama)] == ["qkv_weight 64x2048 x512", "qkv_weight 64x2048 x256", "matrix 2048x2048 x16",
+                                                             "matrix 8192x2048 x32", "matrix 2048x8192 x16"]  # fmt: skip
+    c_fc = next(t for t in gpt2.tensors if t.name.endswith("h.0.mlp.c_fc.weight"))
+    assert c_fc.shape == (3072, 768) and c_fc.stored_shape == (768, 3072) and dict(c_fc.layout) == {"orientation": "in_out"}
+
+
+def _fake_capture(skip_warmup: int = 0):
+    """A stand-in for CUDA-graph capture on the CPU: the warm-up steps, then the step itself as "replay"."""
+    from bench import graphs
+
+    def capture(step):
+        for _ in range(graphs.WARMUP - skip_warmup):
+            step()
+        return step
+
+    return capture
+
+
+def test_replay_check_compares_every_parameter_on_the_same_gradients():
+    """Everything around the capture (copies, gradient stream, warm-up, comparison) on the CPU: a
+    faithful capture gives identical parameters; one that loses a warm-up step is caught."""
+    from bench import graphs
+
+    ps = params.resolve_set("tiny")
+    same = graphs.replay_equals_eager(ps, "cpu", steps=2, capture=_fake_capture(), backend="torch")
+    assert same["identical"] and same["eager"] == {"max_abs_diff": 0.0, "identical": True}
+    off = graphs.replay_equals_eager(ps, "cpu", steps=2, capture=_fake_capture(skip_warmup=1), backend="torch")
+    assert not off["identical"] and off["eager"]["max_abs_diff"] > 0
+
+
+def test_graph_contender_is_one_launch_and_says_why_without_cuda():
+    from bench import graphs
+
+    ps = params.resolve_set("tiny")
+    with pytest.raises(optimizers.Unavailable, match="no CUDA"):
+        optimizers.build("triton_graph", ps, ps.build("cpu"), "cpu")
+    r = graphs.graph_runner(ps, ps.build("cpu"), "cpu", optimizers.Unavailable, optimizers._graph_runner, capture=_fake_capture(),
+                            backend="torch")  # fmt: skip
+    assert r.key == "triton_graph" and r.info["launches_per_step"] == 1 and r.optimizer.capturable
+    r.step()
+    assert optimizers.state_nbytes(r.state()) > 0
+
+
+def test_leave_out_per_set_and_ns_choices_in_the_report(tmp_path):
+    """--leave-out KEY@SET skips on that set only; every NS form forced beside "auto", each bucket's
+    engine, form and dtype in the markdown; the bare bf16 NS yardstick on a set without targets."""
+    _bench("--out", tmp_path, "--interleave", "off", "--sets", "tiny,llama-tiny", "--no-kernels", "--no-png", "--bare-ns",
+           "--optimizers", "torch," + ",".join(optimizers.NS_FORMS), "--leave-out", "torch_fp32_gram@llama-tiny=not here")  # fmt: skip
+    (js,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    result = json.loads((tmp_path / js).read_text())
+    tiny, llama = ({o["key"]: o for o in s["optimizers"]} for s in result["sets"])
+    assert tiny["torch_fp32_gram"]["status"] == "ok" and llama["torch_fp32_gram"] == {**llama["torch_fp32_gram"], "status": "skipped",
+                                                                                     "reason": "not here"}  # fmt: skip
+    choices = {c["method"] + " " + c["dtype"] for c in llama["torch_fp16_gram"]["info"]["ns_choices"]}
+    assert choices == {"gram float16"} and all(c["why"] for c in llama["torch"]["info"]["ns_choices"])
+    assert result["sets"][1]["bare_ns"]["bfloat16"]["median_s"] > 0
+    md = (tmp_path / js.replace(".json", ".md")).read_text()
+    assert "NS per bucket as each mango contender runs it" in md and "torch gram float16" in md and "torch textbook bfloat16" in md
+
+
+def test_each_set_gets_its_share_of_the_time_budget(monkeypatch):
+    from bench import step
+
+    sets = [params.resolve_set("tiny"), params.resolve_set("gpt2-124m")]
+    clock = [100.0]
+    monkeypatch.setattr(step.time, "perf_counter", lambda: clock[0])
+    args = step.build_parser().parse_args(["--time-budget", "60", "--optimizers", "torch,adamw,reference", "--leave-out", "reference@tiny=x"])
+    args.optimizers, args.optimizers_given, args.skip_set, args._started = args.optimizers.split(","), True, set(), 100.0
+    args.left_out = {"reference": ({"tiny"}, "x")}
+    step._start_set(args, sets, 0)
+    w = [step._set_weight(args, ps) for ps in sets]
+    assert w == pytest.approx([2 * (1 + sets[0].numel / 1e9), 3 * (1 + sets[1].numel / 1e9)])  # contenders x size
+    assert args._set_deadline[1] == pytest.approx(60 * w[0] / sum(w))
+    clock[0] += args._set_deadline[1] + 1e-6
+    assert "this set's share" in step._out_of_time(args)
+    clock[0] = 110.0  # the first set left time unused: the second gets all that is left
+    step._start_set(args, sets, 1)
+    assert args._set_deadline[1] == pytest.approx(50.0) and step._out_of_time(args) is None
+    plan = dict(warmup=5, min_steps=20, max_steps=200, budget_s=0.5)
+    assert step._set_plan(plan, {"floor_s": 0.05}, torch.device("cuda"))["min_steps"] == 5
+    assert step._set_plan(plan, {"floor_s": 0.001}, torch.device("cuda")) == plan
+
+
+def test_sweep_entry_from_timings():
+    """The ARCH_TABLE entry: per size class the engine of least total time, each bucket in its auto form."""
+    from bench import sweep
+
+    def row(name, auto, on_chip, **times):
+        return {"bucket": name, "auto_form": auto, "on_chip": {"textbook": on_chip, "gram": on_chip},
+                "times": {k.replace("__", " ").replace("_x_", "x"): {"s": v} for k, v in times.items()}}  # fmt: skip
+
+    rows = [row("heads", "gram", True, triton_small__gram=1.0, cublas__gram=2.0, cublas__textbook=0.5),
+            row("mlp", "gram", False, cublas__gram=3.0, **{"triton_tiled 64x128x64 gram": 4.0, "triton_tiled 128x128x64 gram": 2.5}),
+            row("square", "textbook", False, cublas__textbook=1.0, **{"triton_tiled 64x128x64 textbook": 1.5,
+                                                                     "triton_tiled 128x128x64 textbook": 2.0})]  # fmt: skip
+    d = sweep.derive_entry(rows, [(64, 128, 64), (128, 128, 64)])
+    assert d["entry"] == {"small": "triton_small", "large": "cublas", "tiles": (128, 128, 64)}  # tiled 5.5 or 4.5; cuBLAS 4.0
+    assert d["per_class"]["large"] == {"triton_tiled": 4.5, "cublas": 4.0} and not d["partial"]
+    del rows[1]["times"]["cublas gram"]
+    d = sweep.derive_entry(rows, [(64, 128, 64), (128, 128, 64)])
+    assert d["entry"]["large"] == "triton_tiled" and d["partial"] == ["large: no total for cublas"]
+    assert sweep.entry_line({"arch": "sm_90", "entry": d}) == '"sm_90": {"small": "triton_small", "large": "triton_tiled", "tiles": (128, 128, 64)},'

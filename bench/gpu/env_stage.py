@@ -15,6 +15,16 @@ def _version(module: str):
         return None
 
 
+def _distribution_version(name: str):
+    """The installed version of a distribution (the carried wheels included), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def run(log, cuda: bool) -> dict:
     import torch
 
@@ -29,7 +39,7 @@ def run(log, cuda: bool) -> dict:
         "numpy": _version("numpy"),
         "pytest": _version("pytest"),
         "matplotlib": _version("matplotlib"),
-        "peers": {m: _version(m) for m in ("heavyball", "emerging_optimizers", "gram_newton_schulz")},
+        "peers": {d: _distribution_version(d) for d in ("heavyball", "muon-optimizer", "emerging-optimizers", "gram-newton-schulz")},
         "cuda_runtime": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "validated_architectures": {f"sm_{a}{b}": v for (a, b), v in VALIDATED.items()},

@@ -1,18 +1,21 @@
 """`bash ci/gpu.sh` (= `python -m bench.gpu`): the whole GPU check in one command, one folder.
 
 Stages, in order, each under its own time budget (time a stage leaves unused goes to the next):
-env (versions, device), tests (every test with a CUDA mode, compiled for real), step (bench.step
-on GPT-2 124M/350M, all contenders), train (AdamW vs Muon vs MANGO at the GPT-2 124M shape, plus
+env (versions, device; the carried peer wheels installed first), tests (every test with a CUDA
+mode, compiled for real), host (the Python time of a triton step, bench.host), sweep (every NS
+engine on the sets' NS buckets, and the ARCH_TABLE entry they give), step (bench.step on bench
+GPT-2 124M, HF GPT-2 124M/350M and a Llama-3.2-1B-shaped model: every contender, the captured
+step and its replay-vs-eager check), train (AdamW vs Muon vs MANGO at the GPT-2 124M shape, plus
 triton-vs-torch loss agreement). A stage that fails or runs out of time is recorded and the run
 goes on. After every stage the folder gets an up-to-date `summary.md` and `results.json`, so
 whatever stops the run, the summary is there.
 
 The folder (`$OUT` when set, else `--out`, else bench/results/gpu_<device>_<UTC time>/) holds at
 most 8 files, none over 16 MB, nothing in subfolders: summary.md, results.json, run.log,
-step.json, step.md, step.png, train.png. Scratch work goes to a temporary folder.
+step.json, step.md, step.png, sweep.json, train.png. Scratch work goes to a temporary folder.
 
-    bash ci/gpu.sh                    # on the GPU machine (installs nothing; ~8 min)
-    bash ci/gpu.sh --cpu-dry-run      # the same stages on CPU at tiny sizes (< 2 min)
+    bash ci/gpu.sh                    # on the GPU machine (installs nothing; <= 7 min)
+    bash ci/gpu.sh --cpu-dry-run      # the same stages on CPU at tiny sizes (~2 min)
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ import tempfile
 import time
 import traceback
 
-from . import env_stage, proc, step_stage, summary, tests_stage, train_stage, wheels
+from . import env_stage, host_stage, proc, step_stage, summary, sweep_stage, tests_stage, train_stage, wheels
 from .profiles import DRY, GPU
 
-STAGES = ("env", "tests", "step", "train")
+STAGES = ("env", "tests", "host", "sweep", "step", "train")
 MAX_FILES, MAX_BYTES = 8, 16 * 2**20
 
 
@@ -81,8 +84,12 @@ def _write(out: str, results: dict, log: proc.Log) -> None:
     results["files"] = sorted(set(os.listdir(out)) | {"summary.md", "results.json"})
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
+    try:
+        page = summary.markdown(results)
+    except Exception:  # a record the summary did not expect must not cost the run its folder
+        page = f"# mango GPU run\n\nThe summary could not be written; every figure is in results.json.\n\n```\n{traceback.format_exc()[-3000:]}```"
     with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(summary.markdown(results) + "\n")
+        f.write(page + "\n")
     results["files"] = _cap_files(out, log)
 
 
@@ -105,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-dry-run", action="store_true", help="the same stages on CPU at tiny sizes (kernels under TRITON_INTERPRET=1)")
     p.add_argument("--out", help="results folder (default: $OUT, else bench/results/gpu_<device>_<time>/)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--budget", type=float, help="seconds for the whole run, every stage's budget scaled to it (default: GPU 470, dry run 115)")
+    p.add_argument("--budget", type=float, help="seconds for the whole run, every stage's budget scaled to it (default: GPU 420, dry run 190)")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch folder (its path is logged)")
     args = p.parse_args(argv)
     dry = args.cpu_dry_run
@@ -158,6 +165,10 @@ def main(argv=None) -> int:
             cfg = profile["stages"][name]
             if name == "tests":
                 _stage(name, results, lambda: tests_stage.run(cfg, work, log, stage_budget))
+            elif name == "host":
+                _stage(name, results, lambda: host_stage.run(cfg, os.path.join(work, "host"), log, stage_budget))
+            elif name == "sweep":
+                _stage(name, results, lambda: sweep_stage.run(cfg, os.path.join(work, "sweep"), out, log, stage_budget))
             elif name == "step":
                 _stage(name, results, lambda: _step(cfg, work, out, log, stage_budget))
             elif name == "train":

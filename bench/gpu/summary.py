@@ -14,6 +14,9 @@ TARGETS = {
 }
 
 
+PEER_KEYS = ("muon_adamw", "kj_muon", "emerging_muon", "heavyball_muon", "gram_ns")  # mango's step must beat each
+
+
 def _largest_ns_bucket_bf16(set_name: str, tied_role: str) -> int | None:
     try:
         from bench.params import resolve_set
@@ -24,8 +27,32 @@ def _largest_ns_bucket_bf16(set_name: str, tied_role: str) -> int | None:
         return None
 
 
+def _figures(me: dict, by: dict, floor_ms: float, budget_bytes) -> dict:
+    """The performance contract's figures of one mango contender `me` against the others of its set."""
+    h = dict(step_ms=me["median_s"] * 1e3, x_floor=me.get("x_floor"), launches=me.get("launches"), floor_ms=floor_ms,
+             state_bytes=me.get("state_bytes"), peak_extra_bytes=me.get("peak_extra_bytes"))  # fmt: skip
+    for other, name in (("muon_adamw", "vs_muon_adamw"), ("reference", "vs_reference"), ("compile", "vs_compile"), ("torch", "vs_torch"), ("adamw", "vs_adamw")):
+        o = by.get(other, {})
+        h[name] = o["median_s"] / me["median_s"] if o.get("status") == "ok" and o.get("median_s") and other != me["key"] else None
+        if o.get("status") not in (None, "ok"):
+            h[name + "_why"] = f"{o['status']}: {o.get('reason', '')}"[:120]
+    h["vs_peers"] = {}
+    for key in PEER_KEYS:  # speed-up over every peer: > 1 is faster
+        o = by.get(key)
+        if o is None:
+            continue
+        ratio = o["median_s"] / me["median_s"] if o.get("status") == "ok" and o.get("median_s") else None
+        h["vs_peers"][key] = {"label": o.get("label", key), "ratio": ratio, "ms": o["median_s"] * 1e3 if ratio else None,
+                              "why": None if ratio else f"{o.get('status')}: {o.get('reason', '')}"[:160]}  # fmt: skip
+    if budget_bytes and me.get("peak_extra_bytes") and me.get("state_bytes"):
+        h["memory_budget_bytes"] = me["state_bytes"] + budget_bytes
+        h["memory_x_budget"] = me["peak_extra_bytes"] / h["memory_budget_bytes"]
+    return h
+
+
 def headline(step_result: dict) -> list:
-    """Per parameter set: the primary mango contender (triton on CUDA) against its peers."""
+    """Per parameter set: the primary mango contender (triton on CUDA) against its peers, the bare
+    NS yardstick, the captured step (`graph`) and the capture + replay check."""
     out = []
     tied = (step_result.get("settings") or {}).get("tied_role", "head")
     for s in step_result.get("sets", []):
@@ -35,21 +62,28 @@ def headline(step_result: dict) -> list:
              "triton_reason": by.get("triton", {}).get("reason"),
              "not_run": [{"key": o["key"], "label": o.get("label", o["key"]), "status": o.get("status"), "reason": o.get("reason", "")}
                          for o in s.get("optimizers", []) if o.get("status") != "ok"]}  # fmt: skip
+        bare = next((b for b in (s.get("bare_ns") or {}).values() if b.get("median_s")), None)
+        if bare:
+            h["bare_ns_ms"] = bare["median_s"] * 1e3
+        if s.get("graph_check"):
+            h["graph_check"] = s["graph_check"]
+        floor_ms = s["floor"]["floor_s"] * 1e3
         if key:
             me = by[key]
-            h.update(step_ms=me["median_s"] * 1e3, x_floor=me.get("x_floor"), launches=me.get("launches"),
-                     floor_ms=s["floor"]["floor_s"] * 1e3, state_bytes=me.get("state_bytes"), peak_extra_bytes=me.get("peak_extra_bytes"))  # fmt: skip
-            for other, name in (("muon_adamw", "vs_muon_adamw"), ("reference", "vs_reference"), ("compile", "vs_compile"), ("torch", "vs_torch"), ("adamw", "vs_adamw")):
-                o = by.get(other, {})
-                h[name] = o["median_s"] / me["median_s"] if o.get("status") == "ok" and other != key else None
-                if o.get("status") not in (None, "ok"):
-                    h[name + "_why"] = f"{o['status']}: {o.get('reason', '')}"[:120]
+            budget = ((me.get("memory") or {}).get("budget") or {}).get("budget_bytes")
+            if budget is None:  # a result without the memory record: 2 × the largest NS bucket in bf16
+                bucket = _largest_ns_bucket_bf16(s["set"]["name"], tied)
+                budget = 2 * bucket if bucket else None
+            h.update(_figures(me, by, floor_ms, budget))
+            if bare:
+                h["x_bare_ns"] = me["median_s"] * 1e3 / h["bare_ns_ms"]
             if "compile" in by and by["compile"].get("info", {}).get("compile_s"):
                 h["compile_s"] = by["compile"]["info"]["compile_s"]
-            bucket = _largest_ns_bucket_bf16(s["set"]["name"], tied)
-            if bucket and me.get("peak_extra_bytes") and me.get("state_bytes"):
-                h["memory_budget_bytes"] = me["state_bytes"] + 2 * bucket
-                h["memory_x_budget"] = me["peak_extra_bytes"] / h["memory_budget_bytes"]
+            g = by.get("triton_graph", {})
+            if g.get("status") == "ok" and g.get("median_s"):
+                gb = ((g.get("memory") or {}).get("budget") or {}).get("budget_bytes") or budget
+                h["graph"] = _figures(g, by, floor_ms, gb)
+                h["graph"]["vs_triton"] = me["median_s"] / g["median_s"] if key == "triton" else None
         out.append(h)
     return out
 
@@ -79,6 +113,11 @@ def _stage_note(name: str, r: dict, dev: dict) -> str:
     if name == "step":
         runs = "; ".join(f"rc {a['rc']}" + (f" ({a['killed']})" if a.get("killed") else "") for a in r.get("attempts", []))
         return f"{runs}; " + ("results in step.json/md" if r.get("files") else f"no result: {r.get('error', '')[-150:]}")
+    if name == "host":
+        rows = [x for x in r.get("rows") or [] if x.get("median_us") is not None]
+        return "; ".join(f"{x.get('set')}{' capturable' if x.get('capturable') else ''} {x['median_us']:.0f} µs" for x in rows) or r.get("error", "")[-150:]
+    if name == "sweep":
+        return (f"ARCH_TABLE entry {r['entry']}" + (" (partial)" if r.get("partial") else "")) if r.get("entry") else f"no result: {r.get('error', '')[-150:]}"
     if name == "train":
         a = r.get("agreement", {})
         failed = [x["spec"] for x in r.get("runs", []) if "error" in x]
@@ -114,6 +153,8 @@ def markdown(results: dict) -> str:
     lines.append("")
     lines += _tests_md(st.get("tests"))
     lines += _step_md(st.get("step"), results.get("dry_run"))
+    lines += _host_md(st.get("host"))
+    lines += _sweep_md(st.get("sweep"))
     lines += _train_md(st.get("train"))
     lines += ["Files: " + ", ".join(f"`{f}`" for f in results.get("files", [])), ""]
     return "\n".join(lines)
@@ -141,22 +182,79 @@ def _step_md(s, dry) -> list:
         if not h.get("mango"):
             out.append(f"| {h['set']} | none ran | - | - | " + " | ".join("-" for _ in TARGETS) + " |")
             continue
-        cells = [_fmt(h.get(k), k) + ("" if dry else f" ({_verdict(k, h.get(k))})") for k in TARGETS]
-        out.append(f"| {h['set']} | {h['mango']} | {h['step_ms']:.2f} | {h['floor_ms']:.2f} | " + " | ".join(cells) + " |")
-    notes = []
+        for name, f in ((h["mango"], h), ("graph replay", h.get("graph"))):
+            if f:
+                cells = [_fmt(f.get(k), k) + ("" if dry or f.get(k) is None else f" ({_verdict(k, f.get(k))})") for k in TARGETS]
+                out.append(f"| {h['set']} | {name} | {f['step_ms']:.2f} | {f['floor_ms']:.2f} | " + " | ".join(cells) + " |")
+    out += _peers_md(s["headline"], dry)
+    notes, grouped = [], {}
     for h in s["headline"]:
-        for o in h.get("not_run", []):  # every contender that did not run says why (time, failure, left out)
+        for o in h.get("not_run", []):  # every contender that did not run says why (time, failure, left out), once per reason
             if o["key"] != "triton":
-                notes.append(f"{h['set']} {o['label']}: {o['status']}: {o['reason']}"[:300])
+                grouped.setdefault((o["label"], o["status"], o["reason"]), []).append(h["set"])
         if h.get("mango") != "triton":
             notes.append(f"{h['set']}: mango triton {h.get('triton_status')}: {h.get('triton_reason')}")
         if h.get("compile_s"):
             notes.append(f"{h['set']}: torch.compile took {h['compile_s']:.0f} s")
+    notes = [f"{label} on {', '.join(sets)}: {status}: {reason}"[:300] for (label, status, reason), sets in grouped.items()] + notes
     if notes:
         out += [""] + [f"- {n}" for n in notes]
     return out + ["", "Targets: the performance contract, docs/design.md (the floor target is for an H100; "
-                  "the floor is measured on this device); peak mem / budget: peak extra memory over state + 2 × "
-                  "the largest NS bucket in bf16. Full tables: `step.md`.", ""]
+                  "the floor is measured on this device; launches: <= 64 or one graph replay); peak mem / budget: peak "
+                  "extra memory over state + 2 × the largest NS bucket in its NS dtype. Full tables: `step.md`.", ""]
+
+
+def _peers_md(heads: list, dry) -> list:
+    """mango's step against every peer package (faster: > 1×), the bare cuBLAS NS, and the captured step."""
+    peers = [k for k in PEER_KEYS if any(k in (h.get("vs_peers") or {}) for h in heads)]
+    if not peers:
+        return []
+    label = {k: next(h["vs_peers"][k]["label"] for h in heads if k in (h.get("vs_peers") or {})) for k in peers}
+    out = ["", "mango's step against every peer (peer time ÷ mango time: faster where > 1×), the bare batched textbook NS "
+           "matmuls in bf16 (cuBLAS on a GPU) and the step captured in a CUDA graph:", "",
+           "| set | " + " | ".join(label[k] for k in peers) + " | bare NS ms (mango ÷ bare) | graph replay ms (vs eager) | replay = eager |",
+           "| --- | " + " | ".join("---:" for _ in peers) + " | ---: | ---: | --- |"]  # fmt: skip
+    for h in heads:
+        if not h.get("mango"):
+            continue
+        cells = []
+        for k in peers:
+            p = (h.get("vs_peers") or {}).get(k)
+            if p is None or p["ratio"] is None:
+                cells.append("-" if p is None else p["why"].split(":")[0])
+            else:
+                cells.append(f"{p['ratio']:.2f}×" + ("" if dry else (" (met)" if p["ratio"] > 1 else " (**missed**)")))
+        bare = f"{h['bare_ns_ms']:.2f} ({h['x_bare_ns']:.2f}×)" if h.get("x_bare_ns") else "-"
+        g = h.get("graph")
+        graph = f"{g['step_ms']:.2f} ({g['vs_triton']:.2f}×)" if g and g.get("vs_triton") else (f"{g['step_ms']:.2f}" if g else "-")
+        gc = h.get("graph_check") or {}
+        same = ("bit-identical" if gc.get("identical") else f"**differs** (max {gc['eager']['max_abs_diff']:.1e})") if gc.get("status") == "ok" \
+            else (gc.get("status") or "-")
+        out.append(f"| {h['set']} | " + " | ".join(cells) + f" | {bare} | {graph} | {same} |")
+    return out
+
+
+def _host_md(t) -> list:
+    if not t or not t.get("rows"):
+        return []
+    out = ["## Host time per triton step", "", "Python per step at HF GPT-2 124M, a launch dry run on this machine's CPU "
+           "(`python -m bench.host`); the target is <= 300 µs.", "",
+           "| set | capturable | launches | host µs / step (median) | <= 300 µs |", "| --- | --- | ---: | ---: | --- |"]  # fmt: skip
+    for r in t["rows"]:  # rows as bench.host writes them; a field it no longer writes shows as "-"
+        us = r.get("median_us")
+        verdict = "-" if us is None else ("met" if us <= 300 else "**missed**")
+        out.append(f"| {r.get('set')} | {r.get('capturable')} | {r.get('launches', '-')} | {'-' if us is None else f'{us:.0f}'} | {verdict} |")
+    return out + [""]
+
+
+def _sweep_md(t) -> list:
+    if not t or not t.get("arch_table_line"):
+        return []
+    part = f" Partial: {'; '.join(t['partial'])}." if t.get("partial") else ""
+    return ["## NS engine sweep", "", f"{t['buckets']} NS buckets, every engine in both forms (tiles "
+            f"{', '.join('x'.join(map(str, x)) for x in t.get('tiles', []))}); {t.get('not_measured', 0)} timings left "
+            f"unmeasured by the budget.{part} The `mango/ns_engine.py:ARCH_TABLE` entry they give (`sweep.json`):", "",
+            f"    {t['arch_table_line']}", ""]  # fmt: skip
 
 
 def _train_md(t) -> list:

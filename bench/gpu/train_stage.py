@@ -61,7 +61,8 @@ def run(profile: dict, workdir: str, out: str, log: proc.Log, budget_s: float) -
         left = deadline - time.perf_counter()
         # every run gets an equal share of what is left, keeping room for the short agreement run
         share = (left - profile["agreement_budget_s"]) / (len(specs) - i)
-        runs.append(_one(spec, f"run{i}", profile, workdir, log, max(share, 10), extra=["--time-budget", f"{max(share - 15, 5):.0f}"]))
+        startup = profile.get("startup_s", 15)  # the process's start, data and first compile, outside its --time-budget
+        runs.append(_one(spec, f"run{i}", profile, workdir, log, max(share, 10), extra=["--time-budget", f"{max(share - startup, 5):.0f}"]))
     check = _one(TORCH_SPEC, "agreement", profile, workdir, log, max(deadline - time.perf_counter(), 10),
                  extra=["--stop-after", str(profile["agreement_steps"])])  # fmt: skip
     rec = {"seconds": 0.0, "runs": [], "files": []}
