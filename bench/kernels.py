@@ -23,10 +23,11 @@ import time
 import torch
 
 from mango import config
+from mango import newton_schulz as ns
 
 from .measure import quiet_profiler, sync
 from .params import ParamSet
-from .roofline import ns_buckets, ns_step_flops, stage_bytes
+from .roofline import ns_buckets, stage_bytes
 
 __all__ = ["TritonNS", "bare_ns", "bare_ns_step", "ns_buckets_bench", "stage_breakdown", "kernel_breakdown", "top_ops", "time_call"]
 
@@ -183,14 +184,13 @@ def ns_buckets_bench(pset: ParamSet, device, rates: dict, budget_s: float = 0.3,
     same = _torch_ns_dtype(device)
     rows, label = [], None
     for b in ns_buckets(pset):
-        flops = b.batch * ns_step_flops(*b.block) * len(COEFFS)
+        flops = b.batch * ns.textbook_flops(*b.block, len(COEFFS))
         label, setup, ours = _ours_ns(device, b)
         t_ours = time_call(ours, device, budget_s=budget_s, setup=setup)
         row = {"bucket": b.label, "block": list(b.block), "batch": b.batch, "ns_flops": flops, "ours_s": t_ours}
         row["ours_method"] = auto_method(b, device)
         row["ours_tflops"] = flops / t_ours / 1e12  # textbook-equivalent rate (ns_flops / time)
         if forms:  # the torch backend's batched NS in each form, fp32 (the regime of CPUs without bf16)
-            from mango import newton_schulz as ns
             from mango.backends.torch_backend import batched_newton_schulz
 
             X32 = _stack(b, device, torch.float32, oriented=False)

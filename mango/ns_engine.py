@@ -262,7 +262,7 @@ def model_engine(rows: int, cols: int, method: str, steps: int, count: int) -> s
     m = min(rows, cols)
     if m > ON_CHIP_MAX_ROWS[method]:
         return "cublas"
-    flops = count * (_ns.gram_flops(rows, cols, steps) if method == "gram" else _ns.textbook_flops(rows, cols, steps))
+    flops = count * _ns.flops(method, rows, cols, steps)
     peak = 400e12  # a relative scale: ~ a current tensor-core GPU
     on_chip = flops / (0.35 * peak) + 5e-6
     cublas = flops / (0.7 * peak) + (3 * steps + 3) * 5e-6
@@ -272,10 +272,6 @@ def model_engine(rows: int, cols: int, method: str, steps: int, count: int) -> s
 # ----------------------------------------------------------------------------------------
 # the decision
 # ----------------------------------------------------------------------------------------
-
-
-def _flops(method: str, rows: int, cols: int, steps: int) -> int:
-    return _ns.gram_flops(rows, cols, steps) if method == "gram" else _ns.textbook_flops(rows, cols, steps)
 
 
 def _form_and_dtype(settings, rows, cols, state_dtype, profile: DeviceProfile, forms=("textbook", "gram")):
@@ -294,7 +290,7 @@ def _form_and_dtype(settings, rows, cols, state_dtype, profile: DeviceProfile, f
         else:
             dtypes = _CANDIDATES[method]
         for dt in dtypes:
-            cost = _flops(method, rows, cols, steps) / profile.rates.get(dt, 1.0)
+            cost = _ns.flops(method, rows, cols, steps) / profile.rates.get(dt, 1.0)
             if best is None or cost < best[0]:
                 best = (cost, method, dt)
     return best[1], best[2]
