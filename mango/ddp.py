@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .backends.torch_backend import TEMP_FLOOR_BYTES, TorchBackend, batched_newton_schulz
 from .config import NS_NORMS, ns_schedule
-from .distributed import CommStats, assign_owners, gram_ns_flops, ns_flops, use_gram_ns
+from .distributed import CommStats, assign_owners, ns_flops, row_sharded_ns_flops, use_row_sharded_ns
 from .layout import norm_blocks
 from .ns_engine import choose_for_bucket
 
@@ -63,8 +63,8 @@ def row_split(rows: int, world: int) -> list:
 
 def row_split_ns(nb, group, world: int) -> bool:
     """Very tall whole matrices (a vocabulary head) are row-split across all ranks instead of owned by
-    one: gathering one on an owner would leave that rank with its whole NS (mango.distributed.use_gram_ns)."""
-    return nb.orientation == "out_in" and not nb.experts and use_gram_ns(nb.shape, nb.norm, group["ns_prescale"], len(ns_schedule(group)), world)
+    one: gathering one on an owner would leave that rank with its whole NS (mango.distributed.use_row_sharded_ns)."""
+    return nb.orientation == "out_in" and not nb.experts and use_row_sharded_ns(nb.shape, nb.norm, group["ns_prescale"], len(ns_schedule(group)), world)
 
 
 def assign_plan(opt, plan, world: int, split_rows: bool = True) -> list:
@@ -86,7 +86,7 @@ def assign_plan(opt, plan, world: int, split_rows: bool = True) -> list:
                 if split:
                     nb.cache["mango.ddp.owners"][j] = -1
                     for q, n in enumerate(row_split(shape[0], world)):
-                        base[q] += gram_ns_flops(n, math.prod(shape[1:]), steps)
+                        base[q] += row_sharded_ns_flops(n, math.prod(shape[1:]), steps)
                     continue
                 cost = ns_flops(shape, nb.block_shape, max(steps, 1)) if bucket.slots[i].param.numel() else 0.0
                 jobs.append((nb, j, cost))  # blocks of every head or expert counted
@@ -236,7 +236,7 @@ class SplitTorchBackend(TorchBackend):
             Y = torch.baddbmm(Y, Y, B, beta=a * last, alpha=last)
         if not coeffs and scale != 1.0:
             Y = Y * scale
-        self.comm.ns_flops += K * gram_ns_flops(split[me], cols, len(coeffs))
+        self.comm.ns_flops += K * row_sharded_ns_flops(split[me], cols, len(coeffs))
         R = buffers[1].view(-1)[: K * rows * cols].view(K, rows, cols)
         owners, results, dests = [], [], []
         for k in range(K):
