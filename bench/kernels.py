@@ -96,18 +96,21 @@ class TritonNS:
 
     def __init__(self, buckets, device, dtype=torch.bfloat16, seed: int = 0, config=None, method: str = "textbook"):
         import mango_kernels as mk
+        from mango.backends.ns_gram_host import iterate_large
 
         specs = []
         for b in buckets:
             per = b.batch // b.tensors
             for _ in range(b.tensors):
                 specs.append(mk.NSSpec.row_major(b.block[0], b.block[1], per))
-        self.batch = mk.NSBatch(specs, dtype, device, config, method=method)
+        self.batch = mk.NSBatch(specs, dtype, device, config, method=method, large_gram=iterate_large)
         n = sum(s.numel for s in specs)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         x = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
         self.batch.stack[:n].copy_(x)
-        self.batch.set_schedule([len(COEFFS)] * len(specs), [list(COEFFS)] * len(specs), [1e-7] * len(specs))
+        n_specs = len(specs)
+        self.batch.set_schedule([len(COEFFS)] * n_specs, [list(COEFFS)] * n_specs, [1e-7] * n_specs, None,
+                                [ns.gram_restarts(len(COEFFS))] * n_specs)  # fmt: skip
         self.saved = self.batch.stack.clone()
         self.specs = specs
         self._count = mk.count_launches

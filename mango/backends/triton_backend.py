@@ -8,7 +8,7 @@ tensors of the step at once:
     moments         v, m, d for every tensor (d straight into the bf16 NS stack when NS-bound)
     segment_sums    ‖d‖² per tensor / head block / row, ‖W‖² for trust ratio
     ns_small        all NS steps of every matrix with ≤ 128 rows (attention heads), one launch
-    ns_gram/poly/update × ns_steps   NS of the larger matrices, every shape in one grid
+    ns_xxt/poly/update × ns_steps    NS of the larger matrices, every shape in one grid
     apply           Δ, lr·k, trust ratio, offset momentum, weight decay, write W
 
 per round. The memory budget bounds the memory a step may use beyond the state by 2× the largest NS bucket
@@ -68,9 +68,10 @@ from mango_kernels.tables import (
 from ..config import ns_schedule
 from ..layout import norm_blocks, operator_shape
 from ..ns_engine import choose_for_bucket
-from ..newton_schulz import spectral_norm
+from ..newton_schulz import gram_restarts, spectral_norm
 from .arena import Arena, span
 from .ns_cublas import CublasNSBatch
+from .ns_gram_host import iterate_large
 from .torch_backend import _safe_inverse, batched_newton_schulz
 
 _NORM_KIND = {"none": NORM_NONE, "sign": NORM_SIGN, "l2": NORM_SEGMENT_L2, "l2_split": NORM_SEGMENT_L2, "l2_col": NORM_SEGMENT_L2}
@@ -289,7 +290,7 @@ class _Round:
                 batch = CublasNSBatch(members[0].nb, len(members), dtype, device, method)
             else:
                 config = ns_config if choice.tiles is None else _with_tiles(ns_config, choice.tiles)
-                batch = mk.NSBatch([e.ns_spec for e in members], dtype, device, config, method=method, bind=False)
+                batch = mk.NSBatch([e.ns_spec for e in members], dtype, device, config, method=method, bind=False, large_gram=iterate_large)
             for n, e in enumerate(members):
                 e.spec, e.batch = n, batch
             self.ns_batches.append((batch, members))
@@ -309,7 +310,7 @@ class _Round:
 
     def set_ns_schedules(self, groups) -> None:
         for batch, members in self.ns_batches:
-            steps, coefficients, eps, spectral = [], [], [], []
+            steps, coefficients, eps, spectral, restarts = [], [], [], [], []
             for e in members:
                 group = groups[e.bucket.group_index]
                 co = ns_schedule(group)
@@ -317,7 +318,8 @@ class _Round:
                 coefficients.append(co)
                 eps.append(group["ns_eps"])
                 spectral.append(group["ns_prescale"] == "spectral")
-            batch.set_schedule(steps, coefficients, eps, spectral)
+                restarts.append(gram_restarts(steps[-1]))
+            batch.set_schedule(steps, coefficients, eps, spectral, restarts)
 
     def run(self, tables, groups, aligned: bool) -> None:
         """moments → segment sums → NS → apply, for this round's tensors. A round whose step is
