@@ -83,6 +83,7 @@ def configurations(core: bool = False) -> list[Config]:
     out += [Config("mango", F32, n, tied_role="embedding", ns_engine="triton") for n in dtypes]
     out += [Config("mango", F32, BF16, unaligned=True, ns_engine="triton"), Config("novograd", F32, BF16)]
     out += [Config("mango", F32, n, ns_method="gram", ns_engine="triton") for n in ("auto", F32)]  # fp16 / fp32 Gram-form kernels
+    out += [Config("mango", F32, n, ns_method="textbook", ns_engine="triton") for n in (F16, F32)]  # on a GPU "auto" gives these heads the Gram form
     if not core:
         out += [Config("mango", p, n) for p in (F32, F64) for n in dtypes]
         out += [Config("mango", p, n) for p in (BF16, F16) for n in dtypes]
@@ -120,8 +121,8 @@ def capture(config: Config, set_name: str = "gpt2-124m", arch: int = 90) -> list
     preset = getattr(mango.presets, config.preset)
     opt = preset(mango_groups(pset, params), backend="triton", nonfinite="skip", ns_dtype=config.ns_dtype,
                  ns_method=config.ns_method, ns_engine=config.ns_engine)  # fmt: skip
-    opt._backend_for(torch.device("cpu")).ns_target = f"sm_{arch}"
-    with mk.count_launches(capture=True) as log:
+    with mk.count_launches(capture=True) as log:  # a CPU tensor takes the triton backend only in a dry run
+        opt._backend_for(torch.device("cpu")).ns_target = f"sm_{arch}"
         opt.step()
     return log.launches
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .train_stage import TRITON_SPEC
 
-FIRST = ["test_kernels", "test_triton_backend"]  # kernels and backends first
+FIRST = ["test_kernels", "test_newton_schulz", "test_triton_backend"]  # kernels and backends first
 # cheapest and most telling first; the peers that compile (heavyball, gram-newton-schulz's torch
 # path) after the eager reference, so a spent budget cuts them and the one-round variant first
 CONTENDERS = "triton,torch,muon_adamw,adamw,kj_muon,emerging_muon,reference,heavyball_muon,gram_ns,triton_one_round"
