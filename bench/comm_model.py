@@ -3,7 +3,7 @@
 `python -m bench.comm --simulate` uses this for world sizes and models a CPU box cannot run for
 real (Llama-1B's fp32 state alone is ~20 GB). The model is built on the meta device, mango builds
 its plan, and the same functions the distributed backends use decide owners and layouts
-(`mango.distributed.assign_owners`, `ns_flops`, `use_gram_ns`, fully_shard's row split), so the
+(`mango.distributed.assign_owners`, `ns_flops`, `use_row_sharded_ns`, fully_shard's row split), so the
 bytes are the ones those backends would move; `tests/test_distributed.py` checks them against a
 real gloo run. Per rank and step:
 
@@ -27,7 +27,7 @@ import torch
 
 import mango
 
-from mango.distributed import assign_owners, gram_ns_flops, ns_flops, use_gram_ns
+from mango.distributed import assign_owners, ns_flops, row_sharded_ns_flops, use_row_sharded_ns
 
 NS_NORMS = ("ns", "ns_split")
 
@@ -77,7 +77,7 @@ def _cost(t) -> float:
 
 
 def _row_split(t, world) -> bool:
-    return not t["experts"] and t["orientation"] == "out_in" and use_gram_ns(t["shape"], t["norm"], t["prescale"], t["steps"], world)
+    return not t["experts"] and t["orientation"] == "out_in" and use_row_sharded_ns(t["shape"], t["norm"], t["prescale"], t["steps"], world)
 
 
 def ddp_split(tensors, world: int) -> dict:
@@ -88,7 +88,7 @@ def ddp_split(tensors, world: int) -> dict:
     tall = [t for t in tensors if _row_split(t, world)]
     for t in tall:
         for q, n in enumerate(shard_rows(t["shape"][0], world)):
-            base[q] += gram_ns_flops(n, math.prod(t["shape"][1:]), t["steps"])
+            base[q] += row_sharded_ns_flops(n, math.prod(t["shape"][1:]), t["steps"])
     owners, loads = assign_owners([_cost(t) for t in owned], world, base)
     buckets: dict = {}  # NS bucket -> (rank, bytes) of the pieces its all-gather carries
     for t, q in zip(owned, owners):
@@ -97,12 +97,12 @@ def ddp_split(tensors, world: int) -> dict:
         cols = math.prod(t["shape"][1:])
         for q, n in enumerate(shard_rows(t["shape"][0], world)):
             buckets.setdefault(t["bucket"], []).append((q, n * cols * t["esize"]))
-    ring, gram_calls = 0, 0
+    ring, row_sharded_calls = 0, 0
     for b in {t["bucket"] for t in tall}:  # per NS step one all-reduce of the bucket's fp32 Gram matrices
         members = [t for t in tall if t["bucket"] == b]
         n = sum(math.prod(t["shape"][1:]) ** 2 * 4 for t in members)
         ring += members[0]["steps"] * (2 * (world - 1) * n // world)
-        gram_calls += members[0]["steps"]
+        row_sharded_calls += members[0]["steps"]
     sent = [ring] * world
     own = [0] * world
     total = 0
@@ -117,8 +117,8 @@ def ddp_split(tensors, world: int) -> dict:
             sent[r] += (world - 1) * chunk
     recv_min = [total - own[r] + ring for r in range(world)]
     collectives = {"all_gather: NS results": len(buckets)}
-    if gram_calls:
-        collectives["all_reduce: NS Gram"] = gram_calls
+    if row_sharded_calls:
+        collectives["all_reduce: NS Gram"] = row_sharded_calls
     return dict(mode="ddp-split", world=world, collectives=collectives, sent=sent, recv=list(sent),
                 recv_min=recv_min, sent_min=recv_min, ns_flops=loads, ns_total=sum(loads))  # fmt: skip
 
@@ -128,7 +128,7 @@ def fsdp2(tensors, world: int) -> dict:
     matrices (Gram all-reduces), experts whole on their ranks (no NS traffic)."""
     base = [0.0] * world
     jobs = []
-    gram_rounds: dict = {}  # round -> (NS steps, fp32 cols² bytes of its row-sharded matrices)
+    row_sharded_rounds: dict = {}  # round -> (NS steps, fp32 cols² bytes of its row-sharded matrices)
     expert_flops = [0.0] * world
     rounds = set()  # the rounds (of the coroutine batching, mango.distributed) with owner-mode NS
     for t in tensors:
@@ -139,11 +139,11 @@ def fsdp2(tensors, world: int) -> dict:
             for r in range(world):
                 expert_flops[r] += split[r] * per
             continue
-        if use_gram_ns(t["shape"], t["norm"], t["prescale"], t["steps"], world):
+        if use_row_sharded_ns(t["shape"], t["norm"], t["prescale"], t["steps"], world):
             for r in range(world):
-                base[r] += gram_ns_flops(split[r], cols, t["steps"])
-            steps, n = gram_rounds.get(t["round"], (0, 0))
-            gram_rounds[t["round"]] = (max(steps, t["steps"]), n + cols * cols * 4)
+                base[r] += row_sharded_ns_flops(split[r], cols, t["steps"])
+            steps, n = row_sharded_rounds.get(t["round"], (0, 0))
+            row_sharded_rounds[t["round"]] = (max(steps, t["steps"]), n + cols * cols * 4)
             continue
         jobs.append((t, split, cols))
         rounds.add(t["round"])
@@ -160,12 +160,12 @@ def fsdp2(tensors, world: int) -> dict:
             else:
                 sent[r] += pad  # gather: its padded block to the owner
                 sent_min[r] += split[r] * cols * esize
-    ring = sum(steps * (2 * (world - 1) * n // world) for steps, n in gram_rounds.values())
+    ring = sum(steps * (2 * (world - 1) * n // world) for steps, n in row_sharded_rounds.values())
     sent = [s + ring for s in sent]
     sent_min = [s + ring for s in sent_min]
     collectives = {"all_to_all: NS gather": len(rounds), "all_to_all: NS scatter": len(rounds), "all_reduce: sums of squares": 1}
-    if gram_rounds:
-        collectives["all_reduce: NS Gram"] = sum(steps for steps, _ in gram_rounds.values())
+    if row_sharded_rounds:
+        collectives["all_reduce: NS Gram"] = sum(steps for steps, _ in row_sharded_rounds.values())
     flops = [a + b for a, b in zip(loads, expert_flops)]
     return dict(mode="fsdp2", world=world, collectives=collectives, sent=sent, recv=list(sent), sent_min=sent_min, recv_min=list(sent_min),
                 ns_flops=flops, ns_total=sum(flops))  # fmt: skip

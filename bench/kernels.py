@@ -23,10 +23,11 @@ import time
 import torch
 
 from mango import config
+from mango import newton_schulz as ns
 
 from .measure import quiet_profiler, sync
 from .params import ParamSet
-from .roofline import ns_buckets, ns_step_flops, stage_bytes
+from .roofline import ns_buckets, stage_bytes
 
 __all__ = ["TritonNS", "bare_ns", "bare_ns_step", "ns_buckets_bench", "stage_breakdown", "kernel_breakdown", "top_ops", "time_call"]
 
@@ -102,17 +103,20 @@ class TritonNS:
 
     def __init__(self, buckets, device, dtype=torch.bfloat16, seed: int = 0, config=None, method: str = "textbook"):
         import mango_kernels as mk
+        from mango.backends.ns_gram_host import iterate_large
 
         specs = []
         for b in buckets:
             per = b.batch // b.tensors
             for _ in range(b.tensors):
                 specs.append(mk.NSSpec.row_major(b.block[0], b.block[1], per))
-        self.batch = mk.NSBatch(specs, dtype, device, config, method=method)
+        self.batch = mk.NSBatch(specs, dtype, device, config, method=method, large_gram=iterate_large)
         n = sum(s.numel for s in specs)
         x = _randn((n,), device, seed).to(device=device, dtype=dtype)
         self.batch.stack[:n].copy_(x)
-        self.batch.set_schedule([len(COEFFS)] * len(specs), [list(COEFFS)] * len(specs), [1e-7] * len(specs))
+        n_specs = len(specs)
+        self.batch.set_schedule([len(COEFFS)] * n_specs, [list(COEFFS)] * n_specs, [1e-7] * n_specs, None,
+                                [ns.gram_restarts(len(COEFFS))] * n_specs)  # fmt: skip
         self.saved = self.batch.stack.clone()
         self.specs = specs
         self._count = mk.count_launches
@@ -189,14 +193,13 @@ def ns_buckets_bench(pset: ParamSet, device, rates: dict, budget_s: float = 0.3,
     same = _torch_ns_dtype(device)
     rows, label = [], None
     for b in ns_buckets(pset):
-        flops = b.batch * ns_step_flops(*b.block) * len(COEFFS)
+        flops = b.batch * ns.textbook_flops(*b.block, len(COEFFS))
         label, setup, ours = _ours_ns(device, b)
         t_ours = time_call(ours, device, budget_s=budget_s, setup=setup)
         row = {"bucket": b.label, "block": list(b.block), "batch": b.batch, "ns_flops": flops, "ours_s": t_ours}
         row["ours_method"] = auto_method(b, device)
         row["ours_tflops"] = flops / t_ours / 1e12  # textbook-equivalent rate (ns_flops / time)
         if forms:  # the torch backend's batched NS in each form, fp32 (the regime of CPUs without bf16)
-            from mango import newton_schulz as ns
             from mango.backends.torch_backend import batched_newton_schulz
 
             X32 = _stack(b, device, torch.float32, oriented=False)

@@ -7,7 +7,8 @@ time can be reported as a multiple of the floor of that same machine. The perfor
 124M figures this reproduces: 1.77 TFLOP of NS (1.28 TFLOP using symmetry), ~4.2 GiB of state
 traffic, ≈3 ms on an H100.
 
-NS FLOPs per step for one block X (r x c, used transposed so r <= c), per Newton–Schulz step:
+NS FLOPs per step for one block X (r x c, used transposed so r <= c), per Newton–Schulz step
+(`mango.newton_schulz.textbook_step_flops`):
 
     A = X Xᵀ         2 r² c         symmetric: r (r+1) c     (one triangle)
     B = b A + c A A  2 r³                      r² (r+1)      (symmetric result)
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from mango import config
+from mango import newton_schulz as ns
 
 from .params import ParamSet
 
@@ -41,7 +43,6 @@ __all__ = [
     "NSBucket",
     "ns_buckets",
     "ns_flops",
-    "ns_step_flops",
     "state_bytes",
     "stage_bytes",
     "measure_device",
@@ -94,16 +95,9 @@ def ns_buckets(pset: ParamSet) -> list[NSBucket]:
     return list(out.values())
 
 
-def ns_step_flops(r: int, c: int, symmetric: bool = False) -> int:
-    """FLOPs of one NS step on one (r, c) block (oriented internally)."""
-    r, c = min(r, c), max(r, c)
-    if symmetric:
-        return r * (r + 1) * c + r * r * (r + 1) + 2 * r * r * c
-    return 4 * r * r * c + 2 * r**3
-
-
 def ns_flops(pset: ParamSet, steps: int = NS_STEPS, symmetric: bool = False) -> int:
-    return sum(b.batch * ns_step_flops(*b.block, symmetric=symmetric) for b in ns_buckets(pset)) * steps
+    """Textbook NS FLOPs of one step over every NS bucket of `pset`."""
+    return sum(b.batch * ns.textbook_flops(*b.block, steps, symmetric=symmetric) for b in ns_buckets(pset))
 
 
 def state_bytes(pset: ParamSet, param_bytes: int = 4, grad_bytes: int = 4, state_bytes_per: int = 4, state_tensors: int = 3) -> int:
@@ -222,7 +216,6 @@ def ns_methods(pset: ParamSet, rates: dict, device, settings: dict | None = None
     """NS FLOPs of one step per method — textbook, Gram, and what ``ns_method="auto"`` picks per
     bucket on `device` — with each method's floor (see the module docstring). `settings`: mango
     group settings over the defaults (ns_dtype, ns_coefficients, ns_steps, ns_method)."""
-    from mango import newton_schulz as ns
     from mango.ns_engine import auto_dtype, auto_method
 
     device = torch.device(device)

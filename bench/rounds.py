@@ -32,7 +32,7 @@ import mango_kernels as mk  # noqa: E402
 
 from . import params as P  # noqa: E402
 
-GPU_TILES = mk.NSConfig(small_max_rows=128, gram_small_max_rows=64, small_block_c=64, block_m=128, block_n=128, block_k=64)
+GPU_TILES = mk.NSConfig(small_block_c=64, block_m=128, block_n=128, block_k=64)
 FORMS = {"cuda_auto": {}, "bf16_textbook": {"ns_method": "textbook"}}  # label -> settings; "auto" as on CUDA
 
 

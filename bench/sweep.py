@@ -7,7 +7,7 @@ as a step runs them), in both forms (textbook in bf16, Gram in fp16, the triton 
     triton_small   the on-chip Triton kernels (one launch for every step), where the blocks fit
                    on chip (rows of the wide orientation <= 128 textbook, <= 64 Gram)
     triton_tiled   the tiled Triton kernels, at each of --tiles (block_m, block_n, block_k) that
-                   fits the target's shared memory (`ns_engine.tile_shared_memory`), where not
+                   fits the target's shared memory (`mango_kernels.resources.tiles_shared_memory`), where not
     cublas         torch batched GEMMs: the torch backend's `batched_newton_schulz`, the code the
                    triton backend's cuBLAS engine runs on its NS stack
     bare           the batched textbook matmuls alone (bench.kernels.bare_ns), a yardstick
@@ -72,9 +72,12 @@ def _on_chip(bucket, method: str, on_chip: dict) -> bool:
 
 
 def _fits(tiles, arch: str) -> bool:
-    from mango.ns_engine import SHARED_MEMORY, tile_shared_memory
+    """Whether every tiled kernel of both forms fits `arch`'s shared memory at `tiles` (in its form's dtype)."""
+    from mango_kernels.resources import SHARED_MEMORY, tiles_shared_memory
 
-    return arch not in SHARED_MEMORY or tile_shared_memory(tiles) <= SHARED_MEMORY[arch]
+    if arch not in SHARED_MEMORY:
+        return True
+    return all(tiles_shared_memory(tiles, dt.itemsize, arch, method=m) <= SHARED_MEMORY[arch] for m, dt in FORMS.items())
 
 
 def _time(fn, device, setup=None, quick=False) -> dict:
@@ -117,7 +120,7 @@ def _bare(bucket, device, quick) -> dict:
 
 def sweep(sets, device, tiles, time_budget_s=None, quick=False, on_chip=None) -> dict:
     """Time every engine on every distinct NS bucket of `sets` (ParamSets); see the module docstring."""
-    from mango.ns_engine import ON_CHIP_MAX_ROWS
+    from mango_kernels.resources import ON_CHIP_MAX_ROWS
 
     device = torch.device(device)
     on_chip = dict(on_chip or ON_CHIP_MAX_ROWS)

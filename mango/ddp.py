@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from .backends.torch_backend import TEMP_FLOOR_BYTES, TorchBackend, batched_newton_schulz
 from .config import NS_NORMS, ns_schedule
-from .distributed import CommStats, assign_owners, gram_ns_flops, ns_flops, use_gram_ns
+from .distributed import CommStats, assign_owners, ns_flops, row_sharded_ns_flops, use_row_sharded_ns
 from .layout import norm_blocks
 from .ns_engine import choose_for_bucket
 
@@ -77,8 +77,8 @@ def row_split(rows: int, world: int) -> list:
 
 def row_split_ns(nb, group, world: int) -> bool:
     """Very tall whole matrices (a vocabulary head) are row-split across all ranks instead of owned by
-    one: gathering one on an owner would leave that rank with its whole NS (mango.distributed.use_gram_ns)."""
-    return nb.orientation == "out_in" and not nb.experts and use_gram_ns(nb.shape, nb.norm, group["ns_prescale"], len(ns_schedule(group)), world)
+    one: gathering one on an owner would leave that rank with its whole NS (mango.distributed.use_row_sharded_ns)."""
+    return nb.orientation == "out_in" and not nb.experts and use_row_sharded_ns(nb.shape, nb.norm, group["ns_prescale"], len(ns_schedule(group)), world)
 
 
 def torch_placement(nb, group, world: int) -> str:
@@ -108,7 +108,7 @@ def assign_plan(opt, plan, world: int, placement=torch_placement) -> list:
                 if where == "rows":
                     owners[j] = ROW_SPLIT
                     for q, n in enumerate(row_split(shape[0], world)):
-                        base[q] += gram_ns_flops(n, math.prod(shape[1:]), steps)
+                        base[q] += row_sharded_ns_flops(n, math.prod(shape[1:]), steps)
                 elif where == "all":
                     owners[j] = EVERY_RANK
                     base = [b + cost for b in base]
@@ -153,7 +153,7 @@ def row_split_newton_schulz(pg, comm, views, coefficients, eps: float, dtype, ou
         Y = torch.baddbmm(Y, Y, B, beta=a * last, alpha=last)
     if not coefficients and out_scale != 1.0:
         Y = Y * out_scale
-    comm.ns_flops += len(views) * gram_ns_flops(split[me], cols, len(coefficients))
+    comm.ns_flops += len(views) * row_sharded_ns_flops(split[me], cols, len(coefficients))
     return Y, split
 
 

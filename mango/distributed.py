@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from . import newton_schulz as _ns
 from .backends.torch_backend import TorchBackend, batched_newton_schulz
 from .config import NS_NORMS, ns_schedule
 from .dtensor import is_dtensor, local_tensor
@@ -72,8 +73,8 @@ __all__ = [
     "ShardedTorchBackend",
     "CommStats",
     "ns_flops",
-    "gram_ns_flops",
-    "use_gram_ns",
+    "row_sharded_ns_flops",
+    "use_row_sharded_ns",
     "assign_owners",
 ]
 
@@ -141,13 +142,14 @@ def init_state(param, settings: dict) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def gram_ns_flops(rows: int, cols: int, steps: int) -> float:
-    """FLOPs one rank runs for the row-sharded ("gram") NS of a tall matrix of which it holds `rows`
-    rows of `cols`: its share of XᵀX and X·B, plus the small A·A every rank computes."""
-    return float(steps) * (4.0 * cols * cols * rows + 2.0 * cols**3)
+def row_sharded_ns_flops(rows: int, cols: int, steps: int) -> float:
+    """FLOPs one rank runs for the row-sharded NS of a tall matrix of which it holds `rows` rows of
+    `cols`: its share of XᵀX and X·B, plus the small A·A every rank computes (a textbook step whose
+    cols×cols Gram matrix is summed over the ranks)."""
+    return float(steps * _ns.textbook_step_flops(cols, rows))
 
 
-def use_gram_ns(shape, norm: str, prescale: str, steps: int, world: int) -> bool:
+def use_row_sharded_ns(shape, norm: str, prescale: str, steps: int, world: int) -> bool:
     """Row-sharded NS instead of gather/scatter: for a matrix at least `steps` times taller than wide,
     all-reducing the cols×cols Gram matrix each NS step moves less than gathering the matrix on an
     owner (per rank: 2·steps·cols² vs the owner's 2·rows·cols) and splits its FLOPs evenly. Used for
@@ -157,13 +159,12 @@ def use_gram_ns(shape, norm: str, prescale: str, steps: int, world: int) -> bool
 
 
 def ns_flops(shape, block_shape, steps: int) -> float:
-    """FLOPs of Newton–Schulz on one matrix of `shape` split into `block_shape` blocks (Gram, A·A, B·X per step)."""
+    """FLOPs of textbook Newton–Schulz on one matrix of `shape` split into `block_shape` blocks."""
     rows = shape[0]
     cols = math.prod(shape[1:])
     r, c = block_shape
     blocks = (rows * cols) // max(1, r * c)
-    small, big = min(r, c), max(r, c)
-    return float(steps) * blocks * (4.0 * small * small * big + 2.0 * small**3)
+    return float(blocks * _ns.textbook_flops(r, c, steps))
 
 
 def assign_owners(costs, world: int, loads=None) -> tuple[list[int], list[float]]:
@@ -243,7 +244,7 @@ class _ShardInfo:
     block_shape: tuple  # global (r, c) blocks of the norm
     cols: int  # prod(shape[1:])
     owners: list = None  # NS: owner rank of each tensor of the bucket ("owner" mode)
-    ns_mode: str = "owner"  # NS: "owner" (gather, NS, scatter) or "gram" (row-sharded NS, see _gram_newton_schulz)
+    ns_mode: str = "owner"  # NS: "owner" (gather, NS, scatter) or "row_sharded" (see _row_sharded_newton_schulz)
 
     @property
     def local_rows(self) -> int:
@@ -580,8 +581,8 @@ class ShardedTorchBackend(TorchBackend):
         results = [None] * n
         sums: dict = {}
         ns: dict = {}
-        gram: dict = {}
-        requests = list(requests)  # + prefetched trust-ratio sums, + pre-scaling sums of "gram" NS
+        row_sharded: dict = {}
+        requests = list(requests)  # + prefetched trust-ratio sums, + pre-scaling sums of row-sharded NS
         prefetch, self._prefetch = self._prefetch, []
         for _, _, req in prefetch:
             requests.append(req)
@@ -591,14 +592,14 @@ class ShardedTorchBackend(TorchBackend):
                 continue
             group, bucket, nb, d = payload
             dt = self.ns_exchange_dtype(group, bucket, nb)
-            if nb.cache["mango.distributed"].ns_mode == "gram":
+            if nb.cache["mango.distributed"].ns_mode == "row_sharded":
                 # its Frobenius pre-scaling joins this round's sums of squares
                 info = nb.cache["mango.distributed"]
                 X = torch.stack(d).view(len(d), info.local_rows, info.cols).to(dt)
                 acc = torch.float64 if dt == torch.float64 else torch.float32
                 requests.append(("sum", entry, torch.linalg.vector_norm(X, dim=(-2, -1), dtype=acc) ** 2))
                 sums.setdefault(entry.pg, []).append(len(requests) - 1)
-                gram.setdefault((entry.pg, dt), []).append((i, len(requests) - 1, X))
+                row_sharded.setdefault((entry.pg, dt), []).append((i, len(requests) - 1, X))
             else:
                 ns.setdefault((entry.pg, dt), []).append(i)
         results += [None] * (len(requests) - len(results))
@@ -618,8 +619,8 @@ class ShardedTorchBackend(TorchBackend):
             outs = self._newton_schulz_exchange(pg, dt, [requests[i][2] for i in idx])
             for i, out in zip(idx, outs):
                 results[i] = out
-        for (pg, dt), jobs in gram.items():
-            outs = self._gram_newton_schulz(pg, dt, [(requests[i][2], X, results[j]) for i, j, X in jobs])
+        for (pg, dt), jobs in row_sharded.items():
+            outs = self._row_sharded_newton_schulz(pg, dt, [(requests[i][2], X, results[j]) for i, j, X in jobs])
             for (i, _, _), out in zip(jobs, outs):
                 results[i] = out
         return results[:n]
@@ -628,7 +629,7 @@ class ShardedTorchBackend(TorchBackend):
         """The dtype rows travel and the owner orthogonalizes in: the torch backend's NS dtype."""
         return choose_for_bucket(nb, bucket, group, "torch").dtype
 
-    def _gram_newton_schulz(self, pg, dtype, items) -> list:
+    def _row_sharded_newton_schulz(self, pg, dtype, items) -> list:
         """Newton–Schulz on row-sharded tall matrices without gathering them.
 
         With X (rows > cols) split by rows over the ranks, the torch backend's iteration on Z = Xᵀ,
@@ -646,7 +647,7 @@ class ShardedTorchBackend(TorchBackend):
         t0 = self._clock() if self.profile else 0.0
         steps = len(coeffs_of[0])
         if any(len(c) != steps for c in coeffs_of):  # different step counts: serve one at a time
-            return [self._gram_newton_schulz(pg, dtype, [it])[0] for it in items]
+            return [self._row_sharded_newton_schulz(pg, dtype, [it])[0] for it in items]
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         P = dist.get_world_size(pg)
         for t in range(steps):
@@ -660,7 +661,7 @@ class ShardedTorchBackend(TorchBackend):
                 B = torch.baddbmm(A, A, A, beta=b, alpha=c)
                 Xs[k] = torch.baddbmm(Xs[k], Xs[k], B.mT, beta=a, alpha=1.0)
                 info = items[k][0][2].cache["mango.distributed"]
-                self.comm.ns_flops += Xs[k].shape[0] * (4.0 * info.cols**2 * info.local_rows + 2.0 * info.cols**3)
+                self.comm.ns_flops += Xs[k].shape[0] * row_sharded_ns_flops(info.local_rows, info.cols, 1)
         if self.profile:
             self.comm.ns_seconds += self._clock() - t0
         out = []
@@ -808,10 +809,10 @@ class ShardedTorchBackend(TorchBackend):
                 if nb.norm in NS_NORMS and not nb.experts:  # experts: whole on their rank, NS stays local
                     steps = len(ns_schedule(group))
                     jobs = ns_jobs.setdefault(pg, dict(jobs=[], base=[0.0] * P))
-                    if use_gram_ns(nb.shape, nb.norm, group["ns_prescale"], steps, P):
-                        info.ns_mode = "gram"
+                    if use_row_sharded_ns(nb.shape, nb.norm, group["ns_prescale"], steps, P):
+                        info.ns_mode = "row_sharded"
                         for q in range(P):
-                            jobs["base"][q] += len(idx) * gram_ns_flops(rows[q], info.cols, steps)
+                            jobs["base"][q] += len(idx) * row_sharded_ns_flops(rows[q], info.cols, steps)
                     else:
                         info.owners = [0] * len(idx)
                         cost = ns_flops(nb.shape, nb.block_shape, steps)

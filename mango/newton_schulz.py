@@ -29,13 +29,16 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "spectral_norm",
     "prescale",
     "textbook",
     "gram",
     "newton_schulz",
     "gram_restarts",
+    "textbook_step_flops",
     "textbook_flops",
     "gram_flops",
+    "flops",
 ]
 
 
@@ -44,13 +47,18 @@ def gram_restarts(steps: int) -> tuple[int, ...]:
     return tuple(range(2, steps, 3))
 
 
+def spectral_norm(X: torch.Tensor) -> torch.Tensor:
+    """Largest singular value of each matrix in a (..., r, c) batch (exact, via SVD; 16-bit
+    matrices in float64), in X's dtype."""
+    return torch.linalg.matrix_norm(X.to(torch.float64) if X.dtype in (torch.bfloat16, torch.float16) else X, ord=2).to(X.dtype)
+
+
 def prescale(X: torch.Tensor, how: str = "frobenius", eps: float = 1e-7) -> torch.Tensor:
     """X / max(‖X‖, eps) per matrix of a (..., m, n) batch: singular values into [0, 1]."""
     if how == "frobenius":
         scale = torch.linalg.matrix_norm(X, ord="fro", keepdim=True)
     elif how == "spectral":
-        wide = X.to(torch.float64) if X.dtype in (torch.bfloat16, torch.float16) else X
-        scale = torch.linalg.matrix_norm(wide, ord=2, keepdim=True).to(X.dtype)
+        scale = spectral_norm(X)[..., None, None]
     else:
         raise ValueError(f"mango: invalid ns_prescale={how!r}")
     return X / scale.clamp_min(eps)
@@ -97,10 +105,17 @@ def newton_schulz(X: torch.Tensor, coefficients, how: str = "frobenius", eps: fl
 # ----------------------------------------------------------------------------------------
 
 
-def textbook_flops(rows: int, cols: int, steps: int) -> int:
-    """FLOPs of the textbook form on one matrix (2 per multiply-add, no symmetry)."""
-    m, n = min(rows, cols), max(rows, cols)
-    return steps * (4 * m * m * n + 2 * m**3)
+def textbook_step_flops(m: int, n: int, symmetric: bool = False) -> int:
+    """FLOPs of one textbook step on an m×n X whose Gram matrix A = X·Xᵀ is m×m (2 per multiply-add):
+    A, A·A and B·X; `symmetric`: A and B counted on one triangle (the least work a step needs)."""
+    if symmetric:
+        return m * (m + 1) * n + m * m * (m + 1) + 2 * m * m * n
+    return 4 * m * m * n + 2 * m**3
+
+
+def textbook_flops(rows: int, cols: int, steps: int, symmetric: bool = False) -> int:
+    """FLOPs of the textbook form on one matrix, used in its wide orientation (2 per multiply-add)."""
+    return steps * textbook_step_flops(min(rows, cols), max(rows, cols), symmetric)
 
 
 def gram_flops(rows: int, cols: int, steps: int, restarts=None) -> int:
@@ -123,3 +138,8 @@ def gram_flops(rows: int, cols: int, steps: int, restarts=None) -> int:
         if k + 1 < steps and k + 1 not in restarts:
             total += 2 * small  # P·R·P
     return total + big  # Q·X
+
+
+def flops(method: str, rows: int, cols: int, steps: int) -> int:
+    """FLOPs of the `method` form ("textbook" or "gram") on one matrix."""
+    return gram_flops(rows, cols, steps) if method == "gram" else textbook_flops(rows, cols, steps)

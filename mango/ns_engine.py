@@ -22,7 +22,9 @@ How "auto" is decided:
   Triton kernels run their design point (bf16 textbook / fp16 Gram) on any device.
 * **engine** (triton backend): from the per-architecture table `ARCH_TABLE` (measured on a GPU)
   or, for an architecture not in it, from `model_engine` (a FLOP/launch model); the setting
-  `ns_engine` ("triton" / "cublas") forces it. Tile sizes always fit the target's shared memory.
+  `ns_engine` ("triton" / "cublas") forces it. Tile sizes always fit the target's shared memory
+  (`mango_kernels.resources`: what each tiled kernel takes, held to Triton's compiler by the
+  ahead-of-time check); the on-chip limits are the kernels' own (`resources.ON_CHIP_MAX_ROWS`).
 
 The measured verdict is fixed for the optimizer's life: `Mango.state_dict()` stores it and a
 loaded optimizer keeps it (also on another machine: the dtypes of a resumed run do not change).
@@ -38,6 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mango_kernels.resources import ON_CHIP_MAX_ROWS, fit_tiles
+
 from . import newton_schulz as _ns
 from .config import DEFAULTS, ns_schedule
 
@@ -46,7 +50,6 @@ __all__ = [
     "DeviceProfile",
     "ENGINES",
     "ARCH_TABLE",
-    "SHARED_MEMORY",
     "choose",
     "choose_for_bucket",
     "auto_dtype",
@@ -56,20 +59,12 @@ __all__ = [
     "clear_measurements",
     "measure_rates",
     "model_engine",
-    "tile_shared_memory",
 ]
 
 ENGINES = ("auto", "triton", "cublas")  # the ns_engine setting
 _LOW = (torch.bfloat16, torch.float16)
 # candidate operand dtypes per form, most precise last: what holds the correctness contract's accuracy for that form
 _CANDIDATES = {"textbook": (torch.bfloat16, torch.float32), "gram": (torch.float16, torch.float32)}
-
-# On-chip limits of the Triton kernels (rows of the wide orientation), as in mango_kernels.ns
-ON_CHIP_MAX_ROWS = {"textbook": 128, "gram": 64}
-
-# Shared memory per block (bytes) of the ahead-of-time compile targets
-SHARED_MEMORY = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
-_STAGES = 3  # num_stages of the tiled kernels
 
 # Per architecture, measured on a GPU (gpu-runs/2026-12-04-h200: sweep.log, step.md, profile.log):
 #   sm_90: the on-chip kernels win for head blocks (64×768 ×432: 0.42× the bare cuBLAS NS); the
@@ -79,26 +74,7 @@ _STAGES = 3  # num_stages of the tiled kernels
 ARCH_TABLE = {
     "sm_90": {"small": "triton_small", "large": "cublas", "tiles": (64, 128, 64)},
 }
-
-
-def tile_shared_memory(tiles, itemsize: int = 2, stages: int = _STAGES) -> int:
-    """Bytes of shared memory a tiled NS kernel takes: per stage a BM×BK and a BK×BN operand tile."""
-    bm, bn, bk = tiles
-    return stages * (bm * bk + bk * bn) * itemsize
-
-
-def _fit_tiles(tiles, arch: str, itemsize: int = 2):
-    """`tiles`, halved along its largest side until it fits `arch`'s shared memory."""
-    bm, bn, bk = tiles
-    limit = SHARED_MEMORY.get(arch, min(SHARED_MEMORY.values()))
-    while tile_shared_memory((bm, bn, bk), itemsize) > limit:
-        if bn >= bm and bn > 16:
-            bn //= 2
-        elif bm > 16:
-            bm //= 2
-        else:
-            bk //= 2
-    return (bm, bn, bk)
+DEFAULT_TILES = (64, 128, 64)  # where the table has no tile sizes: cut to fit by `fit_tiles`
 
 
 @dataclass(frozen=True)
@@ -262,7 +238,7 @@ def model_engine(rows: int, cols: int, method: str, steps: int, count: int) -> s
     m = min(rows, cols)
     if m > ON_CHIP_MAX_ROWS[method]:
         return "cublas"
-    flops = count * (_ns.gram_flops(rows, cols, steps) if method == "gram" else _ns.textbook_flops(rows, cols, steps))
+    flops = count * _ns.flops(method, rows, cols, steps)
     peak = 400e12  # a relative scale: ~ a current tensor-core GPU
     on_chip = flops / (0.35 * peak) + 5e-6
     cublas = flops / (0.7 * peak) + (3 * steps + 3) * 5e-6
@@ -272,10 +248,6 @@ def model_engine(rows: int, cols: int, method: str, steps: int, count: int) -> s
 # ----------------------------------------------------------------------------------------
 # the decision
 # ----------------------------------------------------------------------------------------
-
-
-def _flops(method: str, rows: int, cols: int, steps: int) -> int:
-    return _ns.gram_flops(rows, cols, steps) if method == "gram" else _ns.textbook_flops(rows, cols, steps)
 
 
 def _form_and_dtype(settings, rows, cols, state_dtype, profile: DeviceProfile, forms=("textbook", "gram")):
@@ -294,7 +266,7 @@ def _form_and_dtype(settings, rows, cols, state_dtype, profile: DeviceProfile, f
         else:
             dtypes = _CANDIDATES[method]
         for dt in dtypes:
-            cost = _flops(method, rows, cols, steps) / profile.rates.get(dt, 1.0)
+            cost = _ns.flops(method, rows, cols, steps) / profile.rates.get(dt, 1.0)
             if best is None or cost < best[0]:
                 best = (cost, method, dt)
     return best[1], best[2]
@@ -345,7 +317,7 @@ def _engine(settings, engine_setting, rows, cols, method, dtype, device, why, co
     small = m <= ON_CHIP_MAX_ROWS[method]
     arch = (device.arch if isinstance(device, _Target) else cuda_arch(device)) if device.type == "cuda" else None
     entry = ARCH_TABLE.get(arch)
-    tiles = _fit_tiles((entry or {}).get("tiles", (64, 128, 64)), arch or "sm_86", torch.finfo(dtype).bits // 8) if arch else None
+    tiles = fit_tiles((entry or {}).get("tiles", DEFAULT_TILES), arch, torch.finfo(dtype).bits // 8, method) if arch else None
     if engine_setting == "cublas":
         return NSChoice("cublas", method, dtype, f"{why}; ns_engine=cublas")
     if engine_setting == "triton" or device.type != "cuda":

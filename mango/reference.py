@@ -49,11 +49,6 @@ def compute_dtype(param: torch.Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------------------
 
 
-def spectral_norm(X: torch.Tensor) -> torch.Tensor:
-    """Largest singular value of each matrix in a (..., r, c) batch (exact, via SVD)."""
-    return torch.linalg.matrix_norm(X.to(torch.float64) if X.dtype in (torch.bfloat16, torch.float16) else X, ord=2).to(X.dtype)
-
-
 def newton_schulz(
     X: torch.Tensor,
     coefficients: "Sequence[tuple[float, float, float]]",

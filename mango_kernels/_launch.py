@@ -6,7 +6,7 @@ Every kernel launch and every device-side torch op the Triton backend issues goe
     with mango_kernels.count_launches() as log:
         opt.step()
     log.count            # device launches (Triton kernels + torch ops + table copies)
-    log.by_name()        # {"moments": 1, "ns_gram": 5, ...}
+    log.by_name()        # {"moments": 1, "ns_xxt": 5, ...}
     with mango_kernels.count_launches(dry_run=True): ...   # count without running kernels
     with mango_kernels.count_launches(capture=True) as log: ...
     log.launches         # [Launch(name, kernel, grid, args, kwargs)]: what would have run

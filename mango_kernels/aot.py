@@ -22,8 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-# Largest dynamic shared memory one block may use, by compute capability (CUDA guide, opt-in max).
-MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+from .resources import SHARED_MEMORY
 
 
 @dataclass
@@ -50,13 +49,15 @@ class Compiled:
 
 
 class _TargetDriver:
-    """The three answers `JITFunction.run` asks the active driver for; nothing is ever launched."""
+    """The three answers `JITFunction.run` asks the active driver for; nothing is ever launched.
+    The "device" is the target's architecture: a kernel keeps its compiled specializations per
+    device with the target it saw first there, so one process can compile for several targets."""
 
     def __init__(self, target):
         self.target = target
 
     def get_current_device(self):
-        return 0
+        return self.target.arch
 
     def get_current_stream(self, device=None):
         return 0
@@ -120,7 +121,7 @@ def compile_launches(launches, gpu_target=None) -> list[Compiled]:
             "run the compile check in a process without it"
         )
     gpu_target = gpu_target or target()
-    limit = MAX_SHARED_BYTES.get(gpu_target.arch)
+    limit = SHARED_MEMORY.get(f"sm_{gpu_target.arch}")
     by_kernel: dict = {}  # id(CompiledKernel) -> record: Triton's cache returns the same object
     failed: dict = {}  # _key -> record of a specialization that did not compile
     out: list[Compiled] = []

@@ -54,8 +54,8 @@ TIMEOUT = datetime.timedelta(seconds=90)
 #       so shard boundaries cut heads and the split is uneven; c_attn.bias (45,) likewise
 #   c_fc (13, 8) tall, mlp.c_proj (8, 13) wide, attn.c_proj (8, 15): uneven splits
 #   gate (3, 8) and gate.bias (3,): fewer rows than ranks at 4 ranks (an empty shard)
-#   up (23, 2): more than ns_steps times taller than wide, so its NS runs row-sharded ("gram"
-#       mode: Gram matrices all-reduced) instead of on an owner rank
+#   up (23, 2): more than ns_steps times taller than wide, so its NS runs row-sharded
+#       (Gram matrices all-reduced) instead of on an owner rank
 #   two layers: same-shape matrices share one NS bucket spread over owner ranks
 # --------------------------------------------------------------------------------------------
 VOCAB, D, N_HEAD, HD, D_FF, T, TALL = 11, 8, 3, 5, 13, 6, 23
@@ -306,7 +306,7 @@ def fsdp2_settings(ctx):
 #   GPT-2 (n_embd 10, 2 heads of 5): every Conv1D weight is stored (in, out), so Shard(0) splits its
 #       INPUT axis: c_attn (10, 30) 5/5 or 3/3/3/1 rows, and every shard holds a piece of every head
 #       (heads are column blocks); mlp.c_fc (10, 64); mlp.c_proj stored (64, 10) is more than
-#       ns_steps times taller than wide, so its NS runs row-sharded ("gram" mode) on the transposed
+#       ns_steps times taller than wide, so its NS runs row-sharded on the transposed
 #       operator; c_attn.bias (30,) cuts head blocks of 5 (15/15, 8/8/8/6); wte tied to lm_head
 #   Mixtral (4 heads of 4, 2 kv heads, intermediate 12): experts gate_up_proj (E, 24, 16) and
 #       down_proj (E, 16, 12) are Shard(0) on the expert dim, so every rank holds whole experts and
@@ -472,7 +472,7 @@ def fsdp2_conv1d(ctx):
     probe = shard_layers(hf_gpt2(), ctx["mesh"])
     assert group_of(hf_mango()(probe), "transformer.h.0.attn.c_attn.weight").get("orientation") == "in_out"
     c_proj = dict(probe.named_parameters())["transformer.h.0.mlp.c_proj.weight"]
-    assert mango.distributed.use_gram_ns(tuple(c_proj.shape), "ns", "frobenius", 5, ctx["world"])
+    assert mango.distributed.use_row_sharded_ns(tuple(c_proj.shape), "ns", "frobenius", 5, ctx["world"])
     out = {"gpt2": run_synthetic(ctx, hf_mango(), tag="gpt2", build=hf_gpt2, shard_fn=shard_layers)}
     out["gpt2_vs_reference"] = run_synthetic(
         ctx, hf_mango(), tag="gpt2 vs reference", build=hf_gpt2, shard_fn=shard_layers, ref_make_opt=hf_mango("reference")
@@ -809,7 +809,7 @@ def fsdp2_triton_launches(ctx):
     experts (the rest runs on owner ranks)."""
     import mango_kernels as mk
 
-    ns = ("ns_small", "ns_small_gram", "ns_gram", "ns_poly", "ns_update")
+    ns = ("ns_small", "ns_small_gram", "ns_xxt", "ns_poly", "ns_update")
 
     def launches(build, make_opt, sharded=True):
         model = build(dtype=torch.float32)  # bf16 NS: the kernels' (float64 NS runs in torch)

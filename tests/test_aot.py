@@ -1,8 +1,10 @@
 """Ahead-of-time compile check (bench.aot, mango_kernels.aot) and the launch capture it rests on.
 
 The compile check runs in a subprocess without TRITON_INTERPRET (in this process the kernels
-are interpreter objects) and compiles for sm_90 with the installed Triton: no GPU needed.
-Compiled specializations land in Triton's cache, so a second run only compiles what changed.
+are interpreter objects) and compiles with the installed Triton, no GPU needed: a GPT-2 step for
+sm_90, and on sm_80, sm_86, sm_89 and sm_90 the tiled NS kernels at the tile sizes mango.ns_engine
+picks there. Compiled specializations land in Triton's cache, so a second run only compiles what
+changed.
 """
 
 from __future__ import annotations
@@ -78,13 +80,30 @@ def test_gpt2_step_compiles_for_sm90(tmp_path):
     assert report["failed"] == 0 and report["target"]["arch"] == 90
     captured = {k for c in report["configs"] for k in c["kernels"]}
     compiled = {r["name"] for r in report["results"]}
-    assert compiled == captured and {"moments", "apply", "ns_small", "ns_gram", "ns_poly", "ns_update", "novograd_prepass"} <= captured
+    assert compiled == captured and {"moments", "apply", "ns_small", "ns_xxt", "ns_poly", "ns_update", "novograd_prepass"} <= captured
     dtypes = {r["constexprs"].get("DTYPE") for r in report["results"]} - {None}
     assert dtypes == {"bf16", "fp16", "fp32"}  # every NS operand dtype
     assert {r["constexprs"].get("COMPUTE") for r in report["results"]} - {None} == {"fp32", "fp64"}
     for r in report["results"]:
         assert "cubin" in r["asm"] and r["shared_bytes"] <= 232448, r["name"]
-    assert "| ns_gram |" in proc.stdout
+    assert "| ns_xxt |" in proc.stdout
+
+
+def test_tiled_kernels_fit_every_architecture_at_the_tiles_chosen_there(tmp_path):
+    """On sm_80, sm_86, sm_89 and sm_90 the tiled NS kernels compile at the tile sizes
+    mango.ns_engine picks there, fit the architecture's shared memory, and take exactly what
+    mango_kernels.resources (the model the tiles were picked by) says."""
+    out = tmp_path / "tiles.json"
+    proc = _python("", "-m", "bench.aot", "--tiles", "--arch", "80,86,89,90", "--json", str(out), timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["failed"] == 0
+    for arch in (80, 86, 89, 90):
+        mine = [r for r in report["results"] if r["arch"] == arch]
+        assert {r["name"] for r in mine} == {"ns_xxt", "ns_poly", "ns_update"}, arch
+        assert {r["constexprs"]["DTYPE"] for r in mine} == {"bf16", "fp32"}, arch  # fp16 takes bf16's shared memory
+        for r in mine:
+            assert "cubin" in r["asm"] and r["shared_bytes"] == r["model_bytes"], (arch, r["name"])
 
 
 def test_compile_check_reports_a_broken_kernel_without_stopping(tmp_path):

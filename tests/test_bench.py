@@ -177,12 +177,6 @@ def test_roofline_tied_embedding_has_no_head_ns():
     assert roofline.ns_flops(head) - roofline.ns_flops(emb) == 5 * hd
 
 
-def test_ns_step_flops_by_hand():
-    assert roofline.ns_step_flops(64, 768) == roofline.ns_step_flops(768, 64) == 4 * 64 * 64 * 768 + 2 * 64**3
-    r, c = 3, 5
-    assert roofline.ns_step_flops(r, c, symmetric=True) == r * (r + 1) * c + r * r * (r + 1) + 2 * r * r * c
-
-
 # ----------------------------------------------------------------------------------------
 # parameter sets
 # ----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ backend, itself tested against the float64 reference elsewhere; float64 unless n
   against the reference oracle: params and state equal to 1e-10 (they agree to ~1e-16). The
   tiny GPT's shapes make shard boundaries cut attention heads (45 QKV rows of head_dim 5 split
   23/22 and 12/12/12/9), uneven splits everywhere, an empty shard (3 rows on 4 ranks), and a
-  23x2 matrix tall enough for row-sharded ("gram") Newton–Schulz.
+  23x2 matrix tall enough for row-sharded Newton–Schulz.
 - fsdp2_settings: every norm (l2_col with an empty shard, whole-QKV ns, l2 on matrices, sign),
   trust ratio on NS buckets, adam, spectral NS prescale, maximize; 18 param groups.
 - fsdp2_moe: HF Mixtral from a config, labelled with no hints, 10 steps: experts Shard(0) on the expert
@@ -294,7 +294,7 @@ def test_process_group_must_be_a_group_or_a_1d_mesh():
 
 
 def test_owner_assignment_balances_flops_deterministically():
-    from mango.distributed import assign_owners, gram_ns_flops, ns_flops, use_gram_ns
+    from mango.distributed import assign_owners, ns_flops, row_sharded_ns_flops, use_row_sharded_ns
 
     # GPT-2 124M's NS matrices (12 layers) and the tied 50257x768 head, at 4 ranks
     layers = [((2304, 768), (64, 768))] * 12 + [((768, 768), (768, 768))] * 12
@@ -307,13 +307,13 @@ def test_owner_assignment_balances_flops_deterministically():
     assert abs(sum(loads) - sum(costs) - head) < 1e-6 * sum(loads)
     assert max(loads) == pytest.approx(head)  # gathered on one owner, the head alone bounds the step
     # ... so it runs row-sharded instead: every rank does a quarter, and the rest balances around it
-    assert use_gram_ns((50257, 768), "ns", "frobenius", 5, 4)
-    assert not use_gram_ns((3072, 768), "ns", "frobenius", 5, 4)  # 4x taller only: gathering is cheaper
-    assert not use_gram_ns((50257, 768), "ns_split", "frobenius", 5, 4)
-    assert not use_gram_ns((50257, 768), "ns", "spectral", 5, 4)
-    assert not use_gram_ns((50257, 768), "ns", "frobenius", 5, 1)
+    assert use_row_sharded_ns((50257, 768), "ns", "frobenius", 5, 4)
+    assert not use_row_sharded_ns((3072, 768), "ns", "frobenius", 5, 4)  # 4x taller only: gathering is cheaper
+    assert not use_row_sharded_ns((50257, 768), "ns_split", "frobenius", 5, 4)
+    assert not use_row_sharded_ns((50257, 768), "ns", "spectral", 5, 4)
+    assert not use_row_sharded_ns((50257, 768), "ns", "frobenius", 5, 1)
     rows = [12565, 12565, 12565, 12562]  # fully_shard's split of 50257 rows
-    owners, loads = assign_owners(costs, 4, [gram_ns_flops(r, 768, 5) for r in rows])
+    owners, loads = assign_owners(costs, 4, [row_sharded_ns_flops(r, 768, 5) for r in rows])
     assert max(loads) / (sum(loads) / 4) < 1.01
     # A·Aᵀ, A·A and B·X per step: 4·r²·c + 2·r³ for r ≤ c
     assert ns_flops((8, 5), (8, 5), 1) == 4 * 25 * 8 + 2 * 125

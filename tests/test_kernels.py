@@ -1,5 +1,6 @@
-"""The Triton kernels of mango_kernels, each against the float64 reference (the kernel design and
-the correctness contract, docs/design.md).
+"""The elementwise Triton kernels of mango_kernels, each against the float64 reference (the kernel
+design and the correctness contract, docs/design.md); the Newton–Schulz kernels are tested with
+every other NS engine in tests/test_newton_schulz.py.
 
 Runs under TRITON_INTERPRET=1 on CPU (conftest), or compiled with MANGO_TEST_DEVICE=cuda.
 Every tensor a kernel writes is poisoned with NaN first, so an element it forgets fails.
@@ -13,7 +14,6 @@ import math
 import pytest
 import torch
 
-import mango
 import mango_kernels as mk
 from mango import reference
 from mango_kernels.tables import (
@@ -32,7 +32,6 @@ from mango_kernels.tables import (
     TensorTable,
 )
 
-MUON = (3.4445, -4.7750, 2.0315)
 # odd sizes, 1×n, n×1, tall, wide, a vector, a 0-d tensor; 16-element tiles make most of them multi-tile
 SHAPES = [(7,), (1, 9), (9, 1), (13, 5), (3, 21), ()]
 BLOCK = 16
@@ -326,199 +325,6 @@ def test_nonfinite_flags_kernel(device):
     assert mk.nonfinite_flags(tensors, layout).tolist() == [False, True, True, False, False]
     tensors[3][0] = float("inf")
     assert mk.nonfinite_flags(tensors, layout).tolist() == [False, True, True, True, False]
-
-
-# ----------------------------------------------------------------------------------------
-# Newton–Schulz
-# ----------------------------------------------------------------------------------------
-
-SMALL = mk.NSConfig(small_max_rows=128, small_block_c=16)
-TILED = mk.NSConfig(small_max_rows=0, block_m=16, block_n=16, block_k=16)  # every item on the tiled path
-
-
-def ns_reference(X, coefficients, head_dim=None):
-    X64 = X.double().cpu()
-    if head_dim:
-        return reference.newton_schulz(X64.reshape(X64.shape[0], -1, head_dim, X64.shape[-1]), coefficients).reshape(X64.shape)
-    return reference.newton_schulz(X64, coefficients)
-
-
-def poisoned_ns(X, coefficients, head_dim=None, dtype=torch.bfloat16, config=SMALL, method="textbook", prescale="frobenius"):
-    """mk.newton_schulz with every scratch buffer NaN-filled before the run."""
-    original = mk.NSBatch.run
-
-    def run(self):
-        for buf in (self.buffer1, self.workspace_a, self.workspace_b):
-            buf.fill_(float("nan"))
-        return original(self)
-
-    mk.NSBatch.run = run
-    try:
-        return mk.newton_schulz(X, coefficients, head_dim=head_dim, dtype=dtype, config=config, method=method, prescale=prescale)
-    finally:
-        mk.NSBatch.run = original
-
-
-# Batches: per matrix, bf16 NS is ~1.3% ± 0.4% off float64 (torch's bf16 path too), so the
-# correctness contract's 2e-2 is a statement about a batch, not a guarantee for every tiny matrix.
-NS_SHAPES = [(8, 16, 16), (8, 8, 20), (8, 21, 6), (8, 1, 9), (8, 9, 1), (2, 37, 29)]
-
-
-def conditioned(shape, device, gen):
-    """Matrices with singular values spread over [0.3, 1]: where the NS polynomial is well
-    conditioned. (A Gaussian square matrix can have σ_min/‖X‖_F ~ 1e-4, where p⁵ has slope
-    a⁵ ≈ 480: even exact arithmetic on the bf16-rounded input is ~1% off there.)"""
-    B, r, c = shape
-    k = min(r, c)
-    U = torch.linalg.qr(torch.randn(B, r, k, generator=gen, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(B, c, k, generator=gen, dtype=torch.float64)).Q
-    S = torch.linspace(1.0, 0.3, k, dtype=torch.float64)
-    return (U * S) @ V.mT
-
-
-@pytest.mark.parametrize("config", [SMALL, TILED], ids=["on-chip", "tiled"])
-@pytest.mark.parametrize("shape", NS_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_newton_schulz_bf16_within_spec(shape, config, device):
-    """bf16 operands, fp32 accumulate: ‖X − X64‖/‖X64‖ ≤ 2e-2 (the correctness contract) and singular values
-    p⁵(σ/‖X‖_F) of the scalar polynomial within bf16 accuracy, inside Muon's band; on Gaussian
-    inputs (any conditioning) at least as accurate as torch's bf16 Newton–Schulz."""
-    from mango.backends.torch_backend import batched_newton_schulz
-
-    gen = torch.Generator().manual_seed(sum(shape))
-    X = conditioned(shape, device, gen).to(device=device, dtype=torch.float32)
-    out = poisoned_ns(X, [MUON] * 5, config=config)
-    assert out.dtype == torch.bfloat16 and out.shape == X.shape and torch.isfinite(out).all()
-    expected = ns_reference(X, [MUON] * 5)
-    assert rel(out, expected) <= 2e-2
-    sv = torch.linalg.svdvals(out.double().cpu())
-    assert float((sv - torch.linalg.svdvals(expected)).abs().max()) <= 0.05
-    assert 0.6 < float(sv.min()) and float(sv.max()) < 1.25  # Muon's quintic: σ in about (0.68, 1.2)
-
-    if config is TILED:
-        return  # the Gaussian comparison below once is enough (interpreter time)
-    G = randn(shape, torch.float32, device, gen)
-    out = poisoned_ns(G, [MUON] * 5, config=config)
-    expected = ns_reference(G, [MUON] * 5)
-    torch_bf16 = batched_newton_schulz(G.cpu().to(torch.bfloat16), [MUON] * 5, "frobenius", 1e-7)
-    assert rel(out, expected) <= 1.1 * rel(torch_bf16, expected) + 1e-3
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("config", [SMALL, TILED], ids=["on-chip", "tiled"])
-def test_newton_schulz_other_dtypes(dtype, tol, config, device):
-    """fp32 operands (IEEE dot) reproduce the float64 polynomial to fp32 rounding; fp16 too, to its own."""
-    gen = torch.Generator().manual_seed(1)
-    X = randn((2, 19, 24), torch.float32, device, gen)
-    out = poisoned_ns(X, [MUON] * 5, dtype=dtype, config=config)
-    assert out.dtype == dtype
-    assert rel(out, ns_reference(X, [MUON] * 5)) <= tol
-
-
-@pytest.mark.parametrize("n_q, n_kv", [(4, 4), (4, 1)], ids=["MHA", "GQA"])
-def test_newton_schulz_head_blocks(n_q, n_kv, device):
-    """Fused QKV: rows split into head blocks of head_dim (n_q + 2·n_kv of them), a strided
-    batch of the same buffer; equals NS of each block on its own."""
-    hd, cols = 4, 12
-    gen = torch.Generator().manual_seed(4)
-    X = randn((2, (n_q + 2 * n_kv) * hd, cols), torch.float32, device, gen)
-    out = poisoned_ns(X, [MUON] * 5, head_dim=hd, dtype=torch.float32)
-    blocks = torch.cat([reference.newton_schulz(b, [MUON] * 5) for b in X.double().cpu().reshape(-1, hd, cols)])
-    assert rel(out, blocks.reshape(X.shape)) <= 1e-5
-
-
-@pytest.mark.parametrize("config", [SMALL, TILED], ids=["on-chip", "tiled"])
-def test_newton_schulz_per_step_coefficients_and_steps(config, device):
-    gen = torch.Generator().manual_seed(6)
-    X = randn((1, 20, 18), torch.float32, device, gen)
-    cases = [[MUON] * 2 + [(2.0, -1.5, 0.5)] * 2, [MUON]]
-    if config is SMALL:
-        cases.append([])  # ns_steps=0: the pre-scale alone (the backend does it with torch on the tiled path)
-    for coefficients in cases:
-        out = poisoned_ns(X, coefficients, dtype=torch.float32, config=config)
-        assert rel(out, ns_reference(X, coefficients)) <= 1e-5, len(coefficients)
-
-
-GRAM_SMALL = mk.NSConfig(gram_small_max_rows=64, small_block_c=16)
-GRAM_TILED = mk.NSConfig(gram_small_max_rows=0, block_m=16, block_n=16, block_k=16)
-PE5 = list(mango.config.normalize_ns_coefficients("polar_express", 5))
-
-
-@pytest.mark.parametrize("config", [GRAM_SMALL, GRAM_TILED], ids=["on-chip", "tiled"])
-@pytest.mark.parametrize("shape", [(4, 16, 48), (3, 21, 6), (2, 1, 9), (2, 24, 40)], ids=lambda s: "x".join(map(str, s)))
-def test_gram_form_matches_the_textbook_polynomial(shape, config, device):
-    """The Gram form (R = X·Xᵀ iterated, restart before step 2, Q·X at the end): in fp32 the float64
-    textbook polynomial to 1e-4 (Muon's and Polar Express's coefficients), in fp16 within the
-    correctness contract's 2e-2 on well-conditioned inputs; every scratch buffer poisoned."""
-    gen = torch.Generator().manual_seed(sum(shape))
-    X = conditioned(shape, device, gen).to(device=device, dtype=torch.float32)
-    for coefficients in ([MUON] * 5, PE5):
-        expected = ns_reference(X, coefficients)
-        out = poisoned_ns(X, coefficients, dtype=torch.float32, config=config, method="gram")
-        assert out.dtype == torch.float32 and torch.isfinite(out).all()
-        assert rel(out, expected) <= 1e-4
-    out = poisoned_ns(X, [MUON] * 5, dtype=torch.float16, config=config, method="gram")
-    assert rel(out, ns_reference(X, [MUON] * 5)) <= 2e-2
-
-
-@pytest.mark.parametrize("config", [GRAM_SMALL, GRAM_TILED], ids=["on-chip", "tiled"])
-def test_gram_form_zero_rank_deficient_and_spectral(config, device):
-    """Zero matrices stay zero; a rank-2 input is orthogonalized on its range (the null space, where
-    rounding noise is amplified by every form, is left out of the comparison); spectral pre-scale."""
-    gen = torch.Generator().manual_seed(3)
-    zero = torch.zeros(2, 12, 20, device=device)
-    assert torch.equal(poisoned_ns(zero, [MUON] * 5, dtype=torch.float32, config=config, method="gram"), zero)
-    low = (torch.randn(2, 12, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 2, 20, generator=gen, dtype=torch.float64))
-    X = low.to(device=device, dtype=torch.float32)
-    out = poisoned_ns(X, [MUON] * 5, dtype=torch.float32, config=config, method="gram").double().cpu()
-    expected = ns_reference(X, [MUON] * 5)
-    P = torch.linalg.pinv(low) @ low  # projector onto the row space (cols x cols)
-    assert rel(out @ P, expected @ P) <= 1e-4
-    G = randn((2, 12, 20), torch.float32, device, gen)
-    out = poisoned_ns(G, [MUON] * 5, dtype=torch.float32, config=config, method="gram", prescale="spectral")
-    assert rel(out, reference.newton_schulz(G.double().cpu(), [MUON] * 5, "spectral")) <= 1e-4
-
-
-@pytest.mark.parametrize("method, config", [("textbook", SMALL), ("textbook", TILED), ("gram", GRAM_SMALL), ("gram", GRAM_TILED)])
-def test_strided_items_conv1d_heads_and_experts(method, config, device):
-    """Items are strided views of the stack: the column head blocks of a transposed (in, out)
-    weight (HF Conv1D), and experts; each equals NS of that block on its own."""
-    from mango.backends.triton_backend import ns_blocks
-    from mango.plan import NormBucket
-
-    gen = torch.Generator().manual_seed(5)
-    cases = [
-        (NormBucket("ns_split", [], (20, 24), (4, 20), head_dim=4, orientation="in_out"), (20, 24)),  # 6 heads of (4, 20)
-        (NormBucket("ns", [], (3, 8, 20), (8, 20), experts=True), (3, 8, 20)),
-        (NormBucket("ns", [], (3, 20, 8), (8, 20), experts=True, orientation="in_out"), (3, 20, 8)),
-    ]
-    for nb, shape in cases:
-        d = randn(shape, torch.float32, device, gen)
-        spec = mk.NSSpec(d.numel(), ns_blocks(nb, d.numel()))
-        batch = mk.NSBatch([spec], torch.float32, device, config, method=method)
-        batch.input_view(0).copy_(d.reshape(-1))
-        batch.set_schedule([5], [[MUON] * 5], [1e-7])
-        batch.run()
-        got = torch.stack(batch.block_views(0, out=True)).double().cpu()
-        blocks = torch.stack([d.reshape(-1).double().cpu().as_strided((r, c), (sr, sc), off) for off, r, c, sr, sc in spec.blocks])
-        assert rel(got, reference.newton_schulz(blocks, [MUON] * 5)) <= 1e-4, (nb, method)
-
-
-def test_newton_schulz_one_launch_for_small_items(device):
-    """All small items of every shape: one launch; the tiled path: three per NS step."""
-    X = torch.randn(3, 8, 20, device=device)
-    with mk.count_launches() as log:
-        mk.newton_schulz(X, [MUON] * 5, config=SMALL)
-    assert log.by_name() == {"ns_small": 1}
-    with mk.count_launches(dry_run=True) as log:
-        mk.newton_schulz(X, [MUON] * 5, config=TILED)
-    assert log.by_name() == {"ns_gram": 5, "ns_poly": 5, "ns_update": 5}
-    with mk.count_launches() as log:
-        mk.newton_schulz(X, [MUON] * 5, config=GRAM_SMALL, method="gram", dtype=torch.float16)
-    assert log.by_name() == {"ns_small_gram": 1}
-    with mk.count_launches() as log:  # R, one restart (Q·X, R), the final Q·X; the m×m iteration on the host
-        mk.newton_schulz(X, [MUON] * 5, config=GRAM_TILED, method="gram", dtype=torch.float16)
-    names = log.by_name()
-    assert names["ns_gram"] == 2 and names["ns_update"] == 2 and "ns_poly" not in names
 
 
 def test_launch_counter_api():

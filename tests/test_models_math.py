@@ -40,6 +40,7 @@ import transformers
 from torch import nn
 
 import mango
+from mango import newton_schulz as mango_ns
 from third_party import torchvision
 
 from test_roles_hf import BUILDERS, EXPECTED, TOKENS  # tiny configs and the hand-written labels
@@ -73,15 +74,9 @@ def first_direction(g: torch.Tensor) -> torch.Tensor:
 
 def newton_schulz(X: torch.Tensor) -> torch.Tensor:
     """Muon's quintic on one (r, c) matrix: X/‖X‖_F, on the wide orientation (Xᵀ when r > c),
-    NS_STEPS times A = X·Xᵀ, X ← a·X + (b·A + c·A²)·X."""
-    tall = X.shape[0] > X.shape[1]
-    Y = X.T if tall else X
-    Y = Y / torch.linalg.matrix_norm(Y)
-    a, b, c = QUINTIC
-    for _ in range(NS_STEPS):
-        A = Y @ Y.T
-        Y = a * Y + (b * A + c * (A @ A)) @ Y
-    return Y.T if tall else Y
+    NS_STEPS times A = X·Xᵀ, X ← a·X + (b·A + c·A²)·X (the float64 polynomial, which
+    tests/test_newton_schulz.py holds to that formula written out)."""
+    return mango_ns.newton_schulz(X, [QUINTIC] * NS_STEPS)
 
 
 def quintic(s: torch.Tensor) -> torch.Tensor:

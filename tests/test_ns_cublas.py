@@ -104,4 +104,4 @@ def test_dry_run_counts_what_the_step_runs_on_the_sm90_choice():
     assert dry.by_name() == real.by_name()
     names = real.by_name()
     assert "cublas_ns" in names and {"ns_small", "ns_small_gram"} & names.keys()
-    assert not {"ns_gram", "ns_poly", "ns_update"} & names.keys()  # no tiled kernels: the table's choice
+    assert not {"ns_xxt", "ns_poly", "ns_update"} & names.keys()  # no tiled kernels: the table's choice

@@ -8,6 +8,7 @@ import torch
 import mango
 from mango import config, ns_engine
 from mango.ns_engine import DeviceProfile, choose
+from mango_kernels import resources
 
 CPU = torch.device("cpu")
 S = dict(config.DEFAULTS)
@@ -71,11 +72,29 @@ def test_gpu_table_and_model():
     assert choose(S, 64, 768, torch.float32, CPU, "triton", arch="sm_100", count=432).engine == "triton_small"
     tiled = choose(dict(S, ns_engine="triton"), 768, 3072, torch.float32, CPU, "triton", arch="sm_86")
     assert tiled.engine == "triton_tiled"
-    for arch, smem in ns_engine.SHARED_MEMORY.items():
-        for dt in (torch.bfloat16, torch.float32):
-            t = choose(dict(S, ns_engine="triton", ns_dtype=dt), 768, 3072, torch.float32, CPU, "triton", arch=arch).tiles
-            assert ns_engine.tile_shared_memory(t, torch.finfo(dt).bits // 8) <= smem
+    for arch, smem in resources.SHARED_MEMORY.items():
+        for dt, method in ((torch.bfloat16, "textbook"), (torch.float32, "textbook"), (torch.float16, "gram")):
+            settings = dict(S, ns_engine="triton", ns_dtype=dt, ns_method=method)
+            t = choose(settings, 768, 3072, torch.float32, CPU, "triton", arch=arch).tiles
+            assert resources.tiles_shared_memory(t, torch.finfo(dt).bits // 8, arch, method) <= smem
     assert choose(dict(S, ns_engine="cublas"), 64, 768, torch.float32, CPU, "triton", arch="sm_90").engine == "cublas"
+
+
+def test_tile_sizes_are_cut_to_what_the_kernels_take():
+    """The shared-memory model holds the compiler's numbers (tests/test_aot.py checks it compiled):
+    ns_poly takes 81,920 B at (64, 128, 64) and 163,840 B at (128, 128, 64), more than sm_86 has; the
+    mirrored X·Xᵀ tile takes 262,144 B at (256, 128, 64) on sm_90, more than it has. Tiles that do
+    not fit are halved where it helps until every kernel of the form fits."""
+    assert resources.tiled_shared_memory("ns_poly", (64, 128, 64), 2, "sm_90") == 81920
+    assert resources.tiled_shared_memory("ns_poly", (128, 128, 64), 2, "sm_86") == 163840
+    assert resources.tiled_shared_memory("ns_xxt", (256, 128, 64), 2, "sm_90") == 262144
+    assert resources.fit_tiles((128, 128, 64), "sm_86", 2) == (64, 128, 64)
+    for arch, smem in resources.SHARED_MEMORY.items():
+        for size, method in ((2, "textbook"), (4, "textbook"), (2, "gram")):
+            tiles = resources.fit_tiles((256, 256, 64), arch, size, method)
+            assert resources.tiles_shared_memory(tiles, size, arch, method) <= smem and min(tiles) >= 16
+    with pytest.raises(ValueError, match="kernel"):
+        resources.tiled_shared_memory("ns_syrk", (64, 64, 64), 2, "sm_90")
 
 
 def test_ns_engine_setting_is_validated():

@@ -308,7 +308,7 @@ def expected_launches(lg, device, ns_steps=5, table_copies=0) -> dict:
         names = ["moments", "apply"] + ["segment_sums"] * bool(r.layout.n_post_segments)
         for batch, _ in r.ns_batches:
             assert not (batch.large and batch.method == "gram"), "the tiled Gram form's launches are not modelled here"
-            names += [small_ns_launch(batch)] * bool(batch.small) + ["ns_gram", "ns_poly", "ns_update"] * ns_steps * bool(batch.large)
+            names += [small_ns_launch(batch)] * bool(batch.small) + ["ns_xxt", "ns_poly", "ns_update"] * ns_steps * bool(batch.large)
         for n in names:
             out[n] = out.get(n, 0) + 1
     if table_copies:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from .train_stage import TRITON_SPEC
 
-FIRST = ["test_kernels", "test_triton_backend"]  # kernels and backends first
+FIRST = ["test_kernels", "test_newton_schulz", "test_triton_backend"]  # kernels and backends first
 SETS = "gpt2-124m,hf-gpt2-124m,hf-gpt2-350m,llama-1b"
 DRY_SETS = "tiny,hf-gpt2-tiny,llama-tiny"
 # mango first (its step, the captured step, the torch backend), then torch's Muon + AdamW and the

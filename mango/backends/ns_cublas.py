@@ -93,8 +93,9 @@ class CublasNSBatch:
         for name, (n, dt) in self.buffer_sizes.items():
             setattr(self, name, alloc(max(n, 1), dt))
 
-    def set_schedule(self, steps, coefficients, eps, prescale_from_sums=None) -> None:
-        """The bucket's schedule (one param group: every member has the same)."""
+    def set_schedule(self, steps, coefficients, eps, prescale_from_sums=None, restarts=None) -> None:
+        """The bucket's schedule (one param group: every member has the same; the Gram form's
+        restarts are batched_newton_schulz's own)."""
         self.coefficients = tuple(tuple(map(float, c)) for c in coefficients[0])
         self.eps = float(eps[0])
         self.prescale = "spectral" if prescale_from_sums and prescale_from_sums[0] else "frobenius"

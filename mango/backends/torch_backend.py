@@ -39,7 +39,7 @@ from .. import newton_schulz as _ns
 from ..config import ns_schedule
 from ..layout import block_shape, norm_blocks
 from ..ns_engine import choose_for_bucket
-from ..reference import spectral_norm
+from .arena import align_up, itemsize, typed_view
 
 __all__ = ["TorchBackend", "batched_newton_schulz", "CHUNK_ELEMENTS"]
 
@@ -104,7 +104,7 @@ def batched_newton_schulz(
     if prescale == "frobenius":
         scale = _frobenius(src)
     else:
-        scale = spectral_norm(src)[..., None, None]
+        scale = _ns.spectral_norm(src)[..., None, None]
     scale = scale.clamp_min(eps)
     if src.dtype == dtype:  # divide in the operand dtype: an fp32 scale would promote the division to an
         scale = scale.to(dtype)  # X-sized fp32 temporary before the cast into `cur`
@@ -610,11 +610,11 @@ class TorchBackend:
     def _typed(raw, start_bytes: int, n: int, dtype) -> torch.Tensor:
         """n elements of `dtype` at a 16-byte aligned offset of the workspace (a uint8 buffer, or
         under compile one buffer per dtype)."""
-        word = torch.finfo(dtype).bits // 8
-        start = -(-start_bytes // 16) * 16  # 16-byte aligned
+        start = align_up(start_bytes, 16)
         if isinstance(raw, dict):
+            word = itemsize(dtype)
             return raw[dtype][start // word : start // word + n]
-        return raw[start : start + n * word].view(dtype)
+        return typed_view(raw, start, n, dtype)
 
     @staticmethod
     def _nbytes(raw) -> int:

@@ -8,7 +8,7 @@ tensors of the step at once:
     moments         v, m, d for every tensor (d straight into the bf16 NS stack when NS-bound)
     segment_sums    ‖d‖² per tensor / head block / row, ‖W‖² for trust ratio
     ns_small        all NS steps of every matrix with ≤ 128 rows (attention heads), one launch
-    ns_gram/poly/update × ns_steps   NS of the larger matrices, every shape in one grid
+    ns_xxt/poly/update × ns_steps    NS of the larger matrices, every shape in one grid
     apply           Δ, lr·k, trust ratio, offset momentum, weight decay, write W
 
 per round. The memory budget bounds the memory a step may use beyond the state by 2× the largest NS bucket
@@ -29,7 +29,7 @@ steps, and the group hyperparameters, which schedulers change) with one host→d
 
 Torch is used, outside the hot path, for: float64 Newton–Schulz (float64 params with
 ns_dtype "auto", or ns_dtype=float64: `torch_backend.batched_newton_schulz`), the spectral
-pre-scale option (`reference.spectral_norm` fills the pre-scale slots), ns_steps=0 on large
+pre-scale option (`newton_schulz.spectral_norm` fills the pre-scale slots), ns_steps=0 on large
 matrices, copies in/out of non-contiguous params and grads, and the step counters (0-d
 tensors, on the CPU unless a checkpoint put them on the device: then one foreach add). Every
 such device op is counted in the launch log. ns_dtype="auto" means bf16 NS here on any device
@@ -68,8 +68,10 @@ from mango_kernels.tables import (
 from ..config import ns_schedule
 from ..layout import norm_blocks, operator_shape
 from ..ns_engine import choose_for_bucket
-from ..reference import spectral_norm
+from ..newton_schulz import gram_restarts, spectral_norm
+from .arena import Arena, span
 from .ns_cublas import CublasNSBatch
+from .ns_gram_host import iterate_large
 from .torch_backend import _safe_inverse, batched_newton_schulz
 
 _NORM_KIND = {"none": NORM_NONE, "sign": NORM_SIGN, "l2": NORM_SEGMENT_L2, "l2_split": NORM_SEGMENT_L2, "l2_col": NORM_SEGMENT_L2}
@@ -155,30 +157,7 @@ _ARENA_ALIGN = 256  # bytes: every view of the arena starts at a multiple (vecto
 
 def _span(requests) -> int:
     """Bytes of arena that `requests` [(numel, dtype)] take when carved one after another."""
-    end = 0
-    for n, dt in requests:
-        end = -(-end // _ARENA_ALIGN) * _ARENA_ALIGN + n * (torch.finfo(dt).bits // 8)
-    return end
-
-
-class _Arena:
-    """One byte buffer that every round's work buffers are views of (rounds run one after another
-    on one stream, so they can share it)."""
-
-    def __init__(self, nbytes: int, device):
-        self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
-
-    def allocator(self):
-        """A fresh bump allocator `alloc(numel, dtype)` from the start of the arena (one per round)."""
-        end = 0
-
-        def alloc(n, dtype):
-            nonlocal end
-            start = -(-end // _ARENA_ALIGN) * _ARENA_ALIGN
-            end = start + n * (torch.finfo(dtype).bits // 8)
-            return self.buffer[start:end].view(dtype)
-
-        return alloc
+    return span(requests, _ARENA_ALIGN)
 
 
 def _segment_len(e) -> int:
@@ -313,7 +292,7 @@ class _Round:
                 batch = CublasNSBatch(members[0].nb, len(members), dtype, device, method)
             else:
                 config = ns_config if choice.tiles is None else _with_tiles(ns_config, choice.tiles)
-                batch = mk.NSBatch([e.ns_spec for e in members], dtype, device, config, method=method, bind=False)
+                batch = mk.NSBatch([e.ns_spec for e in members], dtype, device, config, method=method, bind=False, large_gram=iterate_large)
             for n, e in enumerate(members):
                 e.spec, e.batch = n, batch
             self.ns_batches.append((batch, members))
@@ -325,7 +304,7 @@ class _Round:
             reqs += [(max(n, 1), dt) for n, dt in batch.buffer_sizes.values()]
         return reqs
 
-    def bind(self, arena: _Arena) -> None:
+    def bind(self, arena: Arena) -> None:
         alloc = arena.allocator()
         self.work = alloc(max(self.work_elems, 1), self.dtype)
         for batch, _ in self.ns_batches:
@@ -333,7 +312,7 @@ class _Round:
 
     def set_ns_schedules(self, groups) -> None:
         for batch, members in self.ns_batches:
-            steps, coefficients, eps, spectral = [], [], [], []
+            steps, coefficients, eps, spectral, restarts = [], [], [], [], []
             for e in members:
                 group = groups[e.bucket.group_index]
                 co = ns_schedule(group)
@@ -341,7 +320,8 @@ class _Round:
                 coefficients.append(co)
                 eps.append(group["ns_eps"])
                 spectral.append(group["ns_prescale"] == "spectral")
-            batch.set_schedule(steps, coefficients, eps, spectral)
+                restarts.append(gram_restarts(steps[-1]))
+            batch.set_schedule(steps, coefficients, eps, spectral, restarts)
 
     def run(self, tables, groups, aligned: bool) -> None:
         """moments → segment sums → NS → apply, for this round's tensors. A round whose step is
@@ -468,7 +448,7 @@ class _LaunchGroup:
         self.rounds = [_Round(es, groups, device, compute_dtype, ns_config, block)
                        for es in _pack_rounds(self.entries, cost, capacity)]  # fmt: skip
         _share_small_tile_heights(self.rounds, groups)
-        self.arena = _Arena(max(_span(r.requests()) for r in self.rounds), device)
+        self.arena = Arena(max(_span(r.requests()) for r in self.rounds), device, _ARENA_ALIGN)
         for r in self.rounds:
             r.bind(self.arena)
         self.table = TensorTable(len(self.entries), device)
