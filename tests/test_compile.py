@@ -1,9 +1,9 @@
 """torch.compile of `opt.step()` and of a whole training step: runs on every backend and equals eager.
 
-The torch backend's math is traced and compiled (inductor); the step's bookkeeping and the
-backends that cannot be traced (triton, reference) run eagerly behind a graph break. An LR
-scheduler changes lr between steps; the compiled step must not be recompiled for every new lr.
-Small MLPs keep compile time down (a few seconds per graph on one core).
+The torch backend's math is traced and compiled (inductor); the triton and reference backends' step
+is one custom operator in the graph (mango.compiled_step); the step's bookkeeping runs eagerly
+behind a graph break. An LR scheduler changes lr between steps; the compiled step must not be
+recompiled for every new lr. Small MLPs keep compile time down (a few seconds per graph on one core).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import mango
+import mango_kernels as mk
+from mango import compiled_step
 
 PRESETS = ("mango", "muon", "lamb")
 STEPS = 4
@@ -39,7 +41,7 @@ def _inputs(t):
     return torch.randn(5, 12, generator=gen), torch.randn(5, 6, generator=gen)
 
 
-def _run(preset, mode, steps=STEPS, backend="torch", lr_tensor=False, resume_at=None):
+def _run(preset, mode, steps=STEPS, backend="torch", lr_tensor=False, resume_at=None, compile_backend="inductor"):
     """Parameters after `steps` steps, with a LambdaLR changing lr every step. mode: "eager",
     "step" (torch.compile(opt.step)) or "train" (forward, backward, step, zero_grad compiled).
     resume_at: save the state dicts after that many steps and continue in fresh objects.
@@ -64,9 +66,9 @@ def _run(preset, mode, steps=STEPS, backend="torch", lr_tensor=False, resume_at=
             opt.zero_grad()
 
         if mode == "train":
-            return torch.compile(train_step)
+            return torch.compile(train_step, backend=compile_backend)
         if mode == "step":
-            compiled_step = torch.compile(opt.step)
+            compiled_step = torch.compile(opt.step, backend=compile_backend)
             return eager_backward_compiled_step
         return train_step
 
@@ -128,20 +130,83 @@ def test_tensor_lr_is_the_same_lr():
     assert graphs[-1] == graphs[0], graphs
 
 
-@pytest.mark.parametrize("backend", ("reference", "triton"))
-def test_untraceable_backends_run_eagerly_behind_a_graph_break(backend, monkeypatch):
-    """The reference backend, and the triton backend (here under the Triton interpreter), run their
-    whole step eagerly behind a graph break: torch.compile(opt.step) gives the eager result, bit for
-    bit. Inside a compiled whole train step the forward and backward are inductor's (their gradients
-    differ from eager ones by rounding, ~1e-8 here), so that trajectory is held to the fp32 bound."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    eager, _ = _run("mango", "eager", steps=2, backend=backend)
-    compiled, _ = _run("mango", "step", steps=2, backend=backend)
-    assert _max_diff(eager, compiled) == 0.0
+@pytest.mark.parametrize("backend", ("triton", "reference"))
+def test_opaque_backends_compiled_step_is_the_eager_step(backend):
+    """The triton backend (here under the Triton interpreter) and the reference backend run their
+    step as one custom operator inside the compiled graph: torch.compile(opt.step) gives the eager
+    result bit for bit (the same kernels on the same tensors), through an lr schedule and a state
+    dict round trip, with no recompile per new lr. Inductor re-inplaces the operator: it is handed
+    the optimizer's own params and state, no copies."""
+    eager, _ = _run("mango", "eager", steps=3, backend=backend)
+    copies = compiled_step.stand_in_copies
+    compiled, graphs = _run("mango", "step", steps=3, backend=backend, resume_at=1)
     assert _moved(compiled) > 1e-3
-    if backend == "triton":
-        train, _ = _run("mango", "train", steps=2, backend=backend)
-        assert _max_diff(eager, train) <= TOL
+    assert _max_diff(eager, compiled) == 0.0
+    assert graphs[2] == graphs[1], graphs  # the fresh objects' first step compiles, their next lr does not
+    assert compiled_step.stand_in_copies == copies
+
+
+def test_compiled_train_step_with_the_triton_step_in_the_graph():
+    """forward, backward, the triton step (one operator) and zero_grad compiled, a tensor lr changed
+    by the schedule (an input of the operator): inductor's forward and backward round differently from
+    eager (~1e-8 here), so the trajectory is held to the fp32 bound; one set of graphs for every lr."""
+    eager, _ = _run("mango", "eager", steps=3, backend="triton", lr_tensor=True)
+    train, graphs = _run("mango", "train", steps=3, backend="triton", lr_tensor=True)
+    assert _max_diff(eager, train) <= TOL
+    assert graphs[-1] == graphs[0], graphs
+
+
+def test_triton_step_is_one_operator_in_the_graph():
+    """Traced, the triton step is one mango.backend_step node declaring every tensor it writes (each
+    param, its m, v and offset, and the one counter every state["step"] is a view of); the only
+    graph break is the call into the eager bookkeeping; the kernels it launches are the eager step's."""
+    model, twin = _model(), _model()
+    opt, eager_opt = _optimizer("mango", model, "triton"), _optimizer("mango", twin, "triton")
+    x, y = _inputs(0)
+    for m in (model, twin):
+        torch.nn.functional.mse_loss(m(x), y).backward()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    counters.clear()
+    with mk.count_launches() as compiled_log:
+        torch.compile(opt.step, backend=record)()
+    with mk.count_launches() as eager_log:
+        eager_opt.step()
+    reasons = list(counters["graph_break"])
+    assert reasons and all("_prepare_step" in r for r in reasons), reasons
+    calls = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in calls] == [torch.ops.mango.backend_step], calls
+    n_params = len(list(model.parameters()))
+    assert len(calls[0].args[1]) == 4 * n_params + 1
+    assert compiled_log.by_name() == eager_log.by_name() and compiled_log.count > 0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_operator_is_sound_where_the_compiler_does_not_reinplace():
+    """aot_eager runs the functionalized operator as is: it is handed copies of the params and state;
+    it steps the optimizer's own tensors and writes the results into the copies, which are copied
+    back: the eager result. Inductor's code calls the operator on the graph inputs themselves."""
+    from torch._inductor.utils import run_and_get_code
+
+    eager, _ = _run("mango", "eager", steps=2, backend="reference")
+    copies = compiled_step.stand_in_copies
+    compiled, _ = _run("mango", "step", steps=2, backend="reference", compile_backend="aot_eager")
+    assert _max_diff(eager, compiled) == 0.0
+    assert compiled_step.stand_in_copies > copies
+
+    model = _model()
+    opt = _optimizer("mango", model, "reference")
+    torch.nn.functional.mse_loss(model(_inputs(0)[0]), _inputs(0)[1]).backward()
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, codes = run_and_get_code(torch.compile(opt.step))
+    (code,) = [c for c in codes if "mango.backend_step" in c]
+    assert "copy" not in code and "clone" not in code, code
 
 
 def test_compiled_step_is_one_graph_of_the_math():
@@ -189,3 +254,4 @@ def test_bench_contender_compiles_the_torch_backend():
     assert max((a - b).abs().max().item() for a, b in zip(compiled_params, ps.build("cpu"))) > 1e-3  # they moved
     with pytest.raises(optimizers.Unavailable, match="^compile failed: "):
         optimizers.build("torch_compiled", ps, ps.build("cpu"), "cpu", compile_backend="no_such_backend")
+
