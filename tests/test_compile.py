@@ -255,3 +255,16 @@ def test_bench_contender_compiles_the_torch_backend():
     with pytest.raises(optimizers.Unavailable, match="^compile failed: "):
         optimizers.build("torch_compiled", ps, ps.build("cpu"), "cpu", compile_backend="no_such_backend")
 
+
+def test_compile_cost_bench_on_a_dry_run(tmp_path):
+    """bench.compile_cost: eager, the operator and the graph-break path launch the same kernels; the
+    operator is one graph after the one graph break, the graph-break path compiles nothing."""
+    from bench import compile_cost
+
+    rows = compile_cost.main(["--sets", "tiny", "--compile-backend", "eager", "--in-process", "--steps", "2", "--out", str(tmp_path)])
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+    by = {r["mode"]: r for r in rows}
+    assert set(by) == set(compile_cost.MODES)
+    assert by["eager"]["launches"] == by["operator"]["launches"] == by["graph_break"]["launches"] > 0
+    assert (by["operator"]["graphs"], by["operator"]["graph_breaks"]) == (1, 1)
+    assert (by["graph_break"]["graphs"], by["eager"]["graph_breaks"]) == (0, 0)
