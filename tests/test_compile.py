@@ -4,6 +4,8 @@ The torch backend's math is traced and compiled (inductor); the triton and refer
 is one custom operator in the graph (mango.compiled_step); the step's bookkeeping runs eagerly
 behind a graph break. An LR scheduler changes lr between steps; the compiled step must not be
 recompiled for every new lr. Small MLPs keep compile time down (a few seconds per graph on one core).
+The triton backend's tests take the `device` fixture: with MANGO_TEST_DEVICE=cuda they run the
+compiled kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ STEPS = 4
 TOL = 1e-5  # fp32 NS, compiled vs eager, over the whole trajectory
 
 
-def _model():
+def _model(device="cpu"):
     torch.manual_seed(0)
     return torch.nn.Sequential(
         torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6),
-    )  # fmt: skip
+    ).to(device)  # fmt: skip
 
 
 def _optimizer(preset, model, backend="torch", lr_tensor=False):
@@ -36,19 +38,19 @@ def _optimizer(preset, model, backend="torch", lr_tensor=False):
     return opt
 
 
-def _inputs(t):
+def _inputs(t, device="cpu"):
     gen = torch.Generator().manual_seed(100 + t)
-    return torch.randn(5, 12, generator=gen), torch.randn(5, 6, generator=gen)
+    return torch.randn(5, 12, generator=gen).to(device), torch.randn(5, 6, generator=gen).to(device)
 
 
-def _run(preset, mode, steps=STEPS, backend="torch", lr_tensor=False, resume_at=None, compile_backend="inductor"):
+def _run(preset, mode, steps=STEPS, backend="torch", lr_tensor=False, resume_at=None, compile_backend="inductor", device="cpu"):
     """Parameters after `steps` steps, with a LambdaLR changing lr every step. mode: "eager",
     "step" (torch.compile(opt.step)) or "train" (forward, backward, step, zero_grad compiled).
     resume_at: save the state dicts after that many steps and continue in fresh objects.
     Returns (parameters per step, unique graphs compiled after each step)."""
     torch._dynamo.reset()
     counters.clear()
-    model = _model()
+    model = _model(device)
     opt = _optimizer(preset, model, backend, lr_tensor)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
 
@@ -77,14 +79,14 @@ def _run(preset, mode, steps=STEPS, backend="torch", lr_tensor=False, resume_at=
     for t in range(steps):
         if t == resume_at:
             saved = (model.state_dict(), opt.state_dict(), sched.state_dict())
-            model = _model()
+            model = _model(device)
             opt = _optimizer(preset, model, backend, lr_tensor)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
             model.load_state_dict(saved[0])
             opt.load_state_dict(saved[1])
             sched.load_state_dict(saved[2])
             step = build_step(model, opt)
-        step(*_inputs(t))
+        step(*_inputs(t, device))
         sched.step()
         trajectory.append([p.detach().clone() for p in model.parameters()])
         graphs.append(counters["stats"]["unique_graphs"])
@@ -97,7 +99,7 @@ def _max_diff(a, b) -> float:
 
 def _moved(trajectory) -> float:
     first = [p for p in _model().parameters()]
-    return max((x - y).abs().max().item() for x, y in zip(trajectory[-1], first))
+    return max((x.cpu() - y).abs().max().item() for x, y in zip(trajectory[-1], first))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -131,38 +133,39 @@ def test_tensor_lr_is_the_same_lr():
 
 
 @pytest.mark.parametrize("backend", ("triton", "reference"))
-def test_opaque_backends_compiled_step_is_the_eager_step(backend):
+def test_opaque_backends_compiled_step_is_the_eager_step(backend, device):
     """The triton backend (here under the Triton interpreter) and the reference backend run their
     step as one custom operator inside the compiled graph: torch.compile(opt.step) gives the eager
     result bit for bit (the same kernels on the same tensors), through an lr schedule and a state
     dict round trip, with no recompile per new lr. Inductor re-inplaces the operator: it is handed
     the optimizer's own params and state, no copies."""
-    eager, _ = _run("mango", "eager", steps=3, backend=backend)
+    device = device if backend == "triton" else "cpu"  # MANGO_TEST_DEVICE=cuda: the compiled kernels on a GPU
+    eager, _ = _run("mango", "eager", steps=3, backend=backend, device=device)
     copies = compiled_step.stand_in_copies
-    compiled, graphs = _run("mango", "step", steps=3, backend=backend, resume_at=1)
+    compiled, graphs = _run("mango", "step", steps=3, backend=backend, resume_at=1, device=device)
     assert _moved(compiled) > 1e-3
     assert _max_diff(eager, compiled) == 0.0
     assert graphs[2] == graphs[1], graphs  # the fresh objects' first step compiles, their next lr does not
     assert compiled_step.stand_in_copies == copies
 
 
-def test_compiled_train_step_with_the_triton_step_in_the_graph():
+def test_compiled_train_step_with_the_triton_step_in_the_graph(device):
     """forward, backward, the triton step (one operator) and zero_grad compiled, a tensor lr changed
     by the schedule (an input of the operator): inductor's forward and backward round differently from
     eager (~1e-8 here), so the trajectory is held to the fp32 bound; one set of graphs for every lr."""
-    eager, _ = _run("mango", "eager", steps=3, backend="triton", lr_tensor=True)
-    train, graphs = _run("mango", "train", steps=3, backend="triton", lr_tensor=True)
+    eager, _ = _run("mango", "eager", steps=3, backend="triton", lr_tensor=True, device=device)
+    train, graphs = _run("mango", "train", steps=3, backend="triton", lr_tensor=True, device=device)
     assert _max_diff(eager, train) <= TOL
     assert graphs[-1] == graphs[0], graphs
 
 
-def test_triton_step_is_one_operator_in_the_graph():
+def test_triton_step_is_one_operator_in_the_graph(device):
     """Traced, the triton step is one mango.backend_step node declaring every tensor it writes (each
     param, its m, v and offset, and the one counter every state["step"] is a view of); the only
     graph break is the call into the eager bookkeeping; the kernels it launches are the eager step's."""
-    model, twin = _model(), _model()
+    model, twin = _model(device), _model(device)
     opt, eager_opt = _optimizer("mango", model, "triton"), _optimizer("mango", twin, "triton")
-    x, y = _inputs(0)
+    x, y = _inputs(0, device)
     for m in (model, twin):
         torch.nn.functional.mse_loss(m(x), y).backward()
     graphs = []
