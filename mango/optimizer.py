@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import betas as _betas
-from . import config, distributed, plain
+from . import compiled_step, config, distributed, plain
 from . import ddp as _ddp
 from . import groups as _groups
 from .backends import make_backend
@@ -368,8 +368,9 @@ class Mango(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step. Under `torch.compile` the bookkeeping (plan, checks, workspace) runs
-        eagerly behind a graph break, and so does any backend that cannot be traced (triton,
-        reference, sharded): the torch backend's math is traced and compiled."""
+        eagerly behind a graph break; the torch backend's math is traced and compiled, the triton and
+        reference backends' step is one custom operator in the graph (mango.compiled_step), and the
+        sharded and DDP-split backends run eagerly behind a graph break."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -417,6 +418,8 @@ class Mango(Optimizer):
                 sub_grads = [grads_by_bucket[i] for i in idx]
             traceable = getattr(backend, "traceable", False) and not plan.sharded
             prepared = backend.prepare(self, sub, compiling) if traceable else None
+            if compiling and not traceable and compiled_step.supports(self, backend, sub):  # one opaque operator in the graph
+                backend, prepared = compiled_step.OPAQUE_STEP, compiled_step.prepare(self, backend, sub, sub_grads)
             work.append((backend, sub, sub_grads, prepared))
         return work
 
