@@ -9,4 +9,6 @@
 - ``bench.comm``  -- ``python -m bench.comm``: communication per step under FSDP2
 - ``bench.aot``   -- ``python -m bench.aot``: every kernel of a GPT-2 124M step compiled for sm_90, no GPU needed
 - ``bench.gpu``   -- ``bash ci/gpu.sh``: the whole GPU check (tests, step, training) in one command and one folder
+- ``bench.docs_tables`` -- ``python -m bench.docs_tables [--check]``: the results tables of README.md and docs/
+  rendered from the committed JSON (``targets``: the performance contract's figures)
 """

@@ -63,7 +63,7 @@ class ParamSet:
     title: str
     tensors: tuple
     config: dict = field(default_factory=dict)
-    targets: tuple = ()  # "overhead" (torch vs reference speedup), "ns"/"ns_gram" (torch step / bare NS matmuls; bench.step.TARGETS)
+    targets: tuple = ()  # "overhead" (torch vs reference speedup), "ns"/"ns_gram" (torch step / bare NS matmuls; bench/targets.py)
     note: str = ""
     default_skip: tuple = ()  # optimizers left out unless --optimizers names them
     default_add: tuple = ()  # optimizers run on this set beyond the device's defaults unless --optimizers is given

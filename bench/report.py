@@ -97,7 +97,7 @@ def markdown(result: dict) -> str:
     for s in result["sets"]:
         lines += _set_markdown(result, s)
     if result.get("targets"):
-        lines += ["### CPU targets of the performance contract", "",
+        lines += ["### CPU targets of the performance contract (ns_gram: the bench's own NS-method yardstick)", "",
                   "| set | figure | value | target | met | with bf16 NS (torch_bf16) | dominant stage of mango torch step |",
                   "| --- | --- | ---: | ---: | :---: | ---: | --- |"]  # fmt: skip
         for t in result["targets"]:
@@ -191,9 +191,9 @@ def _ns_method_target_markdown(s) -> list:
     t = next((t for t in s.get("targets", []) if t["id"] == "ns_gram" and t.get("variants")), None)
     if not t:
         return []
-    out = [f"NS-method target: step ≤ {t['target']}× the bare batched textbook NS matmuls in the contender's NS dtype, "
-           "timed in the same rounds:", "",
-           "| contender | step ms | bare textbook NS ms (dtype) | step / bare NS | ≤ 0.7× |", "| --- | ---: | ---: | ---: | :---: |"]  # fmt: skip
+    out = [f"NS-method yardstick (the bench's own, not a target of the performance contract): step ≤ {t['target']}× the "
+           "bare batched textbook NS matmuls in the contender's NS dtype, timed in the same rounds:", "",
+           f"| contender | step ms | bare textbook NS ms (dtype) | step / bare NS | ≤ {t['target']}× |", "| --- | ---: | ---: | ---: | :---: |"]  # fmt: skip
     for key, v in t["variants"].items():
         met = "yes" if v["value"] <= t["target"] else "no"
         out.append(f"| {v['label']} | {_ms(v['step_s'])} | {_ms(v['bare_ns_s'])} ({v['bare_ns_dtype']}) | {v['value']:.2f}× | {met} |")

@@ -48,7 +48,7 @@ def test_dry_run_reports_every_stage(dry_run):
     out, _ = dry_run
     r = json.loads((out / "results.json").read_text())
     assert r["dry_run"] and r["status"] == "passed" and r["wall_s"] < r["budget_s"]
-    assert [r["stages"][s]["status"] for s in ("env", "tests", "host", "sweep", "step", "train")] == ["ok"] * 6
+    assert [r["stages"][s]["status"] for s in ("env", "tests", "host", "sweep", "step", "fsdp", "train")] == ["ok"] * 7
     t = r["stages"]["tests"]
     assert t["selected"] >= 2 and t["counts"] == {"passed": t["selected"]}
     assert {a["cmd"].split("--gpu-shard=")[1].split()[0] for a in t["attempts"]} == {"0/2", "1/2"}
@@ -72,13 +72,19 @@ def test_dry_run_reports_every_stage(dry_run):
     sweep = json.loads((out / "sweep.json").read_text())
     assert r["stages"]["sweep"]["arch_table_line"] == sweep["arch_table_line"] and sweep["buckets"]
     assert {"small", "large", "tiles"} == set(sweep["entry"]["entry"])
+    # FSDP2 in a world of one: the sharded triton backend against the plain triton step, within the NS bound
+    fsdp = r["stages"]["fsdp"]["result"]
+    assert fsdp["sharded_backend"] == "ShardedTritonBackend" and fsdp["world_size"] == 1 and fsdp["within_ns_bound"]
+    assert 0 < max(fsdp["max_rel_diff"]) <= 2e-2 and fsdp["fsdp2_median_ms"] > 0 and fsdp["plain_median_ms"] > 0
     md = (out / "summary.md").read_text()
-    for row in ("| env | ok", "| tests | ok", "| host | ok", "| sweep | ok", "| step | ok", "| train | ok", "Overall: **passed**",
-                "Triton vs torch backend", "mango's step against every peer", "## Host time per triton step", "ARCH_TABLE"):
+    for row in ("| env | ok", "| tests | ok", "| host | ok", "| sweep | ok", "| step | ok", "| fsdp | ok", "| train | ok",
+                "Overall: **passed**", "Triton vs torch backend", "mango's step against every peer", "## Host time per triton step",
+                "ARCH_TABLE", "ShardedTritonBackend vs the plain triton step", "| mango, triton |"):
         assert row in md, row
     assert len(md.splitlines()) < 90  # one page
     log = (out / "run.log").read_text()
-    assert "[tests 1/2]" in log and "[step]" in log and "[sweep]" in log and "[host]" in log and "[train mango:backend=triton]" in log
+    assert "[tests 1/2]" in log and "[step]" in log and "[sweep]" in log and "[host]" in log and "[fsdp]" in log
+    assert "[train mango:backend=triton]" in log
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,7 +162,7 @@ def _opt(key, ms, **kw):
     return {"key": key, "status": "ok", "median_s": ms / 1e3, **kw}
 
 
-def test_headline_ratios_and_verdicts_against_spec8():
+def test_headline_ratios_and_verdicts_against_the_performance_contract():
     step = {"settings": {"tied_role": "head"}, "sets": [{
         "set": {"name": "gpt2-124m", "title": "GPT-2 124M"}, "floor": {"floor_s": 3e-3},
         "optimizers": [_opt("triton", 4.0, x_floor=4.0 / 3, launches=20, state_bytes=int(1.5e9), peak_extra_bytes=int(1.6e9)),
@@ -202,8 +208,8 @@ def test_headline_has_every_peer_the_bare_ns_and_the_captured_step():
 def test_gpu_profile_names_only_flags_sets_and_contenders_that_exist():
     """The GPU profile cannot be run here; what it asks of bench.step, bench.sweep and bench.train is
     checked instead: the performance contract's sets, every peer on every set, and <= 7 minutes."""
-    from bench import optimizers, params, peers, step, sweep, train
-    from bench.gpu.profiles import GPU
+    from bench import fsdp_one_gpu, optimizers, params, peers, step, sweep, train
+    from bench.gpu.profiles import DRY, GPU
 
     st = step.build_parser().parse_args(GPU["stages"]["step"]["args"] + ["--out", "x", "--time-budget", "1"])
     assert st.sets.split(",") == ["gpt2-124m", "hf-gpt2-124m", "hf-gpt2-350m", "llama-1b"] and set(st.sets.split(",")) <= set(params.SETS)
@@ -218,8 +224,15 @@ def test_gpu_profile_names_only_flags_sets_and_contenders_that_exist():
     for spec in cfg["specs"] + ["mango:backend=torch"]:
         train.RunSpec.parse(spec)
         train.build_parser().parse_args([spec, *cfg["args"], "--out", "x", "--tag", "t", "--time-budget", "1", "--stop-after", "50"])
-    total = sum(s["budget_s"] for s in GPU["stages"].values())
-    assert total <= GPU["budget_s"] <= 420  # <= 7 minutes: a device session's 15 include the start, transfers, a follow-up
+    for profile in (GPU, DRY):
+        fsdp_one_gpu.build_parser().parse_args(profile["stages"]["fsdp"]["args"] + ["--out", "x"])
+    assert "--cpu-dry-run" in DRY["stages"]["fsdp"]["args"] and "--cpu-dry-run" not in GPU["stages"]["fsdp"]["args"]
+    from bench.gpu.run import STAGES
+
+    for profile in (GPU, DRY):  # every stage has its budget, and together they fit the run's
+        assert set(profile["stages"]) == set(STAGES) - {"env"}
+        assert sum(s["budget_s"] for s in profile["stages"].values()) <= profile["budget_s"]
+    assert GPU["budget_s"] <= 420 and DRY["budget_s"] <= 190  # <= 7 minutes: a device session's 15 include the start, transfers, a follow-up
 
 
 def test_carried_wheels_follow_the_manifest(tmp_path):

@@ -7,18 +7,22 @@ to 410 s of the run's 420):
 - tests: every test with a CUDA mode in 3 parallel shards (most of a first run is Triton compiling
   on the CPU; 107 s on the H200, 2026-12-04);
 - host: bench.host's Python time per triton step at HF GPT-2 124M (a launch dry run on the CPU);
-- sweep: every NS engine on the NS buckets of the step stage's sets, and the ARCH_TABLE entry;
-- step: bench.step on bench `gpt2-124m` (untied head), HF GPT-2 124M and 350M (tied) and the
-  Llama-3.2-1B-shaped model, every set with its own share of the stage's budget (by its contenders
-  and size), every
-  contender on every set, in the order mango's own, torch's, the peers, the yardsticks: the eager
+- sweep: every NS engine on the NS buckets of the step stage's sets, and the ARCH_TABLE entry (the
+  cheap timings first, then tile sizes until its budget);
+- step: bench.step on bench `gpt2-124m` (its 50257×768 vocabulary matrix under NS, role `head`), HF
+  GPT-2 124M and 350M (tied to the embedding: no NS on it) and the Llama-3.2-1B-shaped model, every
+  set with its own share of the stage's budget (by its contenders and size), every contender on every set, in the order mango's own, torch's, the peers, the yardsticks: the eager
   reference and the one-round variant on `gpt2-124m` only (the reference alone took 15 s at 350M),
   torch.compile(reference) left out with its reason (it did not compile GPT-2 124M's step in 50 s);
   the per-bucket NS table is the sweep stage's; fewer timed steps on the large sets;
+- fsdp: bench.fsdp_one_gpu, a 4-layer HF GPT-2 fully_shard'ed in a world of one (nccl) on the sharded
+  triton backend against the plain triton step: their difference and both step times (after the step
+  stage, whose Triton kernels it finds compiled; its own share of the time: 20 s);
 - train: AdamW vs Muon vs MANGO at the GPT-2 124M shape (12 layers, d=768, context 1024, byte
   vocabulary, bf16 autocast), up to 300 steps of 16 sequences each within its share (~60 ms a
-  step, so ~170 steps in 10 s: a run cut by its share is compared with the others at the common
-  step), then the first 50 steps again on the torch backend.
+  step: each run trains ~8 s after its ~10 s start, ~130 steps, plus what earlier stages left; a run
+  cut by its share is compared with the others at the common step), then the first 50 steps again on
+  the torch backend.
 
 Dry run (CPU): the same stages, sets and contenders at tiny sizes, kernels under TRITON_INTERPRET=1.
 """
@@ -57,11 +61,12 @@ GPU = {
         "tests": {"budget_s": 95, "paths": ["tests"], "shards": 3, "test_timeout_s": 90, "grace_s": 15, "first": FIRST,
                   "env": {"MANGO_TEST_DEVICE": "cuda", "TRITON_INTERPRET": None}},
         "host": {"budget_s": 15, "args": ["--steps", "50"], "env": {"TRITON_INTERPRET": "1"}},
-        "sweep": {"budget_s": 40, "args": ["--sets", SETS], "env": {"TRITON_INTERPRET": None}},
-        "step": {"budget_s": 180, "args": ["--sets", SETS, "--optimizers", CONTENDERS, "--budget", "0.5", "--no-kernels",
+        "sweep": {"budget_s": 35, "args": ["--sets", SETS], "env": {"TRITON_INTERPRET": None}},
+        "step": {"budget_s": 170, "args": ["--sets", SETS, "--optimizers", CONTENDERS, "--budget", "0.5", "--no-kernels",
                                            *_leave_out(SETS)],
                  "env": {"TRITON_INTERPRET": None}},
-        "train": {"budget_s": 80, "specs": ["adamw", "muon", TRITON_SPEC], "startup_s": 10,
+        "fsdp": {"budget_s": 20, "args": ["--steps", "3", "--timed-steps", "20"], "env": {"TRITON_INTERPRET": None}},
+        "train": {"budget_s": 75, "specs": ["adamw", "muon", TRITON_SPEC], "startup_s": 10,
                   "args": ["--size", "gpt2", "--steps", "300", "--warmup", "30", "--batch", "16", "--micro-batch", "16",
                            "--eval-every", "100", "--eval-batches", "4", "--max-bytes", "16000000"],
                   "agreement_steps": 50, "agreement_tolerance": 0.05, "agreement_budget_s": 20,
@@ -75,13 +80,15 @@ DRY = {
         "tests": {"budget_s": 35, "paths": ["tests/test_kernels.py", "tests/test_triton_backend.py"], "shards": 2,
                   "test_timeout_s": 60, "grace_s": 10, "first": FIRST, "sample": 2,
                   "env": {"MANGO_TEST_DEVICE": "cpu", "TRITON_INTERPRET": "1"}},
-        "host": {"budget_s": 25, "args": ["--steps", "3", "--sets", "hf-gpt2-124m-tied"], "env": {"TRITON_INTERPRET": "1"}},
-        "sweep": {"budget_s": 30, "backstop_s": 5, "args": ["--quick", "--device", "cpu"], "env": {"TRITON_INTERPRET": "1"}},
+        "host": {"budget_s": 20, "args": ["--steps", "3", "--sets", "hf-gpt2-124m-tied"], "env": {"TRITON_INTERPRET": "1"}},
+        "sweep": {"budget_s": 25, "backstop_s": 5, "args": ["--quick", "--device", "cpu"], "env": {"TRITON_INTERPRET": "1"}},
         "step": {"budget_s": 45, "backstop_s": 10,
                  "args": ["--quick", "--device", "cpu", "--threads", "1", "--sets", DRY_SETS, "--optimizers", CONTENDERS,
                           "--no-kernels", "--bare-ns", *_leave_out(DRY_SETS)],
                  "env": {"TRITON_INTERPRET": "1"}},
-        "train": {"budget_s": 55, "specs": ["adamw", "muon", TRITON_SPEC],
+        "fsdp": {"budget_s": 20, "args": ["--cpu-dry-run", "--steps", "1", "--n-layer", "1"],
+                 "env": {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}},
+        "train": {"budget_s": 45, "specs": ["adamw", "muon", TRITON_SPEC],
                   "args": ["--quick", "--device", "cpu", "--threads", "1", "--steps", "4", "--warmup", "1", "--eval-every", "2",
                            "--eval-batches", "1"],
                   "agreement_steps": 3, "agreement_tolerance": 0.05, "agreement_budget_s": 15,

@@ -5,8 +5,9 @@ env (versions, device; the carried peer wheels installed first), tests (every te
 mode, compiled for real), host (the Python time of a triton step, bench.host), sweep (every NS
 engine on the sets' NS buckets, and the ARCH_TABLE entry they give), step (bench.step on bench
 GPT-2 124M, HF GPT-2 124M/350M and a Llama-3.2-1B-shaped model: every contender, the captured
-step and its replay-vs-eager check), train (AdamW vs Muon vs MANGO at the GPT-2 124M shape, plus
-triton-vs-torch loss agreement). A stage that fails or runs out of time is recorded and the run
+step and its replay-vs-eager check), fsdp (FSDP2 in a world of one on the sharded triton backend
+against the plain triton step, bench.fsdp_one_gpu), train (AdamW vs Muon vs MANGO at the GPT-2
+124M shape, plus triton-vs-torch loss agreement). A stage that fails or runs out of time is recorded and the run
 goes on. After every stage the folder gets an up-to-date `summary.md` and `results.json`, so
 whatever stops the run, the summary is there.
 
@@ -15,7 +16,7 @@ most 8 files, none over 16 MB, nothing in subfolders: summary.md, results.json, 
 step.json, step.md, step.png, sweep.json, train.png. Scratch work goes to a temporary folder.
 
     bash ci/gpu.sh                    # on the GPU machine (installs nothing; <= 7 min)
-    bash ci/gpu.sh --cpu-dry-run      # the same stages on CPU at tiny sizes (~2 min)
+    bash ci/gpu.sh --cpu-dry-run      # the same stages on CPU at tiny sizes (~2.5 min)
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ import tempfile
 import time
 import traceback
 
-from . import env_stage, host_stage, proc, step_stage, summary, sweep_stage, tests_stage, train_stage, wheels
+from . import env_stage, fsdp_stage, host_stage, proc, step_stage, summary, sweep_stage, tests_stage, train_stage, wheels
 from .profiles import DRY, GPU
 
-STAGES = ("env", "tests", "host", "sweep", "step", "train")
+STAGES = ("env", "tests", "host", "sweep", "step", "fsdp", "train")
 MAX_FILES, MAX_BYTES = 8, 16 * 2**20
 
 
@@ -171,6 +172,8 @@ def main(argv=None) -> int:
                 _stage(name, results, lambda: sweep_stage.run(cfg, os.path.join(work, "sweep"), out, log, stage_budget))
             elif name == "step":
                 _stage(name, results, lambda: _step(cfg, work, out, log, stage_budget))
+            elif name == "fsdp":
+                _stage(name, results, lambda: fsdp_stage.run(cfg, os.path.join(work, "fsdp"), log, stage_budget))
             elif name == "train":
                 _stage(name, results, lambda: train_stage.run(cfg, os.path.join(work, "train"), out, log, stage_budget))
             spare = max(0.0, stage_budget - (time.perf_counter() - s0))

@@ -3,16 +3,10 @@
 
 from __future__ import annotations
 
-# the performance contract's targets (the floor target is stated for an H100), with their column labels
-TARGETS = {
-    "x_floor": ("× floor", "<=", 1.5),  # step time / roofline floor measured on this device
-    "vs_muon_adamw": ("vs Muon+AdamW", ">=", 3.0),  # speed-up vs torch.optim.Muon + AdamW(fused)
-    "vs_torch": ("vs mango torch", ">=", 1.0),  # never slower than mango's own torch backend
-    "vs_reference": ("vs eager ref.", ">=", 5.0),
-    "launches": ("launches", "<=", 64),  # per step, the kernel design's budget
-    "memory_x_budget": ("peak mem / budget", "<=", 1.0),  # peak extra / (state + 2 × largest bf16 NS bucket)
-}
-
+from ..fsdp_one_gpu import NS_BOUND
+from ..fsdp_one_gpu import markdown as fsdp_markdown
+from ..targets import GPU as TARGETS
+from ..targets import HOST_US, met
 
 PEER_KEYS = ("muon_adamw", "kj_muon", "emerging_muon", "heavyball_muon", "gram_ns")  # mango's step must beat each
 
@@ -100,7 +94,7 @@ def _verdict(key: str, v) -> str:
     if v is None:
         return "-"
     _, op, t = TARGETS[key]
-    return "met" if (v <= t if op == "<=" else v >= t) else "**missed**"
+    return "met" if met(v, op, t) else "**missed**"
 
 
 def _stage_note(name: str, r: dict, dev: dict) -> str:
@@ -118,6 +112,13 @@ def _stage_note(name: str, r: dict, dev: dict) -> str:
         return "; ".join(f"{x.get('set')}{' capturable' if x.get('capturable') else ''} {x['median_us']:.0f} µs" for x in rows) or r.get("error", "")[-150:]
     if name == "sweep":
         return (f"ARCH_TABLE entry {r['entry']}" + (" (partial)" if r.get("partial") else "")) if r.get("entry") else f"no result: {r.get('error', '')[-150:]}"
+    if name == "fsdp":
+        x = r.get("result")
+        if not x:
+            return f"no result: {r.get('error', '')[-150:]}"
+        within = "within" if x["within_ns_bound"] else "**outside**"
+        return (f"{x['sharded_backend']} vs the plain triton step: max relative difference {max(x['max_rel_diff']):.1e} "
+                f"({within} the NS bound {NS_BOUND:g}); step {x['fsdp2_median_ms']:.2f} ms sharded, {x['plain_median_ms']:.2f} ms plain")  # fmt: skip
     if name == "train":
         a = r.get("agreement", {})
         failed = [x["spec"] for x in r.get("runs", []) if "error" in x]
@@ -155,6 +156,7 @@ def markdown(results: dict) -> str:
     lines += _step_md(st.get("step"), results.get("dry_run"))
     lines += _host_md(st.get("host"))
     lines += _sweep_md(st.get("sweep"))
+    lines += _fsdp_md(st.get("fsdp"))
     lines += _train_md(st.get("train"))
     lines += ["Files: " + ", ".join(f"`{f}`" for f in results.get("files", [])), ""]
     return "\n".join(lines)
@@ -238,11 +240,11 @@ def _host_md(t) -> list:
     if not t or not t.get("rows"):
         return []
     out = ["## Host time per triton step", "", "Python per step at HF GPT-2 124M, a launch dry run on this machine's CPU "
-           "(`python -m bench.host`); the target is <= 300 µs.", "",
-           "| set | capturable | launches | host µs / step (median) | <= 300 µs |", "| --- | --- | ---: | ---: | --- |"]  # fmt: skip
+           f"(`python -m bench.host`); the target is <= {HOST_US} µs.", "",
+           f"| set | capturable | launches | host µs / step (median) | <= {HOST_US} µs |", "| --- | --- | ---: | ---: | --- |"]  # fmt: skip
     for r in t["rows"]:  # rows as bench.host writes them; a field it no longer writes shows as "-"
         us = r.get("median_us")
-        verdict = "-" if us is None else ("met" if us <= 300 else "**missed**")
+        verdict = "-" if us is None else ("met" if us <= HOST_US else "**missed**")
         out.append(f"| {r.get('set')} | {r.get('capturable')} | {r.get('launches', '-')} | {'-' if us is None else f'{us:.0f}'} | {verdict} |")
     return out + [""]
 
@@ -255,6 +257,13 @@ def _sweep_md(t) -> list:
             f"{', '.join('x'.join(map(str, x)) for x in t.get('tiles', []))}); {t.get('not_measured', 0)} timings left "
             f"unmeasured by the budget.{part} The `mango/ns_engine.py:ARCH_TABLE` entry they give (`sweep.json`):", "",
             f"    {t['arch_table_line']}", ""]  # fmt: skip
+
+
+def _fsdp_md(t) -> list:
+    """bench.fsdp_one_gpu's own table: the sharded step against the plain one."""
+    if not t or not t.get("result"):
+        return []
+    return fsdp_markdown(t["result"]).splitlines() + [""]
 
 
 def _train_md(t) -> list:
