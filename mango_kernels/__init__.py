@@ -17,7 +17,7 @@ This package has no torch.optim dependency: `mango.backends.triton_backend` maps
 optimizer's plan onto these tables.
 """
 
-from ._launch import INTERPRET, LaunchLog, LaunchProgram, count_launches, launch_count, record, recording
+from ._launch import INTERPRET, LaunchLog, LaunchProgram, count_launches, host_ops, launch_count, record, recording
 from .elementwise import (
     DEFAULT_BLOCK,
     launch_apply,
@@ -36,6 +36,7 @@ __all__ = [
     "count_launches",
     "launch_count",
     "record",
+    "host_ops",
     "DEFAULT_BLOCK",
     "launch_apply",
     "launch_moments",
