@@ -81,11 +81,14 @@ _TABLE_SETTINGS = (
     "beta1", "beta2", "eps", "weight_decay", "preconditioner", "second_moment", "ema_momentum", "nesterov", "maximize",
     "beta_offset", "trust_ratio", "trust_clamp", "bias_correction", "ns_steps", "ns_eps", "ns_prescale",
 )  # fmt: skip
+_TABLE_VALUES = operator.itemgetter(*_TABLE_SETTINGS)
 
 
 def _frozen_coefficients(value):
     """ns_coefficients as a value that compares by content and cannot change under the cache
     (a name, one triple, or one triple per step)."""
+    if type(value) is str:
+        return value
     if isinstance(value, (list, tuple)):
         return tuple(tuple(c) if isinstance(c, (list, tuple)) else c for c in value)
     return value
@@ -151,11 +154,15 @@ class _Entry:
 _ARENA_ALIGN = 256  # bytes: every view of the arena starts at a multiple (vector loads, any dtype)
 
 
+def _bytes(dtype: torch.dtype) -> int:
+    return (torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits) // 8
+
+
 def _span(requests) -> int:
     """Bytes of arena that `requests` [(numel, dtype)] take when carved one after another."""
     end = 0
     for n, dt in requests:
-        end = -(-end // _ARENA_ALIGN) * _ARENA_ALIGN + n * (torch.finfo(dt).bits // 8)
+        end = -(-end // _ARENA_ALIGN) * _ARENA_ALIGN + n * _bytes(dt)
     return end
 
 
@@ -173,7 +180,7 @@ class _Arena:
         def alloc(n, dtype):
             nonlocal end
             start = -(-end // _ARENA_ALIGN) * _ARENA_ALIGN
-            end = start + n * (torch.finfo(dtype).bits // 8)
+            end = start + n * _bytes(dtype)
             return self.buffer[start:end].view(dtype)
 
         return alloc
@@ -198,40 +205,44 @@ def _needs_work(e) -> bool:
     return not e.ns_kernel and not e.fused
 
 
-def _pack_rounds(entries, cost, budget: int) -> list:
+def _pack_rounds(entries, cost, budget: int, scratch=None) -> list:
     """Entries packed into rounds of at most `budget` bytes: each NS norm bucket whole where it fits
     (its same-shape NS items stay one batch), and the direction buffers of the other tensors
-    together, first-fit by decreasing size; a unit over the
-    budget is cut into runs of consecutive tensors, a tensor over it alone gets a round of its own.
-    Entries that cost nothing (fused none/sign, empty) join the first round."""
+    together, first-fit by decreasing size; a unit over the budget is cut into runs of consecutive
+    tensors, a tensor over it alone gets a round of its own. `scratch` {id(nb): bytes}: buckets that
+    also need a scratch their round shares (the cuBLAS engine's: the round holds the largest, not the
+    sum); they are never cut. Entries that cost nothing (fused none/sign, empty) join the first round."""
+    scratch = scratch or {}
     units: dict = {}
     for e in entries:  # the non-NS tensors as one unit: their l2 sums in one round, one segment-sums launch
         if cost[e.row]:  # a cross-shard NS bucket stays whole in one round: its exchange serves all its tensors
             units.setdefault(id(e.nb) if e.ns_kernel or _cross_shard_ns(e) else "work", []).append(e)
     pieces = []
-    for unit in units.values():
-        if sum(cost[e.row] for e in unit) <= budget:
-            pieces.append(unit)
+    for key, unit in units.items():
+        if key in scratch or sum(cost[e.row] for e in unit) <= budget:
+            pieces.append((unit, scratch.get(key, 0)))
             continue
         run, used = [], 0
         for e in unit:
             if run and used + cost[e.row] > budget:
-                pieces.append(run)
+                pieces.append((run, 0))
                 run, used = [], 0
             run.append(e)
             used += cost[e.row]
-        pieces.append(run)
-    rounds, room = [], []
-    for piece in sorted(pieces, key=lambda p: -sum(cost[e.row] for e in p)):  # stable: plan order among equals
+        pieces.append((run, 0))
+    rounds, used, shared = [], [], []
+    for piece, need in sorted(pieces, key=lambda p: -(sum(cost[e.row] for e in p[0]) + p[1])):  # stable: plan order among equals
         size = sum(cost[e.row] for e in piece)
-        for i, free in enumerate(room):
-            if size <= free:
+        for i in range(len(rounds)):
+            if used[i] + size + max(shared[i], need) <= budget:
                 rounds[i].extend(piece)
-                room[i] -= size
+                used[i] += size
+                shared[i] = max(shared[i], need)
                 break
         else:
             rounds.append(list(piece))
-            room.append(budget - size)
+            used.append(size)
+            shared.append(need)
     free_entries = [e for e in entries if not cost[e.row]]
     if not rounds:
         return [free_entries]
@@ -272,7 +283,7 @@ class _Round:
     dtype and form, and for the Gram form per schedule: its large items iterate as one batch) and the
     direction work buffer of the others. The big buffers are bound to the arena afterwards."""
 
-    def __init__(self, entries, groups, device, compute_dtype, ns_config, block):
+    def __init__(self, entries, groups, device, compute_dtype, ns_config, block, in_place=frozenset()):
         self.entries = entries
         self.device, self.dtype = device, compute_dtype
         self.split = None  # DDP with the NS split across ranks (mango.ddp): who runs which NS, and the exchange
@@ -292,6 +303,7 @@ class _Round:
         self.ws = self.layout.workspaces(compute_dtype)
         self.has_novograd = self.layout.n_pre_segments > 0
         self.work_elems = 0
+        self.has_work = any(map(_needs_work, entries))  # (empty tensors too: they get an address)
         for e in entries:
             if _needs_work(e):
                 e.work_offset = self.work_elems
@@ -308,7 +320,8 @@ class _Round:
         for (dtype, method, _, _), members in by_key.items():
             choice = members[0].ns_choice
             if choice.engine == "cublas":
-                batch = CublasNSBatch(members[0].nb, len(members), dtype, device, method)
+                nb = members[0].nb
+                batch = CublasNSBatch(nb, len(members), dtype, device, method, in_place=id(nb) in in_place)
             else:
                 config = ns_config if choice.tiles is None else _with_tiles(ns_config, choice.tiles)
                 batch = mk.NSBatch([e.ns_spec for e in members], dtype, device, config, method=method, bind=False)
@@ -316,18 +329,29 @@ class _Round:
                 e.spec, e.batch = n, batch
             self.ns_batches.append((batch, members))
 
+    def scratch_bytes(self) -> int:
+        """The scratch the round's cuBLAS batches share (they run one after another): the largest need."""
+        return max([b.scratch_numel * _bytes(b.dtype) for b, _ in self.ns_batches if isinstance(b, CublasNSBatch)], default=0)
+
     def requests(self) -> list:
         """The (numel, dtype) of every big buffer of the round, in binding order."""
-        reqs = [(max(self.work_elems, 1), self.dtype)]
+        reqs = [(max(self.work_elems, 1), self.dtype)] if self.has_work else []
         for batch, _ in self.ns_batches:
             reqs += [(max(n, 1), dt) for n, dt in batch.buffer_sizes.values()]
+        if self.scratch_bytes():
+            reqs.append((self.scratch_bytes(), torch.uint8))
         return reqs
 
     def bind(self, arena: _Arena) -> None:
         alloc = arena.allocator()
-        self.work = alloc(max(self.work_elems, 1), self.dtype)
+        self.work = alloc(max(self.work_elems, 1), self.dtype) if self.has_work else None
         for batch, _ in self.ns_batches:
             batch.bind(alloc)
+        if self.scratch_bytes():
+            scratch = alloc(self.scratch_bytes(), torch.uint8)
+            for batch, _ in self.ns_batches:
+                if isinstance(batch, CublasNSBatch) and not batch.in_place:
+                    batch.bind_scratch(scratch)
 
     def set_ns_schedules(self, groups) -> None:
         for batch, members in self.ns_batches:
@@ -459,12 +483,13 @@ class _LaunchGroup:
         self.spec_budget = self._budget()
         self.budget = self.spec_budget if memory_budget is None else memory_budget
         # a round's buffers each start on an aligned byte: room for that padding (at most one batch
-        # per NS dtype, form and group in a round, 4 buffers each, and the work buffer)
+        # per NS dtype, form and group in a round, 4 buffers each, the work buffer and the scratch)
         batches = len({(e.ns_dtype, e.ns_method, e.bucket.group_index, id(e.nb) if e.ns_choice.engine == "cublas" else e.ns_choice.tiles)
                        for e in self.entries if e.ns_kernel})  # fmt: skip
-        capacity = self.budget - _ARENA_ALIGN * (1 + 4 * batches)
-        self.rounds = [_Round(es, groups, device, compute_dtype, ns_config, block)
-                       for es in _pack_rounds(self.entries, cost, capacity)]  # fmt: skip
+        capacity = self.budget - _ARENA_ALIGN * (2 + 4 * batches)
+        scratch, in_place = self._cublas_memory(cost, capacity)
+        self.rounds = [_Round(es, groups, device, compute_dtype, ns_config, block, in_place)
+                       for es in _pack_rounds(self.entries, cost, capacity, scratch)]  # fmt: skip
         _share_small_tile_heights(self.rounds, groups)
         self.arena = _Arena(max(_span(r.requests()) for r in self.rounds), device)
         for r in self.rounds:
@@ -474,17 +499,39 @@ class _LaunchGroup:
 
     # -- plan-time structure ---------------------------------------------------------------
     def _cost(self, e, ns_config) -> int:
-        """Arena bytes an entry takes in its round: its NS stack stretch, second buffer and m×m
-        workspaces, or its direction in the work buffer."""
+        """Arena bytes an entry takes in its round: its NS stack stretch (with the tiled kernels' second
+        buffer and m×m workspaces), or its direction in the work buffer. A cuBLAS bucket's scratch is
+        the round's, shared (`_cublas_memory`)."""
         if e.numel == 0:
             return 0
         if e.ns_kernel and e.ns_choice.engine == "cublas":
-            return CublasNSBatch.nbytes_for(e.nb, 1, e.ns_dtype, e.ns_method)
+            return e.numel * (torch.finfo(e.ns_dtype).bits // 8)
         if e.ns_kernel:
             return mk.ns_buffer_bytes([e.ns_spec], e.ns_dtype, e.ns_method, ns_config)
         if _needs_work(e):
             return -(-e.numel // 16) * 16 * (torch.finfo(self.dtype).bits // 8)
         return 0
+
+    def _cublas_memory(self, cost, capacity: int):
+        """Per cuBLAS bucket, the scratch it needs from its round ({id(nb): bytes}, 0 in place); a
+        bucket whose stack and scratch exceed `capacity` runs in place instead, in 2× its stack (its
+        entries' `cost` doubled), where its blocks allow it (mango.backends.ns_cublas). Returns
+        (scratch, the ids of the buckets in place)."""
+        members: dict = {}
+        for e in self.entries:
+            if e.ns_kernel and e.ns_choice.engine == "cublas" and e.numel:
+                members.setdefault(id(e.nb), []).append(e)
+        scratch, in_place = {}, set()
+        for key, es in members.items():
+            stack, need, whole = CublasNSBatch.sizes(es[0].nb, len(es), es[0].ns_dtype, es[0].ns_method)
+            if stack + need > capacity and whole is not None:
+                in_place.add(key)
+                scratch[key] = 0  # whole too, in a round of its own
+                for e in es:
+                    cost[e.row] *= 2
+            else:
+                scratch[key] = need
+        return scratch, frozenset(in_place)
 
     def _budget(self) -> int:
         """The memory budget: 2× the largest bucket, in the dtype its direction is held in (the NS dtype for NS
@@ -608,7 +655,7 @@ class _LaunchGroup:
         """What the table and the NS schedules read from the groups, as plain values (a capturable
         lr by identity: its value is read on the device)."""
         return tuple(
-            (_lr_key(g["lr"], self.capturable), _frozen_coefficients(g["ns_coefficients"]), *map(g.__getitem__, _TABLE_SETTINGS))
+            (_lr_key(g["lr"], self.capturable), _frozen_coefficients(g["ns_coefficients"]), _TABLE_VALUES(g))
             for g in map(groups.__getitem__, self.group_indices)
         )
 
@@ -785,7 +832,7 @@ class TritonBackend:
         return launch_groups
 
     def step(self, opt, plan, grads_by_bucket) -> None:
-        flat = [g for gs in grads_by_bucket for g in gs]
+        flat = list(itertools.chain.from_iterable(grads_by_bucket))
         for lg in self._program(opt, plan):
             grads = list(lg.grad_picker(flat)) if len(lg.entries) > 1 else [flat[i] for i in lg.grad_order]
             if lg.device.type == "cuda":
