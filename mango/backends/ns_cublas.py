@@ -3,33 +3,37 @@ batched GEMMs and elementwise ops on the NS stack the moments kernel writes, for
 where the per-architecture table (mango.ns_engine) says cuBLAS beats the tiled Triton kernels.
 
 The blocks are iterated where they lie, in the orientation they are contiguous in (a tall one as
-X ← a·X + X·B with B from XᵀX, as the torch backend does). X lives in one of two *places*: its NS
-stack (place 0) and a second X-sized buffer (place 1). Every product that writes X writes it to
-the other place (a *move*); the m×m temporaries live in the place X is not in, except the one the
+X ← a·X + X·B with B from XᵀX, as the torch backend does). X lives in one of two *places*: its NS stack
+(place 0) and a second X-sized buffer (place 1). Every product that writes X writes it to the
+other place (a *move*); the m×m temporaries live in the place X is not in, except the one the
 moving product reads — the textbook form's B, the Gram form's Q — which has room of its own. The
 pre-scale (X / max(‖X‖, ε), a norm, a clamp and a divide) is done in place or as the first move,
 whichever leaves X in the stack after the last move, where the apply kernel reads it: so the
 second buffer is free again after the bucket, and every cuBLAS bucket of a round shares one
-(`scratch_bytes`). A bucket then needs its stack, plus in the round's scratch X and one m×m
+(`scratch_numel`). A bucket then needs its stack, plus in the round's scratch X and one m×m
 temporary per block (more only where the Gram form's three others do not fit in X: blocks less
-than 3× as wide as tall).
+than 3× as wide as tall), and keeps an m×m identity and its blocks' norms of its own.
 
 **In place** (`in_place=True`, for a bucket that alone fills the memory budget): the two places
 are the halves of one 2X region, place 1 starting s = ⌈U/2⌉ units after place 0 (a unit is one
 matrix of the batch, or one row of a single tall matrix; U units in all). A move then writes X
 shifted by s units in two products: first the units whose destination is free, then the others,
 whose destination holds only what the first product already read. B or Q sits in the last U − s
-units, which no move writes; the other temporaries in the s units X does not cover. So the bucket
-needs exactly 2X, at one more launch per move, where its blocks are wide enough for the
-temporaries (`in_place_bytes` says None where not).
+units, which no move writes; the other temporaries in the s units X does not cover.
+So the bucket needs exactly 2X, at one more launch per move, where its blocks are wide enough for
+the temporaries (`CublasNSBatch.sizes` says None where not).
 
-The Gram form is written so that no product needs a separate a·I term: Q ← a·Q + Q·Z and
-R ← P·R·P as T = a·R + Z·R, R = a·T + T·Z (Z = b·R + c·R², P = a·I + Z commutes with R); P is
-formed (Z's diagonal + a) only where Q starts from it. A move runs X ← Q·X (or a·X + B·X).
+The textbook form is the torch backend's: A = X·Xᵀ, B = b·A + c·A², X ← a·X + B·X, with a·X added
+in the GEMM's fp32 accumulator (in bf16, rounding a·I + B first doubles the error); its two
+baddbmm are out of place, and such a baddbmm first copies its input into `out`: five launches a
+step. The Gram form forms P = a·I + b·R + c·R² in two launches and no copy (P = R + (a/b)·I
+against a kept identity, then P ← b·P + c·R·R in place; as accurate as rounding a·I + Z in fp16),
+updates Q ← Q·P and R ← P·R·P, and moves X ← Q·X at its restarts and at the end.
 
-The program is built once per schedule; every step runs it. Every op is recorded as one launch
-(`mango_kernels.host_ops`): a GEMM as "cublas_gemm", an elementwise op or reduction as "cublas_op".
-In a launch dry run the same program runs on one-element stand-ins of the same dtype, so the
+The program is built once per schedule; every step runs it. Every kernel its ops launch is recorded
+(`mango_kernels.host_ops`): a GEMM as "cublas_gemm", an elementwise op, reduction or copy as
+"cublas_op" (an out-of-place baddbmm is both). With Muon's 5 steps a bucket takes 28 launches in
+the textbook form and 26 in the Gram form, +10 or +2 in place. In a launch dry run the same program runs on one-element stand-ins of the same dtype, so the
 step's launch count and the Python of issuing each op are those of a real step.
 """
 
@@ -48,8 +52,16 @@ __all__ = ["CublasNSBatch", "moves"]
 
 _ALIGN = 128  # elements: every temporary and the second place start at a multiple (aligned GEMM operands)
 # m×m temporaries per block; the first is the one a move reads (it gets room no move writes)
-_TEMPORARIES = {"textbook": ("B", "A"), "gram": ("Qs", "R", "Z", "Qf")}
-_GEMMS = (torch.bmm, torch.baddbmm)
+_TEMPORARIES = {"textbook": ("B", "A"), "gram": ("Qs", "R", "P", "Qf")}
+_GEMMS = (torch.bmm, torch.Tensor.baddbmm_)
+
+
+def _launches(fn) -> tuple:
+    """The kernels one op of a program launches: a GEMM; an out-of-place baddbmm copies its input
+    into `out` first; every other op (norm, clamp, divide, add, copy) is one kernel."""
+    if fn is torch.baddbmm:
+        return ("cublas_op", "cublas_gemm")
+    return ("cublas_gemm",) if fn in _GEMMS else ("cublas_op",)
 
 
 def _up(n: int) -> int:
@@ -159,6 +171,7 @@ class CublasNSBatch:
         n, dt = self.buffer_sizes["stack"]
         self.stack = alloc(max(n, 1), dt)
         self.norm = torch.empty((*self.geometry.lead, 1, 1), dtype=self.dtype, device=self.device)
+        self.identity = torch.eye(self.geometry.m, dtype=self.dtype, device=self.device)
         self._build()
 
     def bind_scratch(self, scratch: torch.Tensor) -> None:
@@ -197,7 +210,7 @@ class CublasNSBatch:
             return
         self.ops = _Program(self, _Views(self)).ops
         self.stand_in_ops = _Program(self, _StandIns(self)).ops
-        self.names = tuple("cublas_gemm" if fn in _GEMMS else "cublas_op" for fn, _, _ in self.ops)
+        self.names = tuple(name for fn, _, _ in self.ops for name in _launches(fn))
 
 
 def _numel(shape) -> int:
@@ -264,6 +277,8 @@ class _Views:
         shape, total, mm = (g.K, g.R, g.C), g.total, g.K * g.m * g.m
         self.src = g.src(batch.stack)  # the pre-scale reads it; a strided result is copied back into it
         self.norm = batch.norm
+        self.identity = batch.identity
+        self.device = batch.device
         if batch.in_place:
             region, s, unit, U = batch.stack, batch.shift, g.unit, g.units
             self.places = [region[:total].view(shape), region[s * unit : s * unit + total].view(shape)]
@@ -283,6 +298,10 @@ class _Views:
     def x_units(self, pos: int, lo: int, hi: int) -> torch.Tensor:
         return self.places[pos][:, lo:hi] if self.g.rows_are_units else self.places[pos][lo:hi]
 
+    def eps(self, value: float) -> torch.Tensor:
+        """ε as a 0-d tensor of the NS dtype on the device (a Python number costs each op a wrap)."""
+        return torch.tensor(value, dtype=self.norm.dtype, device=self.device)
+
     def temp(self, name: str, pos: int) -> torch.Tensor:
         return self.temps[pos][name]
 
@@ -297,6 +316,8 @@ class _StandIns:
     def __init__(self, batch: CublasNSBatch):
         one = lambda: torch.zeros((1, 1, 1), dtype=batch.dtype)  # noqa: E731
         self.src, self.norm = one(), one()
+        self.identity = torch.ones((1, 1), dtype=batch.dtype)
+        self.dtype = batch.dtype
         self.places = [one(), one()]
         self.temps = [{name: one() for name in batch.offsets} for _ in (0, 1)]
 
@@ -305,6 +326,9 @@ class _StandIns:
 
     def x_units(self, pos: int, lo: int, hi: int) -> torch.Tensor:
         return self.places[pos]
+
+    def eps(self, value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=self.dtype)
 
     def temp(self, name: str, pos: int) -> torch.Tensor:
         return self.temps[pos][name]
@@ -347,7 +371,8 @@ class _Program:
             self.op(torch.bmm, X, X.mT, out=out)
 
     def _times(self, M, X, out, beta=None) -> None:
-        """M applied to X on its small side (M·X, or X·M when tall) [+ beta·X]."""
+        """M applied to X on its small side: M·X, or X·M when tall (M is a polynomial in the Gram
+        matrix, symmetric) [+ beta·X]."""
         a, b = (X, M) if self.g.tall else (M, X)
         if beta is None:
             self.op(torch.bmm, a, b, out=out)
@@ -375,56 +400,66 @@ class _Program:
             self.op(_spectral_into, v.src, v.norm)
         else:
             self.op(torch.linalg.vector_norm, v.src, dim=(-2, -1), keepdim=True, out=v.norm)
-        self.op(torch.Tensor.clamp_min_, v.norm, b.eps)
+        self.op(torch.Tensor.clamp_min_, v.norm, v.eps(b.eps))
         if not self.g.contiguous or (not b.in_place and n_moves % 2):
             self.op(torch.div, v.src, v.norm, out=v.x(1).view(v.src.shape))
             return 1
         self.op(torch.Tensor.div_, v.src, v.norm)
         return 0
 
+    def _poly(self, A, P, coefficient) -> None:
+        """P = a·I + b·A + c·A² in two launches: P = A + (a/b)·I, then P ← b·P + c·A·A in place
+        (an out-of-place baddbmm first copies its input into `out`: a third launch)."""
+        a, b, c = coefficient
+        if b != 0:
+            self.op(torch.add, A, self.v.identity, alpha=a / b, out=P)
+            self.op(torch.Tensor.baddbmm_, P, A, A, beta=b, alpha=c)
+        else:
+            self.op(torch.mul, self.v.identity.expand_as(P), a, out=P)
+            self.op(torch.Tensor.baddbmm_, P, A, A, alpha=c)
+
     def _textbook(self, pos: int) -> int:
+        """Each step: A = X·Xᵀ, B = b·A + c·A², X ← a·X + B·X (a move; a·X added in the fp32
+        accumulator: in bf16 that halves the error of rounding a·I + B first, as the Gram form's P is).
+        Both baddbmm are out of place, so each first copies its input (A, X) into `out`: two launches."""
         v = self.v
         for a, b, c in self.b.coefficients:
             A, B = v.temp("A", pos), v.temp("B", pos)
             self._gram_of(v.x(pos), A)
-            self.op(torch.baddbmm, A, A, A, beta=b, alpha=c, out=B)  # B = b·A + c·A²
-            pos = self._move(pos, "B", beta=a)  # X ← a·X + B·X (a·X in the fp32 accumulator)
+            self.op(torch.baddbmm, A, A, A, beta=b, alpha=c, out=B)
+            pos = self._move(pos, "B", beta=a)
         return pos
 
     def _gram(self, pos: int) -> int:
-        """mango.newton_schulz.gram: R and Q on m×m blocks, X touched at restarts and at the end."""
+        """mango.newton_schulz.gram: R and Q on m×m blocks, X touched at restarts and at the end.
+        Each step forms P = a·I + b·R + c·R², then Q ← Q·P and (where the next step needs it)
+        R ← P·R·P; Q starts as P after each move of X."""
         v, coefficients = self.v, self.b.coefficients
         steps = len(coefficients)
         restarts = _ns.gram_restarts(steps)
         ends = [k for k in range(1, steps) if k in restarts] + [steps]  # the step before which each move happens
         self._gram_of(v.x(pos), v.temp("R", pos))
         q = None  # the buffer Q is in ("Qs" or "Qf"); None: Q = I, not formed yet
-        for k, (a, b, c) in enumerate(coefficients):
+        for k, coefficient in enumerate(coefficients):
             if k in restarts and q is not None:
                 pos = self._move(pos, q)  # X ← Q·X, R = X·Xᵀ, Q = I
                 self._gram_of(v.x(pos), v.temp("R", pos))
                 q = None
             R = v.temp("R", pos)
-            update_r = k + 1 < steps and k + 1 not in restarts
-            if q is None:  # Q = P = a·I + Z, in the buffer that Q is in when X next moves
+            if q is None:  # Q = P, in the buffer that Q is in when X next moves
                 left = next(e for e in ends if e > k) - k - 1  # Q updates before that move
                 q = "Qs" if left % 2 == 0 else "Qf"
                 P = v.temp(q, pos)
-                self.op(torch.baddbmm, R, R, R, beta=b, alpha=c, out=P)
-                self.op(torch.Tensor.add_, P.diagonal(dim1=-2, dim2=-1), a)
-                if update_r:  # R ← P·R·P
-                    T = v.temp(_other(q), pos)
-                    self.op(torch.bmm, P, R, out=T)
-                    self.op(torch.bmm, T, P, out=R)
-                continue
-            Z, Q, Qn = v.temp("Z", pos), v.temp(q, pos), v.temp(_other(q), pos)
-            self.op(torch.baddbmm, R, R, R, beta=b, alpha=c, out=Z)  # Z = b·R + c·R²
-            self.op(torch.baddbmm, Q, Q, Z, beta=a, out=Qn)  # Q ← Q·P = a·Q + Q·Z
-            q = _other(q)
-            if update_r:  # R ← P·R·P: T = a·R + Z·R (in the old Q), R = a·T + T·Z
-                T = Q
-                self.op(torch.baddbmm, R, Z, R, beta=a, out=T)
-                self.op(torch.baddbmm, T, T, Z, beta=a, out=R)
+                self._poly(R, P, coefficient)
+            else:
+                P, Q, Qn = v.temp("P", pos), v.temp(q, pos), v.temp(_other(q), pos)
+                self._poly(R, P, coefficient)
+                self.op(torch.bmm, Q, P, out=Qn)  # Q ← Q·P
+                q = _other(q)
+            if k + 1 < steps and k + 1 not in restarts:  # R ← P·R·P, through the free Q buffer
+                T = v.temp(_other(q), pos)
+                self.op(torch.bmm, P, R, out=T)
+                self.op(torch.bmm, T, P, out=R)
         return self._move(pos, q)  # X ← Q·X
 
 
