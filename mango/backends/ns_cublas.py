@@ -12,7 +12,8 @@ whichever leaves X in the stack after the last move, where the apply kernel read
 second buffer is free again after the bucket, and every cuBLAS bucket of a round shares one
 (`scratch_numel`). A bucket then needs its stack, plus in the round's scratch X and one m×m
 temporary per block (more only where the Gram form's three others do not fit in X: blocks less
-than 3× as wide as tall), and keeps an m×m identity and its blocks' norms of its own.
+than 3× as wide as tall), its blocks' norms, and an m×m identity shared by the buckets of its
+size and dtype (`bind`).
 
 **In place** (`in_place=True`, for a bucket that alone fills the memory budget): the two places
 are the halves of one 2X region, place 1 starting s = ⌈U/2⌉ units after place 0 (a unit is one
@@ -166,12 +167,18 @@ class CublasNSBatch:
         return g.total * word, (_up(g.total) + room) * word, in_place
 
     # -- buffers and schedule -------------------------------------------------------------------
-    def bind(self, alloc=None) -> None:
+    def bind(self, alloc=None, identities: dict = None) -> None:
+        """The stack from `alloc(numel, dtype)` (default: its own); `identities` {(m, dtype): I},
+        shared by the batches of a step so that buckets of one size keep one identity."""
         alloc = alloc or (lambda n, dt: torch.empty(n, dtype=dt, device=self.device))
         n, dt = self.buffer_sizes["stack"]
         self.stack = alloc(max(n, 1), dt)
         self.norm = torch.empty((*self.geometry.lead, 1, 1), dtype=self.dtype, device=self.device)
-        self.identity = torch.eye(self.geometry.m, dtype=self.dtype, device=self.device)
+        identities = {} if identities is None else identities
+        key = (self.geometry.m, self.dtype)
+        if key not in identities:
+            identities[key] = torch.eye(self.geometry.m, dtype=self.dtype, device=self.device)
+        self.identity = identities[key]
         self._build()
 
     def bind_scratch(self, scratch: torch.Tensor) -> None:

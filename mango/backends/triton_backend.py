@@ -5,27 +5,34 @@ It does the math of `mango.backends.torch_backend` stage by stage, but every sta
 tensors of the step at once:
 
     [novograd_prepass, segment_sums]    only with a novograd group
-    moments         v, m, d for every tensor (d straight into the bf16 NS stack when NS-bound)
+    moments         v, m, d for every tensor (d straight into the NS stack when NS-bound)
     segment_sums    ‖d‖² per tensor / head block / row, ‖W‖² for trust ratio
     ns_small        all NS steps of every matrix with ≤ 128 rows (attention heads), one launch
-    ns_gram/poly/update × ns_steps   NS of the larger matrices, every shape in one grid
+    ns_gram/poly/update × ns_steps   NS of the larger matrices on the Triton tiled kernels, or
+    cublas_gemm/op  their NS on the cuBLAS engine (`ns_cublas`): each bucket's GEMMs on its stack
     apply           Δ, lr·k, trust ratio, offset momentum, weight decay, write W
 
-per round. The memory budget bounds the memory a step may use beyond the state by 2× the largest NS bucket
-(in its NS dtype), so the tensors are packed into **rounds** that each fit that budget — the NS
-stacks, second buffers and m×m workspaces of a round, and the direction buffer of its non-NS
+per round; where each NS bucket runs is `mango.ns_engine`'s choice, stored on the bucket.
+
+The memory budget bounds what a step may use beyond the state by 2× the largest NS bucket (in its NS
+dtype), so the tensors are packed into **rounds** that each fit it: the NS stacks and the tiled
+kernels' second buffers and m×m workspaces of a round, the scratch its cuBLAS buckets share (they
+run one after another: the largest need, not the sum), and the direction buffer of its non-NS
 tensors, are views into one arena the size of the largest round, reused by every round. A round
-runs moments → NS → apply for its tensors only. A plan whose NS buffers fit the budget is one round:
-4 + 3·ns_steps launches (19 with the default 5 steps) plus one table copy; GPT-2 124M packs into 4
-rounds (its vocabulary head alone fills one). The number of rounds follows the number of distinct
-shape buckets, not the depth (see `mango_kernels.count_launches`). A single tensor whose own NS
-buffers exceed the budget (its X, the second buffer and its m×m workspaces against 2× its X when it
-is the largest bucket) gets a round of its own, the one case above the budget.
+runs moments → NS → apply for its tensors only. A plan whose buffers fit the budget is one round
+(4 + 3·ns_steps launches on the tiled kernels, 19 with the default 5 steps, plus one table copy
+where the table changed). A cuBLAS bucket is never cut: it runs once per step, whole; one that
+alone fills the budget runs in place in exactly 2× its stack (`ns_cublas`), in a round of its own.
+The number of rounds follows the number of distinct shape buckets, not the depth (see
+`mango_kernels.count_launches`). A single tensor whose own NS buffers exceed the budget gets a
+round of its own, the one case above the budget.
 
 Everything that depends only on the plan (tile tables, segment tables, NS item and tile
-tables, work buffers) is built once into a `_LaunchGroup` cached in `plan.cache`; a step then
-refreshes the tensor table (addresses of params, grads and state, which may change between
-steps, and the group hyperparameters, which schedulers change) with one host→device copy.
+tables, work buffers, the cuBLAS programs) is built once into a `_LaunchGroup` cached in
+`plan.cache`; a step then refreshes the tensor table (addresses of params, grads and state, which
+may change between steps, and the group hyperparameters, which schedulers change) with one
+host→device copy where it changed, and each round makes again the launches and cuBLAS ops its last
+step recorded (`mango_kernels.LaunchProgram`).
 
 Torch is used, outside the hot path, for: float64 Newton–Schulz (float64 params with
 ns_dtype "auto", or ns_dtype=float64: `torch_backend.batched_newton_schulz`), the spectral
@@ -342,11 +349,16 @@ class _Round:
             reqs.append((self.scratch_bytes(), torch.uint8))
         return reqs
 
-    def bind(self, arena: _Arena) -> None:
+    def bind(self, arena: _Arena, identities: dict) -> None:
+        """Every big buffer a view of the arena; the cuBLAS batches' identities from `identities`
+        (one per size and dtype, shared by every round)."""
         alloc = arena.allocator()
         self.work = alloc(max(self.work_elems, 1), self.dtype) if self.has_work else None
         for batch, _ in self.ns_batches:
-            batch.bind(alloc)
+            if isinstance(batch, CublasNSBatch):
+                batch.bind(alloc, identities)
+            else:
+                batch.bind(alloc)
         if self.scratch_bytes():
             scratch = alloc(self.scratch_bytes(), torch.uint8)
             for batch, _ in self.ns_batches:
@@ -492,8 +504,9 @@ class _LaunchGroup:
                        for es in _pack_rounds(self.entries, cost, capacity, scratch)]  # fmt: skip
         _share_small_tile_heights(self.rounds, groups)
         self.arena = _Arena(max(_span(r.requests()) for r in self.rounds), device)
+        identities: dict = {}
         for r in self.rounds:
-            r.bind(self.arena)
+            r.bind(self.arena, identities)
         self.table = TensorTable(len(self.entries), device)
         self._init_static_columns(groups)
 
