@@ -8,8 +8,9 @@ decides every launch, no kernel executes, the cuBLAS engine's ops run on one-ele
 are counted kernel by kernel) with the NS engines an H100/H200 chooses (`ns_target="sm_90"`: head
 blocks on the Triton on-chip kernels, every larger matrix on the cuBLAS engine) and the GPU's tile
 sizes, and reads the plan's `memory()`: budget, arena, bytes per round. Each set runs with the forms
-CUDA's "auto" picks (the fp16 Gram form on wide matrices) and with the bf16 textbook form
-everywhere, both within the budget and in one round (`memory_budget=inf`).
+CUDA's "auto" picks (the fp16 Gram form on wide matrices), with the bf16 textbook form everywhere,
+and with every NS on the Triton kernels (a CPU's choice), each within the budget and in one round
+(`memory_budget=inf`).
 
     python -m bench.rounds                          # GPT-2 124M and 350M (~1 min)
     python -m bench.rounds --sets tiny --out /tmp/r # what the tests run
@@ -35,17 +36,20 @@ import mango_kernels as mk  # noqa: E402
 from . import params as P  # noqa: E402
 
 GPU_TILES = mk.NSConfig(small_max_rows=128, gram_small_max_rows=64, small_block_c=64, block_m=128, block_n=128, block_k=64)
-FORMS = {"cuda_auto": {}, "bf16_textbook": {"ns_method": "textbook"}}  # label -> settings; "auto" as on CUDA
+# label -> (the backend's ns_target, settings): "auto" as on an H100/H200, the bf16 textbook form
+# there, and every NS on the Triton kernels (a CPU's choice: the on-chip and tiled kernels)
+FORMS = {"cuda_auto": ("sm_90", {}), "bf16_textbook": ("sm_90", {"ns_method": "textbook"}), "triton_kernels": (None, {})}
 
 
 def measure(set_name: str, form: str, budget) -> dict:
     """Dry-run steps of the set's mango optimizer; rounds, arena, budget and launches."""
     pset = P.resolve_set(set_name)
     params = pset.build("cpu")
-    opt = mango.Mango(P.mango_groups(pset, params), backend="triton", **FORMS[form])
+    target, settings = FORMS[form]
+    opt = mango.Mango(P.mango_groups(pset, params), backend="triton", **settings)
     backend = opt._backend_for(torch.device("cpu"))
     backend.ns_config, backend.memory_budget = GPU_TILES, budget
-    backend.ns_target = "sm_90"  # the engines, forms and dtypes an H200 step runs
+    backend.ns_target = target
     for p in params:
         p.grad = torch.zeros_like(p)
     with mk.count_launches(dry_run=True):
@@ -94,7 +98,7 @@ def main(argv=None) -> list:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     (out / f"rounds_{stamp}.json").write_text(json.dumps(dict(torch=torch.__version__, rows=rows), indent=1))
     (out / f"rounds_{stamp}.md").write_text(
-        f"# triton backend: rounds, arena and launches per step (dry run, the sm_90 NS choice; torch {torch.__version__})\n\n"
+        f"# triton backend: rounds, arena and launches per step (dry run, GPU tile sizes; torch {torch.__version__})\n\n"
         "A step uploads its tensor table (+1) only where lr or an address changed since the last.\n\n" + table(rows)
     )
     print(f"wrote {out}/rounds_{stamp}.{{json,md}}")
