@@ -338,7 +338,7 @@ def test_triton_split_places_each_ns_engine_as_an_sm90_step_runs_it(engine):
     import mango
     import mango_kernels as mk
     from mango import ddp
-    from mango.distributed import gram_ns_flops, ns_flops
+    from mango.distributed import ns_flops, row_sharded_ns_flops
 
     torch.manual_seed(0)
     model = torch.nn.ModuleDict(dict(qkv=torch.nn.Linear(192, 3 * 192, bias=False), head=torch.nn.Linear(192, 2000, bias=False),
@@ -362,7 +362,7 @@ def test_triton_split_places_each_ns_engine_as_an_sm90_step_runs_it(engine):
         assert owners["head.weight"] == ddp.ROW_SPLIT and fc == sorted(fc) and min(fc) >= 0 and len(set(fc)) > 1
         assert owners["qkv.weight"] >= 0
         costs = [ns_flops((160, 192), (160, 192), 5)] * 5 + [ns_flops((576, 192), (64, 192), 5)]
-        head = [gram_ns_flops(n, 192, 5) for n in ddp.row_split(2000, world)]
+        head = [row_sharded_ns_flops(n, 192, 5) for n in ddp.row_split(2000, world)]
         assert sum(loads) == pytest.approx(sum(costs) + sum(head))
         assert max(loads) <= sum(loads) / world + max(costs)
     else:
