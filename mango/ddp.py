@@ -17,13 +17,16 @@ values), so the step equals the single-process step and every rank ends bit-iden
 matrices (a vocabulary head) are split by rows over every rank instead (`row_split_ns`: a Gram
 all-reduce per NS step), so one large matrix does not bound the busiest rank. Each rank's tensors
 of one NS bucket are consecutive in the bucket (`assign_plan`), so on the triton backend a
-cuBLAS bucket runs its batched GEMMs on the owner's slice of its stack. Per NS engine of the triton
+cuBLAS bucket runs its op program cut to the rank's slice of its members, in the bucket's own
+buffers (`mango.backends.ns_cublas`: a rank's share). Per NS engine of the triton
 backend (mango.ns_engine):
 
     triton_small, triton_tiled   the kernels run every item, with 0 NS steps for others' tensors
                                  (except the tiled Gram form's large items, which iterate as one
                                  host batch with one schedule: those run on every rank)
     cublas                       the GEMMs on the owner's slice of the bucket; tall matrices row-split
+                                 (read from the stack where the moments kernel wrote them, written
+                                 where the apply kernel reads the result: `output_view`)
     torch (float64 NS)           the owner's tensors; tall matrices row-split
 
 The collectives per step follow the NS shape buckets, not the depth. The nonfinite check reduces
@@ -411,17 +414,19 @@ class _TritonRoundSplit:
             if q == EVERY_RANK:
                 continue
             view = e.batch.output_view(e.spec) if e.ns_kernel else rnd.work[e.work_offset : e.work_offset + e.numel]
-            if q == ROW_SPLIT:
-                rows_by_nb.setdefault(id(e.nb), []).append((e, view))
+            if q == ROW_SPLIT:  # no rank's batch ran it: its d is still where the moments kernel wrote it
+                source = e.batch.input_view(e.spec) if e.ns_kernel else view
+                rows_by_nb.setdefault(id(e.nb), []).append((e, source, view))
             else:
                 add(view, q, view if q == self.rank else None)
         for members in rows_by_nb.values():
             e = members[0][0]
             group = groups[e.bucket.group_index]
             rows, cols = e.nb.shape[0], math.prod(e.nb.shape[1:])
-            mats = [v.view(rows, cols) for _, v in members]
+            mats = [source.view(rows, cols) for _, source, _ in members]
+            dests = [view.view(rows, cols) for _, _, view in members]  # a cuBLAS bucket in place: X's second place
             Y, split = row_split_newton_schulz(self.backend.pg, self.backend.comm, mats, ns_schedule(group), group["ns_eps"], e.ns_dtype)
-            for owner, result, dest in zip(*_row_blocks(mats, Y.to(mats[0].dtype), split, self.rank)):
+            for owner, result, dest in zip(*_row_blocks(dests, Y.to(dests[0].dtype), split, self.rank)):
                 add(dest, owner, result)
         for owners, results, dests in by_dtype.values():
             self.backend.gather(owners, results, dests)

@@ -15,6 +15,7 @@ State is float32 for float32/bfloat16/float16 params and float64 for float64 par
 
 from __future__ import annotations
 
+import itertools
 import operator
 
 import torch
@@ -27,11 +28,16 @@ from . import groups as _groups
 from .backends import make_backend
 from . import ns_engine
 from .groups import check_param
-from .plan import Slot, build_plan, structural_key
+from .plan import STRUCTURAL_KEYS, Slot, build_plan, structural_key
 from .reference import init_state, state_keys
 
 
 _LR_KEYS = ("lr", "initial_lr")  # initial_lr: what an LR scheduler copies from lr
+# per-tensor reads done in C (map over a group's tensors), not a Python loop per tensor
+_GRAD = operator.attrgetter("grad")
+_LAYOUT_DTYPE = operator.attrgetter("layout", "dtype")
+_DENSE_REAL = frozenset((torch.strided, dt) for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+_STRUCTURE = operator.itemgetter(*STRUCTURAL_KEYS)
 
 
 def _device_lr(lr, device) -> torch.Tensor:
@@ -246,14 +252,19 @@ class Mango(Optimizer):
         return self._backends[key]
 
     def _collect(self):
-        """Params with gradients per group, their grads, and the cache key of the plan."""
+        """Params with gradients per group, their grads, and the cache key of the plan. Each group's
+        tensors are read by C-level passes (`map`); only a group with a param lacking a gradient
+        filters in Python."""
         active, grads, key = [], [], []
         for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
+            ps = group["params"]
+            gs = list(map(_GRAD, ps))
+            if any(map(operator.is_, gs, itertools.repeat(None))):
+                ps = [p for p, g in zip(ps, gs) if g is not None]
+                gs = [g for g in gs if g is not None]
             active.append(ps)
-            gs = [p.grad for p in ps]
             grads.append(gs)
-            key.append((tuple(map(id, ps)), structural_key(group)))
+            key.append((tuple(map(id, ps)), _structure(group)))
         return active, grads, tuple(key)
 
     @staticmethod
@@ -264,10 +275,14 @@ class Mango(Optimizer):
             where = {id(p): n for n, p in enumerate(p for ps in active for p in ps)}
             pickers = plan.cache["grad_pickers"] = [[where[id(s.param)] for s in b.slots] for b in plan.buckets]
             pickers[:] = [operator.itemgetter(*idx) if len(idx) > 1 else (lambda flat, i=idx: tuple(flat[k] for k in i)) for idx in pickers]
-        flat = [g for gs in grads for g in gs]
+        flat = list(itertools.chain.from_iterable(grads))
         return [list(pick(flat)) for pick in pickers]
 
     def _check_grads(self, active, grads) -> None:
+        """Sparse or complex gradients: a ValueError naming the parameter (one C-level scan of
+        (layout, dtype); the names are looked up only where one is not dense and real)."""
+        if _DENSE_REAL.issuperset(map(_LAYOUT_DTYPE, itertools.chain.from_iterable(grads))):
+            return
         for group, ps, gs in zip(self.param_groups, active, grads):
             for p, g in zip(ps, gs):
                 if g.is_sparse:
@@ -375,14 +390,18 @@ class Mango(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for backend, plan, grads_by_bucket, prepared in self._prepare_step(torch.compiler.is_compiling()):
-            if prepared is None:
+        compiling = torch.compiler.is_compiling()
+        # traced: the bookkeeping and untraceable backends behind graph breaks; eager: called directly
+        # (a graph-break wrapper costs microseconds a step for nothing)
+        for backend, plan, grads_by_bucket, prepared in (self._prepare_step_traced if compiling else self._prepare_step)(compiling):
+            if prepared is not None:
+                backend.run(self, plan, grads_by_bucket, prepared)
+            elif compiling:
                 _run_eagerly(backend.step, self, plan, grads_by_bucket)
             else:
-                backend.run(self, plan, grads_by_bucket, prepared)
+                backend.step(self, plan, grads_by_bucket)
         return loss
 
-    @torch._disable_dynamo
     def _prepare_step(self, compiling: bool) -> list:
         """Everything of a step that is not tensor math: betas sync, the plan, gradient checks, the
         non-finite policy, each backend's per-step setup. Returns (backend, plan, grads by bucket,
@@ -403,9 +422,11 @@ class Mango(Optimizer):
                     raise ValueError(f"mango: non-finite gradient in parameter(s) {bad}; nothing was updated")
                 self.skipped_steps += 1
                 return []
-        by_backend: dict = {}
-        for i, bucket in enumerate(plan.buckets):
-            by_backend.setdefault(bucket.device.type, []).append(i)
+        by_backend = plan.cache.get("by_backend")
+        if by_backend is None:
+            by_backend = plan.cache["by_backend"] = {}
+            for i, bucket in enumerate(plan.buckets):
+                by_backend.setdefault(bucket.device.type, []).append(i)
         work = []
         for dev, idx in by_backend.items():
             backend = self._backend_for(plan.buckets[idx[0]].device, plan.sharded)
@@ -422,6 +443,18 @@ class Mango(Optimizer):
                 backend, prepared = compiled_step.OPAQUE_STEP, compiled_step.prepare(self, backend, sub, sub_grads)
             work.append((backend, sub, sub_grads, prepared))
         return work
+
+    _prepare_step_traced = torch._disable_dynamo(_prepare_step)  # behind a graph break when traced
+
+
+_PLAIN = frozenset((str, int, float, bool, type(None), torch.dtype))
+
+
+def _structure(group) -> tuple:
+    """The group's settings that shape the plan (mango.plan.STRUCTURAL_KEYS): the values where all
+    are plain (compared as such), else their reprs (a list compares by what it says now)."""
+    values = _STRUCTURE(group)
+    return values if _PLAIN.issuperset(map(type, values)) else structural_key(group)
 
 
 @torch._disable_dynamo

@@ -32,7 +32,7 @@ from __future__ import annotations
 import importlib
 
 _HOMES = {
-    "._launch": ("INTERPRET", "LaunchLog", "LaunchProgram", "count_launches", "launch_count", "record", "recording"),
+    "._launch": ("INTERPRET", "LaunchLog", "LaunchProgram", "count_launches", "host_ops", "launch_count", "record", "recording"),
     ".elementwise": ("DEFAULT_BLOCK", "launch_apply", "launch_moments", "launch_novograd_prepass", "launch_segment_sums",
                      "nonfinite_flags", "nonfinite_layout"),
     ".ns_common": ("NS_DTYPES",),

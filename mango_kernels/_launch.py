@@ -10,6 +10,8 @@ Every kernel launch and every device-side torch op the Triton backend issues goe
     with mango_kernels.count_launches(dry_run=True): ...   # count without running kernels
     with mango_kernels.count_launches(capture=True) as log: ...
     log.launches         # [Launch(name, kernel, grid, args, kwargs)]: what would have run
+    mango_kernels.host_ops(names, fn)    # fn issues device ops that are not Triton launches (torch
+                                         # ops on buffers that stay put): run it, count `names`
 
 Capture (a dry run that keeps every launch's kernel, grid and arguments) is how
 `mango_kernels.aot` compiles exactly the specializations a real step launches, for a GPU
@@ -92,6 +94,13 @@ def _count(name: str, n: int = 1) -> None:
             log.events.extend([name] * n)
 
 
+def _count_names(names) -> None:
+    global _total
+    _total += len(names)
+    for log in _active_logs:
+        log.events.extend(names)
+
+
 def record(name: str, n: int = 1) -> None:
     """Count `n` device launches called `name` (a kernel, a torch fallback op, a table copy)."""
     _count(name, n)
@@ -105,7 +114,7 @@ def launch(name: str, kernel, grid, *args, **kwargs) -> None:
         return
     _count(name)
     for program in _recording:
-        program.launches.append(Launch(name, kernel, tuple(grid), args, kwargs))
+        program.add(Launch(name, kernel, tuple(grid), args, kwargs))
     if _active_logs:
         for log in _active_logs:
             if log.capture:
@@ -115,32 +124,73 @@ def launch(name: str, kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
+class HostOps(NamedTuple):
+    """A recorded call that issues device ops other than Triton launches: `fn()` issues `names`."""
+
+    names: tuple
+    fn: object
+
+
+def host_ops(names, fn) -> None:
+    """Run `fn`, which issues the device ops `names` (torch ops on buffers that stay put, e.g. the
+    cuBLAS NS engine's GEMMs; it issues them on stand-ins itself in a dry run), and count them; a
+    recording `LaunchProgram` keeps the call, to make it again."""
+    _count_names(names)
+    for program in _recording:
+        program.add(HostOps(tuple(names), fn))
+    fn()
+
+
 class LaunchProgram:
-    """The kernel launches a block of host code made, kept to be made again without that code
-    (its Python: argument dicts, tables of kernel settings) while the arguments stay the same
-    objects. Replayable only if the block issued nothing but kernel launches."""
+    """The kernel launches (and `host_ops` calls) a block of host code made, kept to be made again
+    without that code (its Python: argument dicts, tables of kernel settings) while the arguments
+    stay the same objects. Replayable only if the block issued nothing else (`record`)."""
 
     def __init__(self):
-        self.launches: list[Launch] = []
+        self.steps: list = []  # Launch and HostOps, in order
+        self.launches: list[Launch] = []  # the Triton launches among them
         self.replayable = True
+        self._compiled = None
+
+    def add(self, step) -> None:
+        self.steps.append(step)
+        if isinstance(step, Launch):
+            self.launches.append(step)
+        self._compiled = None
+
+    def _compile(self):
+        """(names, [(kernel launcher or None, fn, args, kwargs)]): what `replay` counts and calls."""
+        names, calls = [], []
+        for st in self.steps:
+            if isinstance(st, Launch):
+                names.append(st.name)
+                calls.append((True, st.kernel[st.grid], st.args, st.kwargs))
+            else:
+                names.extend(st.names)
+                calls.append((False, st.fn, (), {}))
+        self._compiled = (names, calls)
+        return self._compiled
 
     def replay(self) -> None:
-        """The launches again, counted and captured as `launch` does (the checks made once)."""
+        """The launches and host-op calls again, in order, counted and captured as `launch` and
+        `host_ops` do (the checks made once). A dry run skips the launches; host-op calls run
+        (they issue their ops on stand-ins)."""
         global _total
-        if _recording:
-            for program in _recording:
-                program.launches.extend(self.launches)
-        _total += len(self.launches)
+        names, calls = self._compiled or self._compile()
+        for program in _recording:
+            for st in self.steps:
+                program.add(st)
+        _total += len(names)
+        dry = False
         if _active_logs:
-            names = [la.name for la in self.launches]
             for log in _active_logs:
                 log.events.extend(names)
                 if log.capture:
                     log.launches.extend(self.launches)
-            if dry_run_active():
-                return
-        for _, kernel, grid, args, kwargs in self.launches:
-            kernel[grid](*args, **kwargs)
+            dry = dry_run_active()
+        for is_kernel, fn, args, kwargs in calls:
+            if not (dry and is_kernel):
+                fn(*args, **kwargs)
 
 
 _recording: list = []

@@ -1184,7 +1184,9 @@ def ddp_split_triton_cublas(ctx):
     what a GPU runs its large blocks on: torch batched GEMMs on the NS stacks), float32 params, bf16 NS,
     the tiny GPT, 2 steps: each rank runs the GEMMs on its slice of every bucket and
     row-splits the tall `up`s; equal to one process (bit for bit but the row-split `up`s, within the
-    bf16 NS bound). The first step's FLOPs (FlopCounterMode: with this engine every NS FLOP is a
+    bf16 NS bound); and matrices whose buckets all run in place (a 1-byte memory budget), so that
+    each rank's share runs in its bucket's 2X and the results, the row-split one's too, are in the
+    shifted second place. The first step's FLOPs (FlopCounterMode: with this engine every NS FLOP is a
     torch matmul, the elementwise kernels count none): the ranks together do the one process's NS
     (plus the row split's small repeated products), and the busiest at most 1/world of it plus the
     largest single tensor's NS."""
@@ -1210,7 +1212,37 @@ def ddp_split_triton_cublas(ctx):
     if ctx["rank"] == 0:
         out["row_split_error"] = max(errors[n] for n in rows)
         out["error"] = max(e for n, e in errors.items() if n not in rows)
+
+    errors = {}
+    _, opt = run_split(ctx, in_place_mango, build=in_place_model, dtype=torch.float32, steps=2, tol=1e-6, tag="split cublas in place",
+                       backend="triton", ref_on_rank0=True, row_split_tol=2e-2, errors=errors)  # fmt: skip
+    (lg,) = opt._plan.cache["triton"][1]
+    batches = [b for r in lg.rounds for b, _ in r.ns_batches if getattr(b, "engine", None) == "cublas"]
+    # in place after an odd number of moves, a result is in the second place, not where d was written
+    out["shifted"] = sorted({tuple(b.nb.shape) for b in batches if b.in_place and b.output_view(0).data_ptr() != b.input_view(0).data_ptr()})
+    out["shares"] = {str(tuple(b.nb.shape)): (*b.share, b.count) for b in batches}
+    rows = out["in_place_row_split"] = row_split_names(opt)
+    if ctx["rank"] == 0:
+        out["in_place_row_split_error"] = max(errors[n] for n in rows)
+        out["in_place_error"] = max(e for n, e in errors.items() if n not in rows)
     return out
+
+
+def in_place_model(dtype=torch.float64):
+    """Matrices large enough for the cuBLAS engine's in-place layout: four 24×96 (one bucket, cut
+    between the ranks), three 96×20, and a 300×24 tall enough to be row-split."""
+    torch.manual_seed(0)
+    shapes = [(24, 96)] * 4 + [(96, 20)] * 3 + [(300, 24)]
+    return torch.nn.Sequential(*[torch.nn.Linear(c, r, bias=False) for r, c in shapes]).to(dtype)
+
+
+def in_place_mango(model, backend="triton", **kw):
+    """Every matrix on the cuBLAS engine with a 1-byte memory budget: every bucket runs in place, in 2X its stack."""
+    names, params = zip(*model.named_parameters())
+    opt = mango.Mango([dict(params=list(params), param_names=list(names), role="matrix", norm="ns")], lr=0.02, backend=backend,
+                      ns_engine="cublas", **kw)  # fmt: skip
+    opt._backend_for(torch.device("cpu")).memory_budget = 1
+    return opt
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ import mango
 import mango_kernels as mk
 
 
-def _params(device, seed=0):
+def _params(device, seed=0, large=False):
+    """Small matrices of every kind; `large` adds matrices over 128 rows, which a GPU's "auto" puts
+    on the cuBLAS engine (the on-chip kernels take the small ones)."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [(24, 40), (40, 24), (7, 13), (13,), (3, 8, 5), (0, 4)]
+    shapes = [(24, 40), (40, 24), (7, 13), (13,), (3, 8, 5), (0, 4)] + ([(160, 192), (192, 160), (136, 96)] if large else [])
     return [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
 
 
@@ -31,6 +33,9 @@ SETTINGS = {
     "adam_bias": dict(preconditioner="adam", weight_decay=0.1, ns_dtype=torch.float32),
     "laprop_bias": dict(bias_correction=True, ema_momentum=True, ns_steps=3),
     "novograd": dict(preconditioner="novograd", weight_decay=0.01),
+    # the cuBLAS engine (torch GEMMs on the NS stack; the largest bucket in place): both forms
+    "cublas": dict(ns_engine="cublas", weight_decay=0.01),
+    "cublas_gram": dict(ns_engine="cublas", ns_method="gram", ns_dtype=torch.float32, beta_offset=0.5),
 }
 
 
@@ -123,15 +128,16 @@ def test_lr_change_rewrites_host_table_only_without_capturable(capturable):
     assert ("capturable_columns" in log.by_name()) == capturable
 
 
-@pytest.mark.parametrize("name", ["mango", "adam_bias"])
+@pytest.mark.parametrize("name", ["mango", "adam_bias", "cublas_gram"])
 def test_cuda_graph_replay_equals_eager(device, name):
     """Capture one step in a CUDA graph (after warm-up, grads kept with set_to_none=False), replay it
     with new gradients copied into the same grad tensors and a scheduler changing lr: the replays
-    equal eager capturable steps bit for bit."""
+    equal eager capturable steps bit for bit. Matrices over 128 rows put the cuBLAS engine's GEMMs
+    (its largest bucket in place) in the graph beside the Triton kernels."""
     if device.type != "cuda":
         pytest.skip("CUDA graphs need a CUDA device (runs in the GPU run)")
     settings = SETTINGS[name]
-    eager, graphed = _params(device), _params(device)
+    eager, graphed = _params(device, large=True), _params(device, large=True)
     opt_e, sched_e = _make(eager, "triton", True, settings)
     opt_g, sched_g = _make(graphed, "triton", True, settings)
     for p in graphed:

@@ -53,7 +53,8 @@ backend, itself tested against the float64 reference elsewhere; float64 unless n
   per step do not grow with depth. On the triton backend (interpreter): the layouts model with the
   bf16 NS kernels bit for bit, float64, and every bucket on the cuBLAS engine (each rank's slice of
   every bucket, the tall `up`s row-split) with the busiest rank's FlopCounterMode FLOPs within
-  1/world of the total plus one tensor's.
+  1/world of the total plus one tensor's, also with every bucket in place (results in the shifted
+  second place, a row-split one's too).
 """
 
 from __future__ import annotations
@@ -278,6 +279,12 @@ def test_ddp_split_on_the_cublas_engine_gives_each_rank_its_share(world, check):
     assert f["total"] <= sum(f["per_rank"]) <= 1.01 * f["total"]
     assert f["busiest"] <= f["total"] / world + f["largest_job"]
     assert f["busiest"] < 0.6 * f["total"] if world == 2 else f["busiest"] < 0.35 * f["total"]
+    # every bucket in place, its results in the shifted second place; rank 0 runs a cut of the
+    # 24x96 and 96x20 buckets and none of the row-split 300x24
+    assert f["in_place_error"] <= 1e-6 and f["in_place_row_split_error"] <= 2e-2 and len(f["in_place_row_split"]) == 1
+    assert [tuple(s) for s in f["shifted"]] == [(24, 96), (96, 20), (300, 24)]
+    shares = {k: tuple(v) for k, v in f["shares"].items()}
+    assert shares["(300, 24)"] == (0, 0, 1) and all(0 < stop - first < n for first, stop, n in (shares["(24, 96)"], shares["(96, 20)"]))
 
 
 def test_process_group_must_be_a_group_or_a_1d_mesh():
@@ -331,7 +338,7 @@ def test_triton_split_places_each_ns_engine_as_an_sm90_step_runs_it(engine):
     import mango
     import mango_kernels as mk
     from mango import ddp
-    from mango.distributed import gram_ns_flops, ns_flops
+    from mango.distributed import ns_flops, row_sharded_ns_flops
 
     torch.manual_seed(0)
     model = torch.nn.ModuleDict(dict(qkv=torch.nn.Linear(192, 3 * 192, bias=False), head=torch.nn.Linear(192, 2000, bias=False),
@@ -355,7 +362,7 @@ def test_triton_split_places_each_ns_engine_as_an_sm90_step_runs_it(engine):
         assert owners["head.weight"] == ddp.ROW_SPLIT and fc == sorted(fc) and min(fc) >= 0 and len(set(fc)) > 1
         assert owners["qkv.weight"] >= 0
         costs = [ns_flops((160, 192), (160, 192), 5)] * 5 + [ns_flops((576, 192), (64, 192), 5)]
-        head = [gram_ns_flops(n, 192, 5) for n in ddp.row_split(2000, world)]
+        head = [row_sharded_ns_flops(n, 192, 5) for n in ddp.row_split(2000, world)]
         assert sum(loads) == pytest.approx(sum(costs) + sum(head))
         assert max(loads) <= sum(loads) / world + max(costs)
     else:

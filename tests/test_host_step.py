@@ -54,13 +54,44 @@ def test_replayed_rounds_match_reference_through_setting_and_pointer_changes():
     # would miss the lr change: the per-step reference check above catches both
 
 
+class _Kernel:
+    """A stand-in for a Triton kernel: `kernel[grid](*args)` appends to `calls`."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(("kernel", grid, args))
+
+
 def test_program_records_only_launch_only_blocks():
     with mk.recording() as program:
         mk.record("torch_op")
     assert not program.replayable
     with mk.count_launches(dry_run=True) as log:
         with mk.recording() as program:
-            mk._launch.launch("k", None, (2,), 1, x=2)
+            mk._launch.launch("k", _Kernel([]), (2,), 1, x=2)
         program.replay()
     assert program.replayable and len(program.launches) == 1
     assert log.by_name() == {"k": 2}
+
+
+def test_program_replays_launches_and_host_ops_in_order():
+    """host_ops calls (the cuBLAS engine's torch ops) are kept in a program beside the launches and
+    made again in order, counted under their names; a dry run skips the kernels, not the calls."""
+    calls = []
+    kernel = _Kernel(calls)
+    with mk.recording() as program:
+        mk._launch.launch("a", kernel, (1,), 1)
+        mk.host_ops(("gemm", "gemm", "op"), lambda: calls.append("host"))
+        mk._launch.launch("b", kernel, (3,), 2)
+    assert program.replayable and calls == [("kernel", (1,), (1,)), "host", ("kernel", (3,), (2,))]
+    calls.clear()
+    with mk.count_launches() as log:
+        program.replay()
+    assert calls == [("kernel", (1,), (1,)), "host", ("kernel", (3,), (2,))]
+    assert log.events == ["a", "gemm", "gemm", "op", "b"]
+    calls.clear()
+    with mk.count_launches(dry_run=True) as log:
+        program.replay()
+    assert calls == ["host"] and log.count == 5

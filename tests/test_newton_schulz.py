@@ -97,7 +97,7 @@ def _cublas(method):
             B, r, c = X.shape
             batch = CublasNSBatch(NormBucket("ns", [], (r, c), (r, c)), B, dtype, device, method)
             batch.bind()
-            batch.buffer1.fill_(float("nan"))
+            batch.bind_scratch(torch.full((batch.scratch_numel * torch.finfo(dtype).bits // 8,), 255, dtype=torch.uint8, device=device))  # NaN bytes
             for i in range(B):
                 batch.input_view(i).copy_(X[i].reshape(-1))
             batch.set_schedule([len(coefficients)] * B, [coefficients] * B, [1e-7] * B, [prescale == "spectral"] * B)

@@ -6,7 +6,8 @@ to 410 s of the run's 420):
 
 - tests: every test with a CUDA mode in 3 parallel shards (most of a first run is Triton compiling
   on the CPU; 107 s on the H200, 2026-12-04);
-- host: bench.host's Python time per triton step at HF GPT-2 124M (a launch dry run on the CPU);
+- host: bench.host's Python time per triton step at HF GPT-2 124M with the NS engines an H100/H200
+  chooses (`--choices sm_90`; a launch dry run on the CPU);
 - sweep: every NS engine on the NS buckets of the step stage's sets, and the ARCH_TABLE entry (the
   cheap timings first, then tile sizes until its budget);
 - step: bench.step on bench `gpt2-124m` (its 50257×768 vocabulary matrix under NS, role `head`), HF
@@ -60,7 +61,7 @@ GPU = {
     "stages": {
         "tests": {"budget_s": 95, "paths": ["tests"], "shards": 3, "test_timeout_s": 90, "grace_s": 15, "first": FIRST,
                   "env": {"MANGO_TEST_DEVICE": "cuda", "TRITON_INTERPRET": None}},
-        "host": {"budget_s": 15, "args": ["--steps", "50"], "env": {"TRITON_INTERPRET": "1"}},
+        "host": {"budget_s": 15, "args": ["--steps", "50", "--choices", "sm_90"], "env": {"TRITON_INTERPRET": "1"}},
         "sweep": {"budget_s": 35, "args": ["--sets", SETS], "env": {"TRITON_INTERPRET": None}},
         "step": {"budget_s": 170, "args": ["--sets", SETS, "--optimizers", CONTENDERS, "--budget", "0.5", "--no-kernels",
                                            *_leave_out(SETS)],
@@ -80,7 +81,7 @@ DRY = {
         "tests": {"budget_s": 35, "paths": ["tests/test_kernels.py", "tests/test_triton_backend.py"], "shards": 2,
                   "test_timeout_s": 60, "grace_s": 10, "first": FIRST, "sample": 2,
                   "env": {"MANGO_TEST_DEVICE": "cpu", "TRITON_INTERPRET": "1"}},
-        "host": {"budget_s": 20, "args": ["--steps", "3", "--sets", "hf-gpt2-124m-tied"], "env": {"TRITON_INTERPRET": "1"}},
+        "host": {"budget_s": 20, "args": ["--steps", "3", "--sets", "hf-gpt2-124m-tied", "--choices", "sm_90"], "env": {"TRITON_INTERPRET": "1"}},
         "sweep": {"budget_s": 25, "backstop_s": 5, "args": ["--quick", "--device", "cpu"], "env": {"TRITON_INTERPRET": "1"}},
         "step": {"budget_s": 45, "backstop_s": 10,
                  "args": ["--quick", "--device", "cpu", "--threads", "1", "--sets", DRY_SETS, "--optimizers", CONTENDERS,

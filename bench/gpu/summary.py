@@ -109,7 +109,7 @@ def _stage_note(name: str, r: dict, dev: dict) -> str:
         return f"{runs}; " + ("results in step.json/md" if r.get("files") else f"no result: {r.get('error', '')[-150:]}")
     if name == "host":
         rows = [x for x in r.get("rows") or [] if x.get("median_us") is not None]
-        return "; ".join(f"{x.get('set')}{' capturable' if x.get('capturable') else ''} {x['median_us']:.0f} µs" for x in rows) or r.get("error", "")[-150:]
+        return "; ".join(f"{x.get('set')}{_choice(x)}{' capturable' if x.get('capturable') else ''} {x['median_us']:.0f} µs" for x in rows) or r.get("error", "")[-150:]
     if name == "sweep":
         return (f"ARCH_TABLE entry {r['entry']}" + (" (partial)" if r.get("partial") else "")) if r.get("entry") else f"no result: {r.get('error', '')[-150:]}"
     if name == "fsdp":
@@ -241,12 +241,18 @@ def _host_md(t) -> list:
         return []
     out = ["## Host time per triton step", "", "Python per step at HF GPT-2 124M, a launch dry run on this machine's CPU "
            f"(`python -m bench.host`); the target is <= {HOST_US} µs.", "",
-           f"| set | capturable | launches | host µs / step (median) | <= {HOST_US} µs |", "| --- | --- | ---: | ---: | --- |"]  # fmt: skip
+           f"| set | NS choice | capturable | launches | host µs / step (median) | <= {HOST_US} µs |", "| --- | --- | --- | ---: | ---: | --- |"]  # fmt: skip
     for r in t["rows"]:  # rows as bench.host writes them; a field it no longer writes shows as "-"
         us = r.get("median_us")
         verdict = "-" if us is None else ("met" if us <= HOST_US else "**missed**")
-        out.append(f"| {r.get('set')} | {r.get('capturable')} | {r.get('launches', '-')} | {'-' if us is None else f'{us:.0f}'} | {verdict} |")
+        out.append(f"| {r.get('set')} | {r.get('choice', '-')} | {r.get('capturable')} | {r.get('launches', '-')} | "
+                   f"{'-' if us is None else f'{us:.0f}'} | {verdict} |")  # fmt: skip
     return out + [""]
+
+
+def _choice(row: dict) -> str:
+    """bench.host's NS engine choice of a row ("sm_90": an H100/H200's; "cpu": the Triton kernels), where it says."""
+    return f" {row['choice']}" if row.get("choice") else ""
 
 
 def _sweep_md(t) -> list:

@@ -11,7 +11,8 @@ import torch
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8
+    """Bytes per element of `dtype`, floating or integer (a byte scratch is carved as uint8)."""
+    return (torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits) // 8
 
 
 def align_up(nbytes: int, align: int) -> int:

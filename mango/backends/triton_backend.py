@@ -5,27 +5,34 @@ It does the math of `mango.backends.torch_backend` stage by stage, but every sta
 tensors of the step at once:
 
     [novograd_prepass, segment_sums]    only with a novograd group
-    moments         v, m, d for every tensor (d straight into the bf16 NS stack when NS-bound)
+    moments         v, m, d for every tensor (d straight into the NS stack when NS-bound)
     segment_sums    ‖d‖² per tensor / head block / row, ‖W‖² for trust ratio
     ns_small        all NS steps of every matrix with ≤ 128 rows (attention heads), one launch
-    ns_xxt/poly/update × ns_steps    NS of the larger matrices, every shape in one grid
+    ns_xxt/poly/update × ns_steps    NS of the larger matrices on the Triton tiled kernels, or
+    cublas_gemm/op  their NS on the cuBLAS engine (`ns_cublas`): each bucket's GEMMs on its stack
     apply           Δ, lr·k, trust ratio, offset momentum, weight decay, write W
 
-per round. The memory budget bounds the memory a step may use beyond the state by 2× the largest NS bucket
-(in its NS dtype), so the tensors are packed into **rounds** that each fit that budget — the NS
-stacks, second buffers and m×m workspaces of a round, and the direction buffer of its non-NS
+per round; where each NS bucket runs is `mango.ns_engine`'s choice, stored on the bucket.
+
+The memory budget bounds what a step may use beyond the state by 2× the largest NS bucket (in its NS
+dtype), so the tensors are packed into **rounds** that each fit it: the NS stacks and the tiled
+kernels' second buffers and m×m workspaces of a round, the scratch its cuBLAS buckets share (they
+run one after another: the largest need, not the sum), and the direction buffer of its non-NS
 tensors, are views into one arena the size of the largest round, reused by every round. A round
-runs moments → NS → apply for its tensors only. A plan whose NS buffers fit the budget is one round:
-4 + 3·ns_steps launches (19 with the default 5 steps) plus one table copy; GPT-2 124M packs into 4
-rounds (its vocabulary head alone fills one). The number of rounds follows the number of distinct
-shape buckets, not the depth (see `mango_kernels.count_launches`). A single tensor whose own NS
-buffers exceed the budget (its X, the second buffer and its m×m workspaces against 2× its X when it
-is the largest bucket) gets a round of its own, the one case above the budget.
+runs moments → NS → apply for its tensors only. A plan whose buffers fit the budget is one round
+(4 + 3·ns_steps launches on the tiled kernels, 19 with the default 5 steps, plus one table copy
+where the table changed). A cuBLAS bucket is never cut: it runs once per step, whole; one that
+alone fills the budget runs in place in exactly 2× its stack (`ns_cublas`), in a round of its own.
+The number of rounds follows the number of distinct shape buckets, not the depth (see
+`mango_kernels.count_launches`). A single tensor whose own NS buffers exceed the budget gets a
+round of its own, the one case above the budget.
 
 Everything that depends only on the plan (tile tables, segment tables, NS item and tile
-tables, work buffers) is built once into a `_LaunchGroup` cached in `plan.cache`; a step then
-refreshes the tensor table (addresses of params, grads and state, which may change between
-steps, and the group hyperparameters, which schedulers change) with one host→device copy.
+tables, work buffers, the cuBLAS programs) is built once into a `_LaunchGroup` cached in
+`plan.cache`; a step then refreshes the tensor table (addresses of params, grads and state, which
+may change between steps, and the group hyperparameters, which schedulers change) with one
+host→device copy where it changed, and each round makes again the launches and cuBLAS ops its last
+step recorded (`mango_kernels.LaunchProgram`).
 
 Torch is used, outside the hot path, for: float64 Newton–Schulz (float64 params with
 ns_dtype "auto", or ns_dtype=float64: `torch_backend.batched_newton_schulz`), the spectral
@@ -69,7 +76,7 @@ from ..config import ns_schedule
 from ..layout import norm_blocks, operator_shape
 from ..ns_engine import choose_for_bucket
 from ..newton_schulz import gram_restarts, spectral_norm
-from .arena import Arena, span
+from .arena import Arena, itemsize, span
 from .ns_cublas import CublasNSBatch
 from .ns_gram_host import iterate_large
 from .torch_backend import _safe_inverse, batched_newton_schulz
@@ -83,11 +90,14 @@ _TABLE_SETTINGS = (
     "beta1", "beta2", "eps", "weight_decay", "preconditioner", "second_moment", "ema_momentum", "nesterov", "maximize",
     "beta_offset", "trust_ratio", "trust_clamp", "bias_correction", "ns_steps", "ns_eps", "ns_prescale",
 )  # fmt: skip
+_TABLE_VALUES = operator.itemgetter(*_TABLE_SETTINGS)
 
 
 def _frozen_coefficients(value):
     """ns_coefficients as a value that compares by content and cannot change under the cache
     (a name, one triple, or one triple per step)."""
+    if type(value) is str:
+        return value
     if isinstance(value, (list, tuple)):
         return tuple(tuple(c) if isinstance(c, (list, tuple)) else c for c in value)
     return value
@@ -179,40 +189,44 @@ def _needs_work(e) -> bool:
     return not e.ns_kernel and not e.fused
 
 
-def _pack_rounds(entries, cost, budget: int) -> list:
+def _pack_rounds(entries, cost, budget: int, scratch=None) -> list:
     """Entries packed into rounds of at most `budget` bytes: each NS norm bucket whole where it fits
     (its same-shape NS items stay one batch), and the direction buffers of the other tensors
-    together, first-fit by decreasing size; a unit over the
-    budget is cut into runs of consecutive tensors, a tensor over it alone gets a round of its own.
-    Entries that cost nothing (fused none/sign, empty) join the first round."""
+    together, first-fit by decreasing size; a unit over the budget is cut into runs of consecutive
+    tensors, a tensor over it alone gets a round of its own. `scratch` {id(nb): bytes}: buckets that
+    also need a scratch their round shares (the cuBLAS engine's: the round holds the largest, not the
+    sum); they are never cut. Entries that cost nothing (fused none/sign, empty) join the first round."""
+    scratch = scratch or {}
     units: dict = {}
     for e in entries:  # the non-NS tensors as one unit: their l2 sums in one round, one segment-sums launch
         if cost[e.row]:  # a cross-shard NS bucket stays whole in one round: its exchange serves all its tensors
             units.setdefault(id(e.nb) if e.ns_kernel or _cross_shard_ns(e) else "work", []).append(e)
     pieces = []
-    for unit in units.values():
-        if sum(cost[e.row] for e in unit) <= budget:
-            pieces.append(unit)
+    for key, unit in units.items():
+        if key in scratch or sum(cost[e.row] for e in unit) <= budget:
+            pieces.append((unit, scratch.get(key, 0)))
             continue
         run, used = [], 0
         for e in unit:
             if run and used + cost[e.row] > budget:
-                pieces.append(run)
+                pieces.append((run, 0))
                 run, used = [], 0
             run.append(e)
             used += cost[e.row]
-        pieces.append(run)
-    rounds, room = [], []
-    for piece in sorted(pieces, key=lambda p: -sum(cost[e.row] for e in p)):  # stable: plan order among equals
+        pieces.append((run, 0))
+    rounds, used, shared = [], [], []
+    for piece, need in sorted(pieces, key=lambda p: -(sum(cost[e.row] for e in p[0]) + p[1])):  # stable: plan order among equals
         size = sum(cost[e.row] for e in piece)
-        for i, free in enumerate(room):
-            if size <= free:
+        for i in range(len(rounds)):
+            if used[i] + size + max(shared[i], need) <= budget:
                 rounds[i].extend(piece)
-                room[i] -= size
+                used[i] += size
+                shared[i] = max(shared[i], need)
                 break
         else:
             rounds.append(list(piece))
-            room.append(budget - size)
+            used.append(size)
+            shared.append(need)
     free_entries = [e for e in entries if not cost[e.row]]
     if not rounds:
         return [free_entries]
@@ -253,7 +267,7 @@ class _Round:
     dtype and form, and for the Gram form per schedule: its large items iterate as one batch) and the
     direction work buffer of the others. The big buffers are bound to the arena afterwards."""
 
-    def __init__(self, entries, groups, device, compute_dtype, ns_config, block):
+    def __init__(self, entries, groups, device, compute_dtype, ns_config, block, in_place=frozenset()):
         self.entries = entries
         self.device, self.dtype = device, compute_dtype
         self.split = None  # DDP with the NS split across ranks (mango.ddp): who runs which NS, and the exchange
@@ -273,6 +287,7 @@ class _Round:
         self.ws = self.layout.workspaces(compute_dtype)
         self.has_novograd = self.layout.n_pre_segments > 0
         self.work_elems = 0
+        self.has_work = any(map(_needs_work, entries))  # (empty tensors too: they get an address)
         for e in entries:
             if _needs_work(e):
                 e.work_offset = self.work_elems
@@ -289,7 +304,8 @@ class _Round:
         for (dtype, method, _, _), members in by_key.items():
             choice = members[0].ns_choice
             if choice.engine == "cublas":
-                batch = CublasNSBatch(members[0].nb, len(members), dtype, device, method)
+                nb = members[0].nb
+                batch = CublasNSBatch(nb, len(members), dtype, device, method, in_place=id(nb) in in_place)
             else:
                 config = ns_config if choice.tiles is None else _with_tiles(ns_config, choice.tiles)
                 batch = mk.NSBatch([e.ns_spec for e in members], dtype, device, config, method=method, bind=False, large_gram=iterate_large)
@@ -297,18 +313,34 @@ class _Round:
                 e.spec, e.batch = n, batch
             self.ns_batches.append((batch, members))
 
+    def scratch_bytes(self) -> int:
+        """The scratch the round's cuBLAS batches share (they run one after another): the largest need."""
+        return max([b.scratch_numel * itemsize(b.dtype) for b, _ in self.ns_batches if isinstance(b, CublasNSBatch)], default=0)
+
     def requests(self) -> list:
         """The (numel, dtype) of every big buffer of the round, in binding order."""
-        reqs = [(max(self.work_elems, 1), self.dtype)]
+        reqs = [(max(self.work_elems, 1), self.dtype)] if self.has_work else []
         for batch, _ in self.ns_batches:
             reqs += [(max(n, 1), dt) for n, dt in batch.buffer_sizes.values()]
+        if self.scratch_bytes():
+            reqs.append((self.scratch_bytes(), torch.uint8))
         return reqs
 
-    def bind(self, arena: Arena) -> None:
+    def bind(self, arena: Arena, identities: dict) -> None:
+        """Every big buffer a view of the arena; the cuBLAS batches' identities from `identities`
+        (one per size and dtype, shared by every round)."""
         alloc = arena.allocator()
-        self.work = alloc(max(self.work_elems, 1), self.dtype)
+        self.work = alloc(max(self.work_elems, 1), self.dtype) if self.has_work else None
         for batch, _ in self.ns_batches:
-            batch.bind(alloc)
+            if isinstance(batch, CublasNSBatch):
+                batch.bind(alloc, identities)
+            else:
+                batch.bind(alloc)
+        if self.scratch_bytes():
+            scratch = alloc(self.scratch_bytes(), torch.uint8)
+            for batch, _ in self.ns_batches:
+                if isinstance(batch, CublasNSBatch) and not batch.in_place:
+                    batch.bind_scratch(scratch)
 
     def set_ns_schedules(self, groups) -> None:
         for batch, members in self.ns_batches:
@@ -441,32 +473,56 @@ class _LaunchGroup:
         self.spec_budget = self._budget()
         self.budget = self.spec_budget if memory_budget is None else memory_budget
         # a round's buffers each start on an aligned byte: room for that padding (at most one batch
-        # per NS dtype, form and group in a round, 4 buffers each, and the work buffer)
+        # per NS dtype, form and group in a round, 4 buffers each, the work buffer and the scratch)
         batches = len({(e.ns_dtype, e.ns_method, e.bucket.group_index, id(e.nb) if e.ns_choice.engine == "cublas" else e.ns_choice.tiles)
                        for e in self.entries if e.ns_kernel})  # fmt: skip
-        capacity = self.budget - _ARENA_ALIGN * (1 + 4 * batches)
-        self.rounds = [_Round(es, groups, device, compute_dtype, ns_config, block)
-                       for es in _pack_rounds(self.entries, cost, capacity)]  # fmt: skip
+        capacity = self.budget - _ARENA_ALIGN * (2 + 4 * batches)
+        scratch, in_place = self._cublas_memory(cost, capacity)
+        self.rounds = [_Round(es, groups, device, compute_dtype, ns_config, block, in_place)
+                       for es in _pack_rounds(self.entries, cost, capacity, scratch)]  # fmt: skip
         _share_small_tile_heights(self.rounds, groups)
         self.arena = Arena(max(_span(r.requests()) for r in self.rounds), device, _ARENA_ALIGN)
+        identities: dict = {}
         for r in self.rounds:
-            r.bind(self.arena)
+            r.bind(self.arena, identities)
         self.table = TensorTable(len(self.entries), device)
         self._init_static_columns(groups)
 
     # -- plan-time structure ---------------------------------------------------------------
     def _cost(self, e, ns_config) -> int:
-        """Arena bytes an entry takes in its round: its NS stack stretch, second buffer and m×m
-        workspaces, or its direction in the work buffer."""
+        """Arena bytes an entry takes in its round: its NS stack stretch (with the tiled kernels' second
+        buffer and m×m workspaces), or its direction in the work buffer. A cuBLAS bucket's scratch is
+        the round's, shared (`_cublas_memory`)."""
         if e.numel == 0:
             return 0
         if e.ns_kernel and e.ns_choice.engine == "cublas":
-            return CublasNSBatch.nbytes_for(e.nb, 1, e.ns_dtype, e.ns_method)
+            return e.numel * (torch.finfo(e.ns_dtype).bits // 8)
         if e.ns_kernel:
             return mk.ns_buffer_bytes([e.ns_spec], e.ns_dtype, e.ns_method, ns_config)
         if _needs_work(e):
             return -(-e.numel // 16) * 16 * (torch.finfo(self.dtype).bits // 8)
         return 0
+
+    def _cublas_memory(self, cost, capacity: int):
+        """Per cuBLAS bucket, the scratch it needs from its round ({id(nb): bytes}, 0 in place); a
+        bucket whose stack and scratch exceed `capacity` runs in place instead, in 2× its stack (its
+        entries' `cost` doubled), where its blocks allow it (mango.backends.ns_cublas). Returns
+        (scratch, the ids of the buckets in place)."""
+        members: dict = {}
+        for e in self.entries:
+            if e.ns_kernel and e.ns_choice.engine == "cublas" and e.numel:
+                members.setdefault(id(e.nb), []).append(e)
+        scratch, in_place = {}, set()
+        for key, es in members.items():
+            stack, need, whole = CublasNSBatch.sizes(es[0].nb, len(es), es[0].ns_dtype, es[0].ns_method)
+            if stack + need > capacity and whole is not None:
+                in_place.add(key)
+                scratch[key] = 0  # whole too, in a round of its own
+                for e in es:
+                    cost[e.row] *= 2
+            else:
+                scratch[key] = need
+        return scratch, frozenset(in_place)
 
     def _budget(self) -> int:
         """The memory budget: 2× the largest bucket, in the dtype its direction is held in (the NS dtype for NS
@@ -590,7 +646,7 @@ class _LaunchGroup:
         """What the table and the NS schedules read from the groups, as plain values (a capturable
         lr by identity: its value is read on the device)."""
         return tuple(
-            (_lr_key(g["lr"], self.capturable), _frozen_coefficients(g["ns_coefficients"]), *map(g.__getitem__, _TABLE_SETTINGS))
+            (_lr_key(g["lr"], self.capturable), _frozen_coefficients(g["ns_coefficients"]), _TABLE_VALUES(g))
             for g in map(groups.__getitem__, self.group_indices)
         )
 
@@ -767,7 +823,7 @@ class TritonBackend:
         return launch_groups
 
     def step(self, opt, plan, grads_by_bucket) -> None:
-        flat = [g for gs in grads_by_bucket for g in gs]
+        flat = list(itertools.chain.from_iterable(grads_by_bucket))
         for lg in self._program(opt, plan):
             grads = list(lg.grad_picker(flat)) if len(lg.entries) > 1 else [flat[i] for i in lg.grad_order]
             if lg.device.type == "cuda":
