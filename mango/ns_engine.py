@@ -77,7 +77,7 @@ ENGINES = ("auto", "triton", "cublas")  # the ns_engine setting
 # candidate operand dtypes per form: what holds the correctness contract's accuracy for that form
 _CANDIDATES = {"textbook": (torch.bfloat16, torch.float32), "gram": (torch.float16, torch.float32)}
 _PRECISION = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}  # mantissa bits, ranked
-NOISE = 0.10  # best-of-5 timings on a shared CPU differ by this much between runs: closer is a tie
+NOISE = 0.10  # best-of-3 timings on a shared CPU differ by about this much between runs: closer is a tie
 
 # Per architecture, measured on a GPU (gpu-runs/2026-12-04-h200: sweep.log, step.md, profile.log):
 #   sm_90: the on-chip kernels win for head blocks (64×768 ×432: 0.42× the bare cuBLAS NS); the
@@ -283,13 +283,19 @@ def _where() -> str:
     return f"{cpu_model()} ({threads} thread{'s' if threads > 1 else ''})"
 
 
-def _isa_seed() -> DeviceProfile:
-    """A starting guess from ISA features (used only when measuring is switched off): AMX runs
-    bf16 far faster than fp32; AVX512-BF16 alone does not (measured 164 vs 264 GFLOP/s)."""
+def _isa_seed(why: str = "") -> DeviceProfile:
+    """A guess from ISA features, where nothing is measured: AMX runs bf16 far faster than fp32 (on
+    all but small batches of small blocks); AVX512-BF16 alone does not (measured 164 vs 264 GFLOP/s)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     if amx:
-        return DeviceProfile({torch.bfloat16: 4.0, torch.float16: 1.0, torch.float32: 1.0, torch.float64: 0.5}, "seed AMX")
-    return DeviceProfile({torch.bfloat16: 0.6, torch.float16: 0.3, torch.float32: 1.0, torch.float64: 0.5}, "seed no-AMX")
+        return DeviceProfile({torch.bfloat16: 4.0, torch.float16: 1.0, torch.float32: 1.0, torch.float64: 0.5}, "seed AMX" + why)
+    return DeviceProfile({torch.bfloat16: 0.6, torch.float16: 0.3, torch.float32: 1.0, torch.float64: 0.5}, "seed no-AMX" + why)
+
+
+def _ranks() -> int:
+    """The world size of an initialized torch.distributed job (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _disk_cache():
@@ -299,11 +305,16 @@ def _disk_cache():
 def cpu_profile(timer=None):
     """This CPU's profile: its classes measured so far in this process, those in the disk cache
     (MANGO_NS_CACHE), the others measured when first asked for. MANGO_NS_MEASURE=0 gives the ISA
-    seed instead. `timer` (tests): a fresh profile timed by it, cached nowhere."""
+    seed instead, and so does a torch.distributed job of several ranks: their timings differ, and
+    ranks that chose different NS dtypes would exchange buffers of different sizes (or, under DDP,
+    drift apart), so every rank decides by the same guess. `timer` (tests): a fresh profile timed
+    by it, cached nowhere."""
     if timer is not None:
         return MeasuredProfile(cpu_key(), _where(), timer=timer)
     if os.environ.get("MANGO_NS_MEASURE") == "0":
         return _isa_seed()
+    if _ranks() > 1:
+        return _isa_seed(f" ({_ranks()} ranks decide alike)")
     key = cpu_key()
     if key not in _measured:
         path = _disk_cache()
@@ -419,6 +430,8 @@ def _form_and_dtype(settings, rows, cols, count, state_dtype, profile, forms) ->
             reasons.append("float64 state")
         if auto_form and not gram_pays:
             reasons.append("textbook: the Gram form saves no FLOPs here")
+        elif auto_form and "gram" not in forms:  # the backend runs only the textbook form here
+            reasons.append(profile.why(size_class(rows, cols, count)))
         return (*pairs[0], "; ".join(reasons))
     if all(dt == torch.float64 for _, dt in pairs):
         profile = _FLOPS

@@ -291,6 +291,7 @@ def test_forced_settings_win_over_a_checkpoint(monkeypatch):
 def test_disk_cache_and_clear(tmp_path, monkeypatch):
     path = tmp_path / "ns.json"
     monkeypatch.setenv("MANGO_NS_CACHE", str(path))
+    monkeypatch.delenv("MANGO_NS_MEASURE", raising=False)  # the suite decides by the seed (conftest)
     ns_engine.clear_measurements()
     choose(S, 8, 24, torch.float32, CPU, "torch", count=2)  # measures the 2x8x24 class (tiny: microseconds)
     assert path.exists()
@@ -303,6 +304,19 @@ def test_disk_cache_and_clear(tmp_path, monkeypatch):
     choose(S, 8, 24, torch.float32, CPU, "torch", count=2)
     ns_engine.clear_measurements()
     assert not path.exists() and not ns_engine._measured
+
+
+def test_without_measuring_the_isa_seed_decides(monkeypatch):
+    """MANGO_NS_MEASURE=0, and every rank of a distributed job (whose timings would differ, and whose
+    NS dtypes must not): the ISA seed, the same verdict for every class."""
+    monkeypatch.delenv("MANGO_NS_MEASURE", raising=False)
+    monkeypatch.setattr(ns_engine, "time_products", lambda cls, wants, timer=None: no_timing(None, wants, cls))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    c = choose(S, 64, 64, torch.float32, CPU, "torch", count=6)
+    assert c.why.startswith("seed ") and c.why.endswith("(4 ranks decide alike)")
+    monkeypatch.setenv("MANGO_NS_MEASURE", "0")
+    assert choose(S, 64, 64, torch.float32, CPU, "torch", count=6).why in ("seed AMX", "seed no-AMX")
 
 
 def test_describe_shows_each_bucket_choice():
