@@ -302,18 +302,34 @@ def _why(why: str, rates: dict) -> str:
     return WHY.get(why, why)
 
 
+def _reasons(choices: list, rates: dict) -> list:
+    """The distinct reasons behind a contender's buckets, in words: forced settings once each, and the
+    size classes measured on this CPU as one "measured at ..." (a reason may join several by "; ")."""
+    classes, others = [], []
+    for c in choices:
+        for part in c["why"].split("; "):
+            m = re.match(r"measured on .* at (\S+)$", part)
+            if m:
+                classes.append(m.group(1).replace("x", "×"))
+            else:
+                others.append(_why(part, rates))
+    whys = sorted(dict.fromkeys(others))
+    if classes:
+        whys.append("measured at " + ", ".join(dict.fromkeys(sorted(classes))))
+    return whys
+
+
 def ns_choice_summary(choices: list, rates: dict) -> str:
     """Each NS bucket's form and dtype, grouped: "bf16 textbook on every bucket (measured ...)"."""
     groups = {}
     for c in choices:
         groups.setdefault((short_dtype(c["dtype"]), FORMS.get(c["method"], c["method"])), []).append("×".join(map(str, c["block"])))
-    whys = sorted({_why(c["why"], rates) for c in choices})
     if len(groups) == 1:
         [(dtype, method)] = groups
         text = f"{dtype} {method} on every bucket"
     else:
         text = "; ".join(f"{dtype} {method} on {', '.join(dict.fromkeys(blocks))}" for (dtype, method), blocks in groups.items())
-    return f"{text} ({'; '.join(whys)})"
+    return f"{text} ({'; '.join(_reasons(choices, rates))})"
 
 
 def render_ns_choices(results: list, opts: dict) -> list:

@@ -88,10 +88,15 @@ def _stack(bucket, device, dtype, oriented: bool, seed: int = 0):
     return X.to(device=device, dtype=dtype)
 
 
-def _torch_ns_dtype(device, method: str = "textbook") -> torch.dtype:
+def _torch_ns_dtype(device, method: str = "textbook", bucket=None) -> torch.dtype:
+    """The torch backend's NS dtype for `method` (at the bucket's shape and batch where given: on a
+    CPU it is measured per size class)."""
     from mango.ns_engine import auto_dtype
 
-    return auto_dtype({}, method, torch.device(device))
+    if bucket is None:
+        return auto_dtype({}, method, torch.device(device))
+    r, c = bucket.block
+    return auto_dtype({}, method, torch.device(device), rows=r, cols=c, count=bucket.batch)
 
 
 class TritonNS:
@@ -167,7 +172,7 @@ def _ours_ns(device, bucket):
     else:
         why = ""
     method = auto_method(bucket, device)
-    dt = _torch_ns_dtype(device, method)
+    dt = _torch_ns_dtype(device, method, bucket)
     Xb = _stack(bucket, device, torch.float32, oriented=False)
     label = f"mango torch NS (ns_method=auto{why})"
     return label, None, lambda: batched_newton_schulz(Xb.to(dt), COEFFS, "frobenius", 1e-7, method=method)
@@ -178,7 +183,7 @@ def auto_method(bucket, device, settings=None) -> str:
     from mango.ns_engine import auto_method
 
     r, c = bucket.block
-    return auto_method(settings or {}, r, c, torch.device(device))
+    return auto_method(settings or {}, r, c, torch.device(device), count=bucket.batch)
 
 
 def ns_buckets_bench(pset: ParamSet, device, rates: dict, budget_s: float = 0.3, forms: bool | None = None,

@@ -160,8 +160,8 @@ def ns_bucket_budget(pset, device, settings: dict | None = None) -> dict:
     best = None
     for b in ns_buckets(pset):
         r, c = b.block
-        method = auto_method(s, r, c, device)
-        dt = auto_dtype(s, method, device)
+        method = auto_method(s, r, c, device, count=b.batch)
+        dt = auto_dtype(s, method, device, rows=r, cols=c, count=b.batch)
         nbytes = b.batch * r * c * (torch.finfo(dt).bits // 8)
         if best is None or nbytes > best["bucket_bytes"]:
             best = {"bucket": b.label, "bucket_bytes": nbytes, "dtype": str(dt).replace("torch.", ""), "method": method}

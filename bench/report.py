@@ -220,9 +220,9 @@ def _ns_choices_markdown(s) -> list:
             tiles = f" {'x'.join(map(str, ch['tiles']))}" if ch and ch.get("tiles") else ""
             cells.append("-" if ch is None else f"{ch['engine']}{tiles} {ch['method']} {ch['dtype']}")
         out.append(f"| {block[0]}x{block[1]} x{n} (`{first}`{' ...' if n > 1 else ''}) | " + " | ".join(cells) + " |")
-    out += ["", "Why: " + "; ".join(f"{o['label']}: " + ", ".join(dict.fromkeys(ch["why"] for ch in o["info"]["ns_choices"]))
-                                    for o in rows) + ".", ""]  # fmt: skip
-    return out
+    out += ["", "What decided them (each contender's distinct reasons, in bucket order):", ""]
+    out += [f"- {o['label']}: " + " | ".join(dict.fromkeys(ch["why"] for ch in o["info"]["ns_choices"])) for o in rows]
+    return out + [""]
 
 
 def _graph_check_markdown(s) -> list:

@@ -22,8 +22,9 @@ Per NS method (`ns_methods`): the textbook and the Gram form of the same polynom
 counted by `mango.newton_schulz.textbook_flops` / `gram_flops` (2 FLOPs per multiply-add, no
 symmetry, the Gram form with its restarts), and what ``ns_method="auto"`` picks per bucket on the
 device (`mango.ns_engine`). Each method's floor uses the measured matmul rate of the
-dtype that method runs in there (`mango.ns_engine.auto_dtype`: bf16 textbook on CUDA and
-bf16 CPUs, fp16 Gram on CUDA, fp32 otherwise) plus the state traffic over the copy bandwidth.
+dtype that method runs in there (`mango.ns_engine.auto_dtype` at the bucket's shape and batch:
+bf16 textbook and fp16 Gram on CUDA; on a CPU, measured per size class) plus the state traffic
+over the copy bandwidth.
 """
 
 from __future__ import annotations
@@ -224,8 +225,9 @@ def ns_methods(pset: ParamSet, rates: dict, device, settings: dict | None = None
     mm = rates["matmul_flops"]
     t_state = state_bytes(pset) / rates["copy_bytes_per_s"]
 
-    def dtype_of(method):
-        return str(auto_dtype(s, method, device)).replace("torch.", "")
+    def dtype_of(method, b):  # on a CPU measured at the bucket's size class, as the optimizer decides
+        r, c = b.block
+        return str(auto_dtype(s, method, device, rows=r, cols=c, count=b.batch)).replace("torch.", "")
 
     def rate_of(dtype_name):
         return mm.get(dtype_name) if isinstance(mm.get(dtype_name), float) else None
@@ -236,8 +238,8 @@ def ns_methods(pset: ParamSet, rates: dict, device, settings: dict | None = None
     for b in ns_buckets(pset):
         r, c = b.block
         flops = {"textbook": b.batch * ns.textbook_flops(r, c, steps), "gram": b.batch * ns.gram_flops(r, c, steps)}
-        auto = auto_method(s, r, c, device)
-        dts = {m: dtype_of(m) for m in ("textbook", "gram")}
+        auto = auto_method(s, r, c, device, count=b.batch)
+        dts = {m: dtype_of(m, b) for m in ("textbook", "gram")}
         row = {"bucket": b.label, "block": list(b.block), "batch": b.batch, "textbook_flops": flops["textbook"],
                "gram_flops": flops["gram"], "gram_restarts": list(ns.gram_restarts(steps)), "auto": auto,
                "textbook_dtype": dts["textbook"], "gram_dtype": dts["gram"],

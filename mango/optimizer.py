@@ -191,8 +191,9 @@ class Mango(Optimizer):
         """Pickle/deepcopy keep the frontend settings; the plan and backends are rebuilt lazily."""
         state = super().__getstate__()
         state.update(backend_name=self.backend_name, nonfinite=self.nonfinite, skipped_steps=self.skipped_steps, capturable=self.capturable)
-        if self.__dict__.get("_ns_profiles"):
-            state["_ns_profiles"] = self._ns_profiles
+        for key in ("_ns_kept", "_ns_checkpoint_profile"):  # the NS choices made so far stay fixed
+            if self.__dict__.get(key):
+                state[key] = self.__dict__[key]
         return state
 
     def __setstate__(self, state):
@@ -210,17 +211,17 @@ class Mango(Optimizer):
 
     def state_dict(self) -> dict:
         """torch.optim's state dict, with `betas` and `beta1`/`beta2` synced first (see mango.betas),
-        and the measured NS profile "auto" decided by (`ns_profiles`), so a resumed run keeps its
-        NS dtypes and forms."""
+        and each NS bucket's engine, form and dtype (`ns_choices`, see mango.ns_engine), so a resumed
+        run keeps them."""
         self._betas_sync.sync(self.param_groups)
         sd = super().state_dict()
         for g in sd["param_groups"]:  # one checkpoint layout, capturable or not: lr as a float
             for key in _LR_KEYS:
                 if isinstance(g.get(key), torch.Tensor):
                     g[key] = g[key].item()
-        profiles = self.__dict__.get("_ns_profiles")
-        if profiles:
-            sd["ns_profiles"] = {k: p.to_state() for k, p in profiles.items()}
+        choices = self._ns_choices_made()
+        if choices:
+            sd["ns_choices"] = ns_engine.choices_to_state(choices)
         return sd
 
     def load_state_dict(self, state_dict) -> None:
@@ -229,11 +230,10 @@ class Mango(Optimizer):
         mango's layout (fp32 state for bf16 params) so a round trip is bit-exact."""
         saved_groups = _groups.check_loadable(self, state_dict)
         lrs = [g["lr"] for g in self.param_groups]
-        profiles = state_dict.get("ns_profiles")
-        state_dict = {k: v for k, v in state_dict.items() if k != "ns_profiles"}
+        choices, profiles = state_dict.get("ns_choices"), state_dict.get("ns_profiles")
+        state_dict = {k: v for k, v in state_dict.items() if k not in ("ns_choices", "ns_profiles")}
         super().load_state_dict(dict(state_dict, param_groups=saved_groups))
-        if profiles:  # the saved verdict wins, also on another machine: the run keeps its NS dtypes
-            self._ns_profiles = {k: ns_engine.DeviceProfile.from_state(p) for k, p in profiles.items()}
+        self._load_ns_choices(choices, profiles)
         _groups.restore_state_dtypes(self, saved_groups, state_dict["state"])
         for g, old in zip(self.param_groups, lrs):
             if self.capturable and isinstance(old, torch.Tensor):  # the same lr tensor a captured graph reads
@@ -319,8 +319,9 @@ class Mango(Optimizer):
 
     def _choose_ns(self, plan) -> None:
         """Every NS bucket's engine, form and dtype, decided once per plan (mango.ns_engine) under
-        the backend that runs it; on a CPU from this optimizer's measured profile, which stays fixed
-        for its life (and travels in its state dict)."""
+        the backend that runs it. A bucket decided before in this optimizer's life, or stored in the
+        checkpoint it loaded, keeps its choice (`_ns_kept`)."""
+        kept = self.__dict__.setdefault("_ns_kept", {})
         for bucket in plan.buckets:
             group = self.param_groups[bucket.group_index]
             backend = self._backend_for(bucket.device, plan.sharded)
@@ -329,19 +330,36 @@ class Mango(Optimizer):
             for nb in bucket.norm_buckets:
                 if nb.norm in config.NS_NORMS:
                     r, c = nb.block_shape
+                    key = _ns_key(bucket, nb)
                     profile = self._ns_profile(bucket.device) if backend.name == "torch" else None
-                    nb.ns_choice = ns_engine.choose(group, r, c, bucket.dtype, bucket.device, backend.name,
-                                                    count=nb.blocks_per_tensor * len(nb.slots), profile=profile,
-                                                    arch=getattr(backend, "ns_target", None))  # fmt: skip
+                    nb.ns_choice = kept[key] = ns_engine.choose(
+                        group, r, c, bucket.dtype, bucket.device, backend.name, count=nb.blocks_per_tensor * len(nb.slots),
+                        profile=profile, arch=getattr(backend, "ns_target", None), stored=kept.get(key),
+                        where=f"{bucket.slots[nb.slots[0]].name} ({r}x{c} blocks)")  # fmt: skip
 
     def _ns_profile(self, device):
-        """The matmul rates NS "auto" decides by on `device` (CPUs: measured once, then kept)."""
+        """The rates NS "auto" decides by on `device`: on a CPU, measured (mango.ns_engine), or the
+        rates a checkpoint of an older version stored."""
         if device.type != "cpu":
             return None
-        profiles = self.__dict__.setdefault("_ns_profiles", {})
-        if "cpu" not in profiles:
-            profiles["cpu"] = ns_engine.cpu_profile()
-        return profiles["cpu"]
+        return self.__dict__.get("_ns_checkpoint_profile") or ns_engine.cpu_profile()
+
+    def _ns_choices_made(self) -> dict:
+        """{bucket key: NSChoice} of every NS bucket decided in this optimizer's life (as its backend
+        runs it now), and those of a loaded checkpoint not planned yet."""
+        kept = self.__dict__.setdefault("_ns_kept", {})
+        for bucket in (self._plan.buckets if self._plan else []):
+            for nb in bucket.norm_buckets:
+                if nb.ns_choice is not None:
+                    kept[_ns_key(bucket, nb)] = nb.ns_choice
+        return kept
+
+    def _load_ns_choices(self, choices, profiles) -> None:
+        """The loaded run's NS choices replace this optimizer's. A checkpoint of an older version holds
+        the measured CPU rates instead (`ns_profiles`): its buckets are decided by those."""
+        self._ns_kept = ns_engine.choices_from_state(choices)
+        old = (profiles or {}).get("cpu") if not choices else None
+        self._ns_checkpoint_profile = ns_engine.DeviceProfile.from_state(old, f"from checkpoint ({old['source']} rates)") if old else None
 
     def ns_choices(self) -> list:
         """[(parameter names, block shape, NSChoice)] for every NS bucket of the current plan."""
@@ -455,6 +473,12 @@ def _structure(group) -> tuple:
     are plain (compared as such), else their reprs (a list compares by what it says now)."""
     values = _STRUCTURE(group)
     return values if _PLAIN.issuperset(map(type, values)) else structural_key(group)
+
+
+def _ns_key(bucket, nb) -> tuple:
+    """What identifies an NS bucket across a checkpoint: its param group, norm, parameter shape and
+    block shape (the plan buckets a group's tensors by norm and shape)."""
+    return bucket.group_index, nb.norm, tuple(nb.shape), tuple(nb.block_shape)
 
 
 @torch._disable_dynamo

@@ -10,6 +10,9 @@ import os
 DEVICE = os.environ.get("MANGO_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# NS "auto" on a CPU decides by the ISA seed, not by timing this loaded machine: a test's outcome
+# must not depend on timings (tests/test_ns_engine.py injects them to test the measured choice)
+os.environ.setdefault("MANGO_NS_MEASURE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
