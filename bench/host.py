@@ -13,7 +13,8 @@ time's median is reported beside it.
 Each set runs with the NS engines a GPU chooses (`--choices sm_90`, the default: head blocks on the
 Triton on-chip kernels, every larger matrix on the cuBLAS engine, as on an H100/H200) and with a
 CPU's (`cpu`: every NS on the Triton kernels), for the default step and `capturable=True`. The
-median and the minimum over `--steps` steps after warm-up are reported, with the launches of one
+median and the minimum over `--steps` steps after warm-up are reported (the four optimizers of a
+set take turns in blocks of steps, so a shared machine's load falls on each alike), with the launches of one
 step (Triton kernels, cuBLAS-engine ops, other torch ops) and the rounds.
 
     python -m bench.host                       # both heads, both choices (~2 min)
@@ -65,21 +66,29 @@ def optimizer(model, choice: str, capturable: bool = False):
     return opt
 
 
-def time_steps(opt, steps: int) -> tuple[list, list, dict]:
-    """CPU and wall seconds of each dry-run step, and the launches of one (by name)."""
-    with mk.count_launches(dry_run=True):
-        for _ in range(3):  # plan, launch groups, first-step caches
+def time_steps(opts: list, steps: int, blocks: int = 8) -> list:
+    """For each optimizer: (CPU seconds and wall seconds of each dry-run step, the launches of one
+    step by name). The optimizers take turns in `blocks` blocks of steps, so that a shared
+    machine's slow and fast spells fall on all of them alike."""
+    logs = []
+    for opt in opts:
+        with mk.count_launches(dry_run=True):
+            for _ in range(3):  # plan, launch groups, first-step caches
+                opt.step()
+        with mk.count_launches(dry_run=True) as log:
             opt.step()
-    with mk.count_launches(dry_run=True) as log:
-        opt.step()
-    cpu, wall = [], []
+        logs.append(log.by_name())
+    cpu, wall = [[] for _ in opts], [[] for _ in opts]
+    per_block = -(-steps // blocks)
     with mk.count_launches(dry_run=True):
-        for _ in range(steps):
-            t0, w0 = time.thread_time(), time.perf_counter()
-            opt.step()
-            cpu.append(time.thread_time() - t0)
-            wall.append(time.perf_counter() - w0)
-    return cpu, wall, log.by_name()
+        for _ in range(blocks):
+            for n, opt in enumerate(opts):
+                for _ in range(per_block):
+                    t0, w0 = time.thread_time(), time.perf_counter()
+                    opt.step()
+                    cpu[n].append(time.thread_time() - t0)
+                    wall[n].append(time.perf_counter() - w0)
+    return list(zip(cpu, wall, logs))
 
 
 def profile(opt, steps: int = 50, top: int = 25) -> str:
@@ -115,7 +124,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--sets", default=",".join(SETS))
     p.add_argument("--choices", default=",".join(CHOICES))
     p.add_argument("--profile", action="store_true")
@@ -125,18 +134,18 @@ def main(argv=None) -> list:
     rows = []
     for name in args.sets.split(","):
         model = build(SETS[name])
-        for choice in args.choices.split(","):
-            for capturable in (False, True):
-                opt = optimizer(model, choice, capturable)
-                cpu, wall, by_name = time_steps(opt, args.steps)
-                (lg,) = opt._plan.cache["triton"][1]
-                rows.append(dict(set=name, choice=choice, capturable=capturable, tensors=sum(1 for _ in model.parameters()),
-                                 rounds=len(lg.rounds), **launch_kinds(by_name), by_name=by_name,
-                                 median_us=statistics.median(cpu) * 1e6, min_us=min(cpu) * 1e6,
-                                 wall_median_us=statistics.median(wall) * 1e6))  # fmt: skip
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
-                if args.profile and not SETS[name] and choice == "sm_90" and not capturable:
-                    print(profile(opt))
+        configs = [(choice, capturable) for choice in args.choices.split(",") for capturable in (False, True)]
+        opts = [optimizer(model, choice, capturable) for choice, capturable in configs]
+        for (choice, capturable), opt, (cpu, wall, by_name) in zip(configs, opts, time_steps(opts, args.steps)):
+            (lg,) = opt._plan.cache["triton"][1]
+            rows.append(dict(set=name, choice=choice, capturable=capturable, tensors=sum(1 for _ in model.parameters()),
+                             rounds=len(lg.rounds), **launch_kinds(by_name), by_name=by_name,
+                             median_us=statistics.median(cpu) * 1e6, min_us=min(cpu) * 1e6,
+                             wall_median_us=statistics.median(wall) * 1e6))  # fmt: skip
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            if args.profile and not SETS[name] and choice == "sm_90" and not capturable:
+                print(profile(opt))
+        del opts
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")

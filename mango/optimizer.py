@@ -35,8 +35,9 @@ from .reference import init_state, state_keys
 _LR_KEYS = ("lr", "initial_lr")  # initial_lr: what an LR scheduler copies from lr
 # per-tensor reads done in C (map over a group's tensors), not a Python loop per tensor
 _GRAD = operator.attrgetter("grad")
-_LAYOUT_DTYPE = operator.attrgetter("layout", "dtype")
-_DENSE_REAL = frozenset((torch.strided, dt) for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+_LAYOUT, _DTYPE = operator.attrgetter("layout"), operator.attrgetter("dtype")
+_STRIDED = frozenset((torch.strided,))
+_REAL = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.float64))
 _STRUCTURE = operator.itemgetter(*STRUCTURAL_KEYS)
 
 
@@ -256,7 +257,9 @@ class Mango(Optimizer):
         tensors are read by C-level passes (`map`); only a group with a param lacking a gradient
         filters in Python."""
         active, grads, key = [], [], []
-        for group in self.param_groups:
+        held = self.__dict__.setdefault("_structures", [])  # per group: (group, its plain structure)
+        del held[len(self.param_groups) :]
+        for i, group in enumerate(self.param_groups):
             ps = group["params"]
             gs = list(map(_GRAD, ps))
             if any(map(operator.is_, gs, itertools.repeat(None))):
@@ -264,7 +267,17 @@ class Mango(Optimizer):
                 gs = [g for g in gs if g is not None]
             active.append(ps)
             grads.append(gs)
-            key.append((tuple(map(id, ps)), _structure(group)))
+            values = _STRUCTURE(group)
+            if i < len(held) and held[i][0] is group and held[i][1] == values:  # as last step: no type walk
+                structure = held[i][1]
+            else:
+                structure = _structure(group, values)
+                entry = (group, structure) if structure is values else (None, None)
+                if i < len(held):
+                    held[i] = entry
+                else:
+                    held.append(entry)
+            key.append((tuple(map(id, ps)), structure))
         return active, grads, tuple(key)
 
     @staticmethod
@@ -279,9 +292,10 @@ class Mango(Optimizer):
         return [list(pick(flat)) for pick in pickers]
 
     def _check_grads(self, active, grads) -> None:
-        """Sparse or complex gradients: a ValueError naming the parameter (one C-level scan of
-        (layout, dtype); the names are looked up only where one is not dense and real)."""
-        if _DENSE_REAL.issuperset(map(_LAYOUT_DTYPE, itertools.chain.from_iterable(grads))):
+        """Sparse or complex gradients: a ValueError naming the parameter (C-level scans of the
+        layouts and dtypes; the names are looked up only where one is not dense and real)."""
+        flat = list(itertools.chain.from_iterable(grads))
+        if _STRIDED.issuperset(map(_LAYOUT, flat)) and _REAL.issuperset(map(_DTYPE, flat)):
             return
         for group, ps, gs in zip(self.param_groups, active, grads):
             for p, g in zip(ps, gs):
@@ -468,10 +482,10 @@ class Mango(Optimizer):
 _PLAIN = frozenset((str, int, float, bool, type(None), torch.dtype))
 
 
-def _structure(group) -> tuple:
-    """The group's settings that shape the plan (mango.plan.STRUCTURAL_KEYS): the values where all
-    are plain (compared as such), else their reprs (a list compares by what it says now)."""
-    values = _STRUCTURE(group)
+def _structure(group, values: tuple) -> tuple:
+    """The group's settings that shape the plan (mango.plan.STRUCTURAL_KEYS; `values` as read): the
+    values where all are plain (compared as such), else their reprs (a list compares by what it
+    says now)."""
     return values if _PLAIN.issuperset(map(type, values)) else structural_key(group)
 
 

@@ -39,6 +39,7 @@ if INTERPRET:
 
 _total = 0
 _active_logs: list = []
+_dry_runs = 0  # open blocks among _active_logs that suppress launches (read on every launch)
 
 
 def device_function(fn):
@@ -209,7 +210,7 @@ def recording():
 
 def dry_run_active() -> bool:
     """Whether an open `count_launches(dry_run=True)` or `(capture=True)` block suppresses launches."""
-    return any(log.dry_run for log in _active_logs)
+    return _dry_runs > 0
 
 
 def launch_count() -> int:
@@ -226,9 +227,12 @@ def count_launches(dry_run: bool = False, capture: bool = False):
     step's results are then meaningless; torch fallback ops still run.
     capture=True is a dry run that also keeps each launch (`LaunchLog.launches`).
     """
+    global _dry_runs
     log = LaunchLog(dry_run, capture)
     _active_logs.append(log)
+    _dry_runs += log.dry_run
     try:
         yield log
     finally:
         _active_logs.remove(log)
+        _dry_runs -= log.dry_run

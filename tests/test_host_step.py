@@ -95,3 +95,35 @@ def test_program_replays_launches_and_host_ops_in_order():
     with mk.count_launches(dry_run=True) as log:
         program.replay()
     assert calls == ["host"] and log.count == 5
+
+
+def test_settings_read_by_identity_still_follow_every_change():
+    """A step recognises unchanged settings cheaply (a tuple of NS coefficients by identity, a
+    group's plan-shaping values as last step's): a new tuple, a list edited in place, a new
+    structural value and a replaced group each still reach the step, checked against the float64
+    reference at every step."""
+    ps, qs = _setup(1)
+    opts = [mango.Mango(ps, backend="triton", ns_dtype=torch.float32), mango.Mango(qs, backend="reference", ns_dtype=torch.float64)]
+    muon = ((3.4445, -4.7750, 2.0315),) * 5
+    plans = []
+    for t in range(8):
+        for o in opts:
+            g = o.param_groups[0]
+            if t == 1:
+                g["ns_coefficients"] = muon  # a tuple of tuples: recognised by identity from now on
+            if t == 3:
+                g["ns_coefficients"] = ((2.0, -1.5, 0.5),) * 5  # a new tuple: new NS schedules
+            if t == 4:
+                g["ns_coefficients"] = [[3.0, -3.2, 1.2] for _ in range(5)]
+            if t == 5:
+                g["ns_coefficients"][2][0] = 2.5  # edited in place
+            if t == 6:
+                g["ns_method"] = "gram"  # plan-shaping: a new plan
+            if t == 7:
+                o.param_groups[0] = dict(g, ns_method="textbook")  # a new group object
+        _grads(ps, qs, t)
+        for o in opts:
+            o.step()
+        plans.append(opts[0]._plan)
+        assert rel_err(ps, qs) <= 1e-5, t
+    assert plans[5] is plans[0] and plans[6] is not plans[5] and plans[7] is not plans[6]

@@ -93,13 +93,25 @@ _TABLE_SETTINGS = (
 _TABLE_VALUES = operator.itemgetter(*_TABLE_SETTINGS)
 
 
+_IMMUTABLE_COEFFICIENTS: dict = {}  # id -> a tuple value that is its own frozen form (held: the id stays its)
+
+
 def _frozen_coefficients(value):
     """ns_coefficients as a value that compares by content and cannot change under the cache
-    (a name, one triple, or one triple per step)."""
+    (a name, one triple, or one triple per step). A tuple of numbers or of tuples of numbers is
+    already that; it is recognised by identity after its first walk (a step reads every group's)."""
     if type(value) is str:
         return value
+    held = _IMMUTABLE_COEFFICIENTS.get(id(value))
+    if held is not None and held is value:
+        return value
     if isinstance(value, (list, tuple)):
-        return tuple(tuple(c) if isinstance(c, (list, tuple)) else c for c in value)
+        frozen = tuple(tuple(c) if isinstance(c, (list, tuple)) else c for c in value)
+        if type(value) is tuple and frozen == value:  # no list inside: immutable all the way down
+            if len(_IMMUTABLE_COEFFICIENTS) > 256:
+                _IMMUTABLE_COEFFICIENTS.clear()
+            _IMMUTABLE_COEFFICIENTS[id(value)] = value
+        return frozen
     return value
 
 
