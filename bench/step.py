@@ -57,6 +57,8 @@ from .params import SETS, TIED_ROLES, ParamSet, resolve_set
 from .roofline import floor, measure_device, ns_flops, ns_methods, state_bytes
 from .targets import CPU as TARGETS
 
+from mango import ns_engine
+
 DEFAULT_SETS = {
     "cpu": ("gpt-cpu", "gpt-24l-d64", "gpt-12l-d256"),
     "cuda": ("gpt2-124m", "gpt2-350m"),
@@ -86,15 +88,7 @@ def _device_info(device, threads) -> dict:
         info.update(name=torch.cuda.get_device_name(device), memory_bytes=p.total_memory, sm_count=p.multi_processor_count,
                     capability=f"{p.major}.{p.minor}", cuda=torch.version.cuda)  # fmt: skip
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
+        name = ns_engine.cpu_model()
         info.update(name=name, cores=os.cpu_count())
         try:
             info["memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -264,13 +264,25 @@ def time_products(cls, wants, timer=None, repeats: int = 3) -> dict:
 
 
 def cpu_model() -> str:
+    """The CPU's model name, with the instruction-set cap oneDNN is held to where one is set
+    (ONEDNN_MAX_CPU_ISA): below AVX512_CORE_AMX, bf16 matmuls run without AMX, as on a CPU that
+    lacks it, so a measurement made under a cap holds only under it."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
     except OSError:
         pass
-    return model
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{model} (oneDNN ISA capped at {cap})" if cap else model
+
+
+def _amx() -> bool:
+    """Whether bf16 matmuls run on AMX tiles: the CPU has them and oneDNN is not capped below them."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and cap != "ALL" and "AMX" not in cap:
+        return False
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def cpu_key() -> str:
@@ -286,8 +298,7 @@ def _where() -> str:
 def _isa_seed(why: str = "") -> DeviceProfile:
     """A guess from ISA features, where nothing is measured: AMX runs bf16 far faster than fp32 (on
     all but small batches of small blocks); AVX512-BF16 alone does not (measured 164 vs 264 GFLOP/s)."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    if amx:
+    if _amx():
         return DeviceProfile({torch.bfloat16: 4.0, torch.float16: 1.0, torch.float32: 1.0, torch.float64: 0.5}, "seed AMX" + why)
     return DeviceProfile({torch.bfloat16: 0.6, torch.float16: 0.3, torch.float32: 1.0, torch.float64: 0.5}, "seed no-AMX" + why)
 

@@ -319,6 +319,21 @@ def test_without_measuring_the_isa_seed_decides(monkeypatch):
     assert choose(S, 64, 64, torch.float32, CPU, "torch", count=6).why in ("seed AMX", "seed no-AMX")
 
 
+def test_a_onednn_isa_cap_below_amx_is_a_cpu_without_amx(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA below AMX runs bf16 matmuls as a CPU without AMX does: the seed says so, and
+    a measurement made under the cap is kept apart from one made without it (its key names the cap)."""
+    monkeypatch.setenv("MANGO_NS_MEASURE", "0")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    uncapped = ns_engine.cpu_key()
+    assert choose(S, 64, 64, torch.float32, CPU, "torch", count=6).why == "seed AMX"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert choose(S, 64, 64, torch.float32, CPU, "torch", count=6).why == "seed no-AMX"
+    assert ns_engine.cpu_key() != uncapped and "AVX512_CORE_BF16" in ns_engine.cpu_key()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert choose(S, 64, 64, torch.float32, CPU, "torch", count=6).why == "seed AMX"
+
+
 def test_describe_shows_each_bucket_choice():
     opt, _ = _opt(ns_dtype=torch.float32)
     opt.step()
