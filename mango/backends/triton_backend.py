@@ -107,12 +107,20 @@ def _frozen_coefficients(value):
         return value
     if isinstance(value, (list, tuple)):
         frozen = tuple(tuple(c) if isinstance(c, (list, tuple)) else c for c in value)
-        if type(value) is tuple and frozen == value:  # no list inside: immutable all the way down
+        if _numbers_all_the_way_down(value):
             if len(_IMMUTABLE_COEFFICIENTS) > 256:
                 _IMMUTABLE_COEFFICIENTS.clear()
             _IMMUTABLE_COEFFICIENTS[id(value)] = value
         return frozen
     return value
+
+
+def _numbers_all_the_way_down(value) -> bool:
+    """A tuple of Python numbers or of tuples of them: nothing in it can change."""
+    number = (int, float)
+    return type(value) is tuple and all(
+        type(c) in number or (type(c) is tuple and all(type(x) in number for x in c)) for c in value
+    )
 
 
 def _lr_key(lr, capturable: bool):
