@@ -724,16 +724,23 @@ def test_fused_projection_found_by_its_rows_whatever_its_name():
     assert lab["blocks.0.attn.back.weight"] == MAT
 
 
-def test_attention_whose_projections_cannot_be_told_apart_warns_once_naming_them():
-    """An attention class (by its name) with children that say nothing: the warning lists them and
-    the override that labels them; one override on its q/k/v silences it."""
-    net = stack(lambda: MadeUpAttention(("alpha", "beta", "gamma", "delta")), n=3)
+def _labels_warning_once_naming_the_children(net) -> dict:
+    """The labels of a 3-block stack whose attention children ('alpha' .. 'delta') say nothing: one
+    warning, naming them and the override that labels them."""
     with pytest.warns(UserWarning, match=r"'blocks\.0\.attn' \(and 2 more like it\) looks like attention") as record:
         lab = labelling(param_groups(net))
     assert len(record) == 1
     message = str(record[0].message)
     assert "overrides={'blocks.*.attn.NAME.weight': {'role': 'qkv_weight', 'head_dim': HEAD_DIM}}" in message
     assert "its Linear children: 'alpha', 'beta', 'gamma', 'delta'" in message
+    return lab
+
+
+def test_attention_whose_projections_cannot_be_told_apart_warns_once_naming_them():
+    """An attention class (by its name) with children that say nothing: the warning lists them and
+    the override that labels them; one override on its q/k/v silences it."""
+    net = stack(lambda: MadeUpAttention(("alpha", "beta", "gamma", "delta")), n=3)
+    lab = _labels_warning_once_naming_the_children(net)
     assert lab["blocks.0.attn.alpha.weight"] == MAT  # left to the generic rule, not guessed
     fixed = {f"blocks.*.attn.{n}.weight": {"role": "qkv_weight", "head_dim": 8} for n in ("alpha", "beta", "gamma")}
     with warnings.catch_warnings(action="error"):
@@ -787,12 +794,7 @@ def test_module_stating_heads_that_structure_cannot_settle_warns_once_with_the_h
 
     net = stack(Mixer, n=3)
     net.config = transformers.PretrainedConfig(hidden_size=32, num_attention_heads=4)  # head_dim 8 for n_head alone
-    with pytest.warns(UserWarning, match=r"'blocks\.0\.attn' \(and 2 more like it\) looks like attention") as record:
-        lab = labelling(param_groups(net))
-    assert len(record) == 1
-    message = str(record[0].message)
-    assert "overrides={'blocks.*.attn.NAME.weight': {'role': 'qkv_weight', 'head_dim': HEAD_DIM}}" in message
-    assert "its Linear children: 'alpha', 'beta', 'gamma', 'delta'" in message
+    lab = _labels_warning_once_naming_the_children(net)
     assert {lab[f"blocks.0.attn.{local}.weight"] for local in ("alpha", "beta", "gamma", "delta")} == {MAT}
 
 
