@@ -45,11 +45,21 @@ from .resources import TILED_STAGES, TILED_WARPS
 
 
 @device_function
-def _second_offset(item, ALIGNED: tl.constexpr):
-    off1 = tl.load(item + _OFF1)
+def _offset_column(item, COLUMN: tl.constexpr, ALIGNED: tl.constexpr):
+    """An element offset from the item's row of the item table (a multiple of 8 where ALIGNED)."""
+    off = tl.load(item + COLUMN)
     if ALIGNED:
-        off1 = tl.multiple_of(off1, 8)
-    return off1
+        off = tl.multiple_of(off, 8)
+    return off
+
+
+@device_function
+def _tile(TILES, ITEMS, ICOLS: tl.constexpr):
+    """This program's tile: its item's index and row of the item table, and the tile's block row
+    and column (a tiled kernel's grid is one program per (item, ti, tj) of TILES)."""
+    q = tl.program_id(0).to(tl.int64)
+    i = tl.load(TILES + 3 * q)
+    return i, ITEMS + i * ICOLS, tl.load(TILES + 3 * q + 1), tl.load(TILES + 3 * q + 2)
 
 
 @device_function
@@ -58,7 +68,7 @@ def _ping(X0, X1, item, k, off0, ALIGNED: tl.constexpr):
     if k % 2 == 0:
         base = X0 + off0
     else:
-        base = X1 + _second_offset(item, ALIGNED)
+        base = X1 + _offset_column(item, _OFF1, ALIGNED)
     return base
 
 
@@ -66,7 +76,7 @@ def _ping(X0, X1, item, k, off0, ALIGNED: tl.constexpr):
 def _pong(X0, X1, item, k, off0, ALIGNED: tl.constexpr):
     """Where rewrite k writes: the other buffer."""
     if k % 2 == 0:
-        base = X1 + _second_offset(item, ALIGNED)
+        base = X1 + _offset_column(item, _OFF1, ALIGNED)
     else:
         base = X0 + off0
     return base
@@ -95,11 +105,7 @@ def _ns_xxt_kernel(
     DTYPE: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """A = X·Xᵀ of the item's X after k rewrites (unscaled), lower triangle tiles, mirrored."""
-    q = tl.program_id(0).to(tl.int64)
-    i = tl.load(TILES + 3 * q)
-    ti = tl.load(TILES + 3 * q + 1)
-    tj = tl.load(TILES + 3 * q + 2)
-    item = ITEMS + i * ICOLS
+    i, item, ti, tj = _tile(TILES, ITEMS, ICOLS)
     if k < tl.load(item + _STEPS):
         off, R, C, ld, transposed = _item(item, ALIGNED)
         x = _ping(X0, X1, item, k, off, ALIGNED)
@@ -123,20 +129,14 @@ def _ns_poly_kernel(
 ):  # fmt: skip
     """M = a·I + b·A + c·A² of step k (at step 0 of the pre-scaled X: s²·A, s = 1/max(‖X‖, ε)),
     into WB in the NS dtype (the update uses it rounded to that anyway: half the bytes of fp32)."""
-    q = tl.program_id(0).to(tl.int64)
-    i = tl.load(TILES + 3 * q)
-    ti = tl.load(TILES + 3 * q + 1)
-    tj = tl.load(TILES + 3 * q + 2)
-    item = ITEMS + i * ICOLS
+    i, item, ti, tj = _tile(TILES, ITEMS, ICOLS)
     if k < tl.load(item + _STEPS):
         coef = COEF + i * FCOLS
         a = tl.load(coef + 1 + 3 * k)
         b = tl.load(coef + 2 + 3 * k)
         c = tl.load(coef + 3 + 3 * k)
         off, R, C, ld, transposed = _item(item, ALIGNED)
-        ws_off = tl.load(item + _WS)
-        if ALIGNED:
-            ws_off = tl.multiple_of(ws_off, 8)
+        ws_off = _offset_column(item, _WS, ALIGNED)
         A = WA + ws_off
         s2 = 1.0
         if k == 0:
@@ -186,16 +186,10 @@ def _ns_update_kernel(
 ):  # fmt: skip
     """Rewrite k: X ← M·X (M in WB) into the other buffer; with scale_first at k = 0 also × s
     (the pre-scale, from trace(A) of WA, the unscaled Gram matrix of X)."""
-    q = tl.program_id(0).to(tl.int64)
-    i = tl.load(TILES + 3 * q)
-    ti = tl.load(TILES + 3 * q + 1)
-    tj = tl.load(TILES + 3 * q + 2)
-    item = ITEMS + i * ICOLS
+    i, item, ti, tj = _tile(TILES, ITEMS, ICOLS)
     if k < tl.load(item + _STEPS):
         off, R, C, ld, transposed = _item(item, ALIGNED)
-        ws_off = tl.load(item + _WS)
-        if ALIGNED:
-            ws_off = tl.multiple_of(ws_off, 8)
+        ws_off = _offset_column(item, _WS, ALIGNED)
         x = _ping(X0, X1, item, k, off, ALIGNED)
         y = _pong(X0, X1, item, k, off, ALIGNED)
         scale = 1.0
