@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import warnings
 
@@ -126,7 +125,7 @@ def run(args) -> dict:
         warnings.filterwarnings("ignore", message=r"mango\.param_groups: parameter .* is tied into modules")
         opt_sharded = mango.presets.mango(sharded, backend="triton")
         opt_plain = mango.presets.mango(plain, backend="triton")
-    out = dict(device=torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter",
+    out = dict(device=torch.cuda.get_device_name(device) if cuda else f"CPU ({mango.ns_engine.cpu_model()}), Triton interpreter",
                torch=torch.__version__, process_group=pg_backend, world_size=1, model=dict(kind="HF GPT-2", **config),
                params=sum(p.numel() for p in plain.parameters()), preset="mango", backend="triton")  # fmt: skip
     diffs = []
